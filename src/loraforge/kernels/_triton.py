@@ -1,0 +1,182 @@
+"""Triton kernels for the fast path, each with a pure-PyTorch twin elsewhere in this package.
+
+Importing this module never fails: without Triton (CPU-only installs) `AVAILABLE` is False and every
+caller takes its PyTorch path. Each kernel can be switched off on its own through `ENABLED`
+(`patch_model` runs `self_check()` first and switches off any kernel that does not match its
+PyTorch twin; the benchmark switches them off to measure what each one buys).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton ships with CUDA builds of PyTorch only.
+    import triton
+    import triton.language as tl
+
+    AVAILABLE = True
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    AVAILABLE = False
+
+ENABLED: dict[str, bool] = {"dequant": True, "swiglu": True, "rmsnorm": True}
+
+
+def enabled(name: str) -> bool:
+    return AVAILABLE and ENABLED.get(name, False)
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _nf4_dequant_kernel(q_ptr, a8_ptr, code2_ptr, absmax2_ptr, absmax_ptr, offset_ptr, table_ptr,
+                            out_ptr, n_bytes, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+                            QBLOCK2: tl.constexpr, NESTED: tl.constexpr):
+        # One program expands BLOCK packed bytes (2*BLOCK weights). A byte's two codes always sit in
+        # the same quantization block (QBLOCK is even), so one absmax serves both.
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_bytes
+        b = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+        blk = (offs * 2) // QBLOCK
+        if NESTED:
+            a8 = tl.load(a8_ptr + blk, mask=mask, other=0).to(tl.int32)
+            am = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + blk // QBLOCK2, mask=mask, other=0.0)
+            am = am + tl.load(offset_ptr)
+        else:
+            am = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        hi = tl.load(table_ptr + (b >> 4)) * am
+        lo = tl.load(table_ptr + (b & 15)) * am
+        vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+        offs2 = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + offs2, vals, mask=offs2 < 2 * n_bytes)
+
+    @triton.jit
+    def _swiglu_fwd_kernel(e_ptr, g_ptr, h_ptr, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = e * tl.sigmoid(e) * g
+        tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(dh_ptr, e_ptr, g_ptr, h_ptr, de_ptr, dg_ptr, n, BLOCK: tl.constexpr):
+        # Recomputes h = silu(e)*g (the down projection's LoRA grad needs it) next to de and dg.
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(e)
+        f = e * sig
+        tl.store(h_ptr + offs, (f * g).to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + offs, (dh * f).to(dg_ptr.dtype.element_ty), mask=mask)
+        de = dh * g * sig * (1.0 + e * (1.0 - sig))
+        tl.store(de_ptr + offs, de.to(de_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        # Same rounding as transformers' LlamaRMSNorm: normalize in fp32, round to the input dtype,
+        # then multiply by the weight in that dtype.
+        xn = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * n_cols + cols, (xn * w).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = x * rstd
+        gw = dy * w
+        dx = rstd * (gw - xhat * (tl.sum(gw * xhat, axis=0) / n_cols))
+        tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+_EW_BLOCK = 1024
+_DQ_BLOCK = 1024
+_table_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _f32(t: torch.Tensor, device) -> torch.Tensor:
+    """fp32 copy of a small per-weight table on `device`, cached by storage (code maps are shared)."""
+    key = (t.data_ptr(), str(device), t.numel())
+    out = _table_cache.get(key)
+    if out is None:
+        out = t.detach().to(device=device, dtype=torch.float32).contiguous()
+        _table_cache[key] = out
+    return out
+
+
+def nf4_dequant(weight: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
+    """One-kernel NF4 -> dtype expansion of a bitsandbytes 4-bit weight (double quant or not)."""
+    q = weight.data.reshape(-1)
+    n_bytes = q.numel()
+    numel = 1
+    for s in qs.shape:
+        numel *= s
+    assert numel == 2 * n_bytes and qs.blocksize % 2 == 0
+    out = torch.empty(qs.shape, device=q.device, dtype=dtype)
+    table = _f32(qs.code, q.device)
+    if qs.nested:
+        s2 = qs.state2
+        args = (qs.absmax, _f32(s2.code, q.device), s2.absmax, s2.absmax, qs.offset.reshape(1))
+        qb2 = s2.blocksize
+    else:
+        args = (qs.absmax, table, table, qs.absmax, table)
+        qb2 = 1
+    grid = (triton.cdiv(n_bytes, _DQ_BLOCK),)
+    _nf4_dequant_kernel[grid](q, *args, table, out, n_bytes, BLOCK=_DQ_BLOCK, QBLOCK=qs.blocksize,
+                              QBLOCK2=qb2, NESTED=bool(qs.nested), num_warps=4)
+    return out
+
+
+def swiglu_fwd(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    h = torch.empty_like(e)
+    n = e.numel()
+    _swiglu_fwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](e, g, h, n, BLOCK=_EW_BLOCK, num_warps=4)
+    return h
+
+
+def swiglu_bwd(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
+    h, de, dg = torch.empty_like(e), torch.empty_like(e), torch.empty_like(g)
+    n = e.numel()
+    _swiglu_bwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](dh, e, g, h, de, dg, n, BLOCK=_EW_BLOCK,
+                                                      num_warps=4)
+    return h, de, dg
+
+
+def _row_block(n_cols: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n_cols)
+    return block, min(max(block // 256, 1), 16)
+
+
+def rmsnorm_fwd(x2d: torch.Tensor, w: torch.Tensor, eps: float):
+    rows, n_cols = x2d.shape
+    y = torch.empty_like(x2d)
+    rstd = torch.empty(rows, device=x2d.device, dtype=torch.float32)
+    block, warps = _row_block(n_cols)
+    _rmsnorm_fwd_kernel[(rows,)](x2d, w, y, rstd, n_cols, eps, BLOCK=block, num_warps=warps)
+    return y, rstd
+
+
+def rmsnorm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor):
+    rows, n_cols = x2d.shape
+    dx = torch.empty_like(x2d)
+    block, warps = _row_block(n_cols)
+    _rmsnorm_bwd_kernel[(rows,)](dy2d, x2d, w, rstd, dx, n_cols, BLOCK=block, num_warps=warps)
+    return dx

@@ -1,0 +1,166 @@
+"""Hand-written autograd for LoRA linears on a frozen base, and for the Llama MLP built from them.
+
+For one projection, y = X Wᵀ + s·(X Aᵀ) Bᵀ with W frozen (4-bit or 16-bit) and A [r, in], B [out, r]
+trainable. What peft does per call (clone the base output, cast X to fp32, two fp32 GEMMs, a
+scale, a cast back, an add) becomes one base GEMM plus a [T, r] GEMM and an `addmm_` that adds the
+LoRA term into the base output, all in the activation dtype. The fp32 LoRA parameters are cast to
+the activation dtype once per call (r×in elements: negligible) and their grads cast back.
+
+Saved for backward: only the inputs (X for a projection group; X, e, g for the MLP). W is expanded
+again in backward instead of being kept, as bitsandbytes does. Backward never forms an out×in
+product: dA = s·(dY B)ᵀ X and dB = s·dYᵀ (X Aᵀ), 2·T·r·(in+out) FLOPs each.
+
+Every function here has a pure-PyTorch path (used on CPU and in the float64 gradient checks);
+SwiGLU uses a Triton kernel on CUDA when `_triton.enabled("swiglu")`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _triton
+from .frozen import FrozenWeight
+
+
+def _lora_forward(x2d, w, a, b, s):
+    """x2d [T, in] -> [T, out]: base GEMM, then the LoRA term accumulated into it (β=1, α=s)."""
+    out = x2d @ w.t()
+    if a is not None:
+        out.addmm_(x2d @ a.t(), b.t(), alpha=s)
+    return out
+
+
+def _lora_backward(dy2d, x2d, w, a, b, s, dx):
+    """Accumulates dX of one projection into `dx` (or creates it) and returns (dx, dA, dB)."""
+    if dx is None:
+        dx = dy2d @ w
+    else:
+        dx.addmm_(dy2d, w)
+    if a is None:
+        return dx, None, None
+    dyb = dy2d @ b  # [T, r]
+    da = (dyb.t() @ x2d).mul_(s)  # [r, in]
+    db = (dy2d.t() @ (x2d @ a.t())).mul_(s)  # [out, r]
+    dx.addmm_(dyb, a, alpha=s)
+    return dx, da, db
+
+
+def _cast(p, dtype):
+    return None if p is None else p.to(dtype)
+
+
+def _grad_like(g, p):
+    return None if (g is None or p is None or not p.requires_grad) else g.to(p.dtype)
+
+
+class LoRALinears(torch.autograd.Function):
+    """Several LoRA projections of one input (q,k,v share X; o is a group of one). Saves X once."""
+
+    @staticmethod
+    def forward(ctx, x, weights: tuple[FrozenWeight, ...], scales: tuple[float, ...], *ab):
+        x2d = x.reshape(-1, x.shape[-1])
+        outs = []
+        for i, fw in enumerate(weights):
+            a, b = _cast(ab[2 * i], x.dtype), _cast(ab[2 * i + 1], x.dtype)
+            outs.append(_lora_forward(x2d, fw.dense(), a, b, scales[i]).view(*x.shape[:-1], -1))
+        ctx.weights, ctx.scales = weights, scales
+        ctx.save_for_backward(x, *ab)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *douts):
+        x, *ab = ctx.saved_tensors
+        x2d = x.reshape(-1, x.shape[-1])
+        dx, grads = None, []
+        for i, fw in enumerate(ctx.weights):
+            a_p, b_p = ab[2 * i], ab[2 * i + 1]
+            a, b = _cast(a_p, x.dtype), _cast(b_p, x.dtype)
+            d = douts[i]
+            if d is None:
+                grads += [None, None]
+                continue
+            dx, da, db = _lora_backward(d.reshape(-1, d.shape[-1]), x2d, fw.dense(), a, b,
+                                        ctx.scales[i], dx)
+            grads += [_grad_like(da, a_p), _grad_like(db, b_p)]
+        if dx is not None:
+            dx = dx.view(x.shape)
+        return (dx, None, None, *grads)
+
+
+def _acc(dtype):
+    """fp32 for 16-bit inputs (as in the kernels); float64 stays float64 for the gradient checks."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    if e.is_cuda and _triton.enabled("swiglu"):
+        return _triton.swiglu_fwd(e, g)
+    acc = _acc(e.dtype)
+    return (F.silu(e.to(acc)) * g.to(acc)).to(e.dtype)
+
+
+def swiglu_backward(dh, e, g):
+    """Returns (h, de, dg) for h = silu(e)·g, computing in fp32 like the Triton kernel."""
+    if e.is_cuda and _triton.enabled("swiglu"):
+        return _triton.swiglu_bwd(dh, e, g)
+    acc = _acc(e.dtype)
+    ef, gf, dhf = e.to(acc), g.to(acc), dh.to(acc)
+    sig = torch.sigmoid(ef)
+    f = ef * sig
+    h = (f * gf).to(e.dtype)
+    dg = (dhf * f).to(g.dtype)
+    de = (dhf * gf * sig * (1 + ef * (1 - sig))).to(e.dtype)
+    return h, de, dg
+
+
+class LoRAMLP(torch.autograd.Function):
+    """down(silu(gate(X)) · up(X)) with LoRA on any of the three. Saves X, e = gate(X), g = up(X)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, scales, ag, bg, au, bu, ad, bd):
+        x2d = x.reshape(-1, x.shape[-1])
+        dt = x.dtype
+        wg, wu, wd = weights
+        e = _lora_forward(x2d, wg.dense(), _cast(ag, dt), _cast(bg, dt), scales[0])
+        g = _lora_forward(x2d, wu.dense(), _cast(au, dt), _cast(bu, dt), scales[1])
+        h = swiglu_forward(e, g)
+        y = _lora_forward(h, wd.dense(), _cast(ad, dt), _cast(bd, dt), scales[2])
+        ctx.weights, ctx.scales = weights, scales
+        ctx.save_for_backward(x, e, g, ag, bg, au, bu, ad, bd)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, e, g, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        dt = x.dtype
+        wg, wu, wd = ctx.weights
+        sg, su, sd = ctx.scales
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        ad_c, bd_c = _cast(ad, dt), _cast(bd, dt)
+        # dh = dY Wdᵀ-side (+ LoRA), then SwiGLU backward, which also rebuilds h for dA_down/dB_down.
+        dh = dy2d @ wd.dense()
+        if ad_c is not None:
+            dyb = dy2d @ bd_c
+            dh.addmm_(dyb, ad_c, alpha=sd)
+        h, de, dg = swiglu_backward(dh, e, g)
+        del dh
+        dad = dbd = None
+        if ad_c is not None:
+            dad = (dyb.t() @ h).mul_(sd)
+            dbd = (dy2d.t() @ (h @ ad_c.t())).mul_(sd)
+        del h
+        dx, dau, dbu = _lora_backward(dg, x2d, wu.dense(), _cast(au, dt), _cast(bu, dt), su, None)
+        dx, dag, dbg = _lora_backward(de, x2d, wg.dense(), _cast(ag, dt), _cast(bg, dt), sg, dx)
+        return (dx.view(x.shape), None, None,
+                _grad_like(dag, ag), _grad_like(dbg, bg), _grad_like(dau, au), _grad_like(dbu, bu),
+                _grad_like(dad, ad), _grad_like(dbd, bd))
+
+
+def lora_linears(x, weights, scales, ab):
+    return LoRALinears.apply(x, tuple(weights), tuple(scales), *ab)
+
+
+def lora_mlp(x, weights, scales, ab):
+    return LoRAMLP.apply(x, tuple(weights), tuple(scales), *ab)

@@ -1,0 +1,69 @@
+"""The fast path on CUDA matches the stock peft/bitsandbytes path (tiny Llama, NF4 + double quant)."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from loraforge.kernels.bench import make_checkpoint
+
+    return make_checkpoint("tiny", root=str(tmp_path_factory.mktemp("ckpt")), device="cuda")
+
+
+def _batch(vocab, pad):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, vocab, (3, 96), device="cuda", generator=g)
+    mask, labels = torch.ones_like(ids), ids.clone()
+    if pad:
+        mask[2, 70:] = 0
+        labels[2, 70:] = -100
+        labels[0, :9] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("r,targets,pad", [(16, "all", False), (8, "qv", True)])
+def test_fast_path_matches_stock(ckpt, r, targets, pad):
+    from loraforge.kernels import is_supported, patch_model
+    from loraforge.kernels.bench import build_model, compare, sync_lora
+
+    stock = build_model(ckpt, r, targets, stock=True)
+    fast = build_model(ckpt, r, targets, stock=False)
+    assert is_supported(fast) == (True, "ok")
+    s = patch_model(fast)
+    assert s["patched"] and s["mlp"] == 2 and s["attention"] == 2 and not s["skipped"], s
+    assert all(v.startswith("on") for v in s["triton"].values()), s["triton"]
+    sync_lora(stock, fast)
+    res = compare(stock, fast, _batch(stock.config.vocab_size, pad))
+    assert res["loss_rel_diff"] < 1e-2, res
+    assert res["max_rel_grad_diff"] < 5e-2, res
+
+
+def test_triton_dequant_is_bit_exact():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from loraforge.kernels import _triton
+    from loraforge.kernels.frozen import nf4_dequant_reference
+
+    w = torch.randn(1000, 4096, device="cuda", dtype=torch.bfloat16)
+    for nested in (True, False):
+        q, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+        ref = bnbf.dequantize_4bit(q, qs)
+        assert torch.equal(_triton.nf4_dequant(q, qs, torch.bfloat16), ref)
+        assert torch.equal(nf4_dequant_reference(q, qs), ref)
+
+
+def test_triton_elementwise_match_torch():
+    from loraforge.kernels import _triton
+    from loraforge.kernels.norm import _rmsnorm_bwd_torch, _rmsnorm_fwd_torch
+
+    x = torch.randn(513, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    y, r = _triton.rmsnorm_fwd(x, w, 1e-5)
+    y2, r2 = _rmsnorm_fwd_torch(x, w, 1e-5)
+    torch.testing.assert_close(y, y2, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(r, r2)
+    torch.testing.assert_close(_triton.rmsnorm_bwd(dy, x, w, r), _rmsnorm_bwd_torch(dy, x, w, r2),
+                               rtol=1.6e-2, atol=1e-2)
