@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from loraforge.eval.metrics import bleu, exact_match, rouge, text_metrics
 from loraforge.eval.perplexity import PerplexityEvaluator
+from loraforge.eval.qualitative import QualitativeEvaluator
 
-__all__ = ["PerplexityEvaluator"]
+__all__ = ["PerplexityEvaluator", "QualitativeEvaluator", "bleu", "exact_match", "rouge", "text_metrics"]
