@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from loraforge.eval import PerplexityEvaluator, QualitativeEvaluator
@@ -40,6 +40,8 @@ def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE, pad: bool = True)
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    # Like Llama's tokenizer: BOS in front of every encoded text unless add_special_tokens=False.
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>", pad_token="<pad>" if pad else None)
     tok.chat_template = chat_template
@@ -118,6 +120,6 @@ def run_tiny_finetune(out_dir: Path, steps: int = 40) -> TinyRun:
         scores = qual.evaluate(prompts, references, max_length=16, num_beams=1)
         results[name] = {"perplexity": ppl["perplexity"], "loss": ppl["loss"],
                          **{k: v for k, v in scores.items() if k != "generations"}}
-        for sample, answer in zip(samples, scores["generations"]):
+        for sample, answer in zip(samples, scores["generations"], strict=True):
             sample[name] = answer
     return TinyRun(results, metrics_jsonl, samples)

@@ -37,7 +37,7 @@ def rouge(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, flo
     _check_pairs(references, hypotheses)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for ref, hyp in zip(references, hypotheses):
+    for ref, hyp in zip(references, hypotheses, strict=True):
         scores = scorer.score(ref, hyp)  # (target, prediction)
         for key in ROUGE_TYPES:
             totals[key] += scores[key].fmeasure
@@ -53,7 +53,7 @@ def normalize_answer(text: str) -> str:
 def exact_match(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Fraction of pairs equal after `normalize_answer`."""
     _check_pairs(references, hypotheses)
-    hits = sum(normalize_answer(r) == normalize_answer(h) for r, h in zip(references, hypotheses))
+    hits = sum(normalize_answer(r) == normalize_answer(h) for r, h in zip(references, hypotheses, strict=True))
     return hits / len(references)
 
 

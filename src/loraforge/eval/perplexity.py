@@ -1,7 +1,7 @@
 """Perplexity of a causal LM over a held-out set: exp(mean negative log-likelihood per labelled token).
 
 The mean is taken over every labelled token of the whole set (token-weighted), not over batches: a
-mean of per-batch losses over-weights short batches. The NLL is summed from the logits in float32
+mean of per-batch losses over-weights batches with few labelled tokens. The NLL is summed from the logits in float32
 here rather than read from `model(...).loss`, which is already a per-batch mean (and in bf16/fp16
 on a GPU).
 """
@@ -27,7 +27,7 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     `logits` is (batch, seq, vocab) and `labels` (batch, seq) with -100 where not scored; the label at
     position t is predicted by the logits at t-1, so position 0 is never scored.
     """
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, 1:].to(logits.device)
     mask = shift_labels != IGNORE_INDEX
     n_tokens = int(mask.sum())
     if n_tokens == 0:
@@ -35,7 +35,7 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     # Select the scored rows before the float32 cast: (tokens, vocab) instead of (batch, seq, vocab),
     # which at a 128k vocabulary is the difference between megabytes and gigabytes.
     scored = logits[:, :-1][mask].float()
-    nll = F.cross_entropy(scored, shift_labels[mask].to(scored.device), reduction="sum")
+    nll = F.cross_entropy(scored, shift_labels[mask], reduction="sum")
     return float(nll), n_tokens
 
 

@@ -171,12 +171,12 @@ def loss_series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[fl
     return steps, [by_step[s] for s in steps]
 
 
-def training_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def training_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     """Run facts from the log: last step, final and best losses, mean throughput."""
-    summary: dict[str, float] = {}
+    summary: dict[str, float | int] = {}
     steps, losses = loss_series(records, "loss")
     if steps:
-        summary["steps"] = steps[-1]
+        summary["steps"] = int(steps[-1]) if steps[-1].is_integer() else steps[-1]
         summary["final_train_loss"] = losses[-1]
     eval_steps, eval_losses = loss_series(records, "eval_loss")
     if eval_steps:
@@ -271,7 +271,7 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], metrics_jsonl:
 
 
 def _json_results(results: Mapping[str, Any], meta: dict[str, Any], rows: list[MetricRow],
-                  training: dict[str, float], samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+                  training: dict[str, float | int], samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     data = {key: value for key, value in results.items() if key != "meta"}
     data["meta"] = meta
     data["change"] = {r.name: {"absolute": r.delta, "relative": r.relative, "verdict": r.verdict} for r in rows}
@@ -291,7 +291,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _facts(meta: Mapping[str, Any], training: Mapping[str, float]) -> list[tuple[str, str]]:
+def _facts(meta: Mapping[str, Any], training: Mapping[str, float | int]) -> list[tuple[str, str]]:
     facts = [(META_LABELS.get(k, k.replace("_", " ").capitalize()), str(v)) for k, v in meta.items()
              if v not in (None, "")]
     labels = {"steps": ("Training steps", "{:,.0f}"), "final_train_loss": ("Final train loss", "{:.4f}"),
@@ -316,10 +316,10 @@ def _sample_text(sample: Mapping[str, Any], key: str) -> str:
 
 def _md_cell(text: str) -> str:
     # Markdown renders inline HTML, so model output is escaped; pipes and newlines would break the table.
-    return html.escape(text).replace("|", "&#124;").replace("\n", "<br>") or "—"
+    return html.escape(text, quote=False).replace("|", "&#124;").replace("\n", "<br>") or "—"
 
 
-def _markdown(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str, float], curve: Path | None,
+def _markdown(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str, float | int], curve: Path | None,
               samples: Sequence[Mapping[str, Any]]) -> str:
     lines = [f"# {_title(meta)}", ""]
     lines += [f"- **{label}:** {_md_cell(value)}" for label, value in _facts(meta, training)]
@@ -406,9 +406,10 @@ def _html_text(text: str) -> str:
     return f'<p class="text">{_esc(text)}</p>' if text.strip() else '<p class="text empty">(empty)</p>'
 
 
-def _html(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str, float], curve: Path | None,
+def _html(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str, float | int], curve: Path | None,
           samples: Sequence[Mapping[str, Any]]) -> str:
-    facts = "".join(f"<div><dt>{_esc(label)}</dt><dd>{_esc(value)}</dd></div>" for label, value in _facts(meta, training))
+    facts = "".join(f"<div><dt>{_esc(label)}</dt><dd>{_esc(value)}</dd></div>"
+                    for label, value in _facts(meta, training))
     parts = [(f'<header><div class="kicker">loraforge · base vs fine-tuned</div><h1>{_esc(_title(meta))}</h1>'
               f'<dl class="facts">{facts}</dl>')]
 

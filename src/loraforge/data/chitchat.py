@@ -1,0 +1,55 @@
+"""The embedded conversation data: the `chitchat-dataset` package (BYU PCC lab, MIT, 7,168 conversations).
+
+Each conversation is a list of turns, each turn a list of messages by one sender. The first sender
+becomes the user and the other the assistant; consecutive turns by the same sender are merged, since
+several messages in a row by one person are one turn of the conversation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from loraforge.errors import DataError
+
+NAME = "chitchat"
+
+
+def chitchat_path() -> Path:
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the embedded data 'chitchat' needs the PyPI package chitchat-dataset: "
+                        "pip install --no-deps chitchat-dataset")
+    return Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
+
+
+def conversation_to_messages(conv: dict[str, Any]) -> list[dict[str, str]]:
+    turns: list[tuple[str, str]] = []  # (sender, text)
+    for turn in conv.get("messages", []):
+        if not turn:
+            continue
+        sender = turn[0].get("sender", "")
+        text = "\n".join(u["text"].strip() for u in turn if u.get("text", "").strip())
+        if not text:
+            continue
+        if turns and turns[-1][0] == sender:
+            turns[-1] = (sender, turns[-1][1] + "\n" + text)
+        else:
+            turns.append((sender, text))
+    if not turns:
+        return []
+    first = turns[0][0]
+    return [{"role": "user" if s == first else "assistant", "content": t} for s, t in turns]
+
+
+def load_chitchat() -> list[tuple[str, list[dict[str, str]]]]:
+    """All conversations as (conversation id, messages), in the file's order."""
+    data = json.loads(chitchat_path().read_text(encoding="utf-8"))
+    out = []
+    for conv_id, conv in data.items():
+        messages = conversation_to_messages(conv)
+        if any(m["role"] == "assistant" for m in messages):
+            out.append((conv_id, messages))
+    return out

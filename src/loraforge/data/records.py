@@ -1,0 +1,189 @@
+"""Read data sources and normalize their records, with errors that name the file, record and field.
+
+Every record becomes one of three shapes:
+  alpaca: {"instruction": str, "input": str, "output": str}
+  chat:   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  text:   {"text": str}
+Dialogue (a list of turns, speakers alternating) and other layouts are converted to `chat` here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraforge.errors import DataError
+
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "prompter": "user",
+                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+KIND_OF_FORMAT = {"alpaca": "alpaca", "chat": "chat", "dialogue": "chat", "oasst": "chat", "text": "text"}
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """A record as read, with where it came from (for error messages)."""
+
+    data: Any
+    source: str
+    index: int  # 1-based line number for JSONL/text, 0-based record index otherwise
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}, record {self.index}"
+
+
+class InvalidRecord(DataError):
+    """One record cannot be used; `skip_invalid` counts it instead of stopping."""
+
+
+# ------------------------------------------------------------------------------------------- reading files
+
+
+def read_json_file(path: Path) -> Iterator[RawRecord]:
+    """A JSON array (or an object holding one list) or JSON Lines, decided by the content, not the suffix."""
+    with path.open("r", encoding="utf-8") as f:
+        head = f.read(1024).lstrip()
+    if head.startswith("["):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
+        for i, rec in enumerate(data):
+            yield RawRecord(rec, str(path), i)
+        return
+    if head.startswith("{") and path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            data = None  # not one object: fall through to JSON Lines
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) == 1 and not {"messages", "conversations", "instruction", "text", "dialog"} & set(data):
+                for i, rec in enumerate(lists[0]):
+                    yield RawRecord(rec, str(path), i)
+            else:
+                yield RawRecord(data, str(path), 0)
+            return
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield RawRecord(json.loads(line), f"{path}, line {lineno}", lineno)
+            except json.JSONDecodeError as e:
+                yield RawRecord(InvalidRecord(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})."),
+                                f"{path}, line {lineno}", lineno)
+
+
+# ------------------------------------------------------------------------------------------- normalizing
+
+
+def detect_format(record: Any, where: str) -> str:
+    if isinstance(record, str):
+        return "text"
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}.")
+    keys = set(record)
+    if "instruction" in keys or {"output"} <= keys:
+        return "alpaca"
+    if "messages" in keys or "conversations" in keys:
+        return "chat"
+    if "dialog" in keys or "dialogue" in keys or "turns" in keys:
+        return "dialogue"
+    if "message_id" in keys and "parent_id" in keys:
+        return "oasst"
+    if "text" in keys:
+        return "text"
+    raise DataError(f"{where}: cannot tell the format from the fields {sorted(keys)}. Set data.format "
+                    "(alpaca: instruction/input/output; chat: messages; dialogue: dialog; text: text), "
+                    "or map your columns with data.column_mapping.")
+
+
+def _field(record: dict[str, Any], name: str, where: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    if name not in record or record[name] is None:
+        if required:
+            raise InvalidRecord(f"{where}: missing field '{name}'.")
+        return ""
+    value = record[name]
+    if not isinstance(value, str):
+        raise InvalidRecord(f"{where}: field '{name}' must be a string, got {type(value).__name__} ({str(value)[:40]!r}).")
+    if required and not allow_empty and not value.strip():
+        raise InvalidRecord(f"{where}: field '{name}' is empty.")
+    return value
+
+
+def normalize_alpaca(record: dict[str, Any], where: str) -> dict[str, str]:
+    return {"instruction": _field(record, "instruction", where),
+            "input": _field(record, "input", where, required=False),
+            "output": _field(record, "output", where)}
+
+
+def normalize_messages(messages: Any, where: str, field: str = "messages") -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRecord(f"{where}: field '{field}' must be a non-empty list of messages.")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"{where}, {field}[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRecord(f"{at}: a message must be an object with role and content.")
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if role is None:
+            raise InvalidRecord(f"{at}: missing field 'role' (or ShareGPT 'from').")
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+            raise InvalidRecord(f"{at}: unknown role {role!r}; allowed: {', '.join(sorted(ROLE_ALIASES))}.")
+        if content is None:
+            raise InvalidRecord(f"{at}: missing field 'content' (or ShareGPT 'value').")
+        if not isinstance(content, str):
+            raise InvalidRecord(f"{at}: field 'content' must be a string, got {type(content).__name__}.")
+        out.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        raise InvalidRecord(f"{where}: the conversation has no non-empty assistant message to train on.")
+    return out
+
+
+def turns_to_messages(turns: list[str], where: str, field: str = "dialog") -> list[dict[str, str]]:
+    """Alternating speakers → user/assistant; consecutive turns by one speaker are already merged upstream."""
+    if not isinstance(turns, list) or len(turns) < 2:
+        raise InvalidRecord(f"{where}: field '{field}' must be a list of at least two turns.")
+    for i, t in enumerate(turns):
+        if not isinstance(t, str):
+            raise InvalidRecord(f"{where}, {field}[{i}]: a turn must be a string, got {type(t).__name__}.")
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t.strip()} for i, t in enumerate(turns)]
+
+
+def normalize(record: Any, fmt: str, where: str, column_mapping: dict[str, str] | None = None) -> dict[str, Any]:
+    """Raw record → one of the three normalized shapes. Raises InvalidRecord naming the field."""
+    if isinstance(record, InvalidRecord):
+        raise record
+    if column_mapping and isinstance(record, dict):
+        record = {column_mapping.get(k, k): v for k, v in record.items()}
+    if fmt == "auto":
+        fmt = detect_format(record, where)
+    if fmt == "text":
+        if isinstance(record, str):
+            return {"text": record}
+        if not isinstance(record, dict):
+            raise InvalidRecord(f"{where}: a text record must be a string or an object with 'text'.")
+        return {"text": _field(record, "text", where)}
+    if not isinstance(record, dict):
+        raise InvalidRecord(f"{where}: a record must be a JSON object, got {type(record).__name__}.")
+    if fmt == "alpaca":
+        return normalize_alpaca(record, where)
+    if fmt == "chat":
+        key = "messages" if "messages" in record else "conversations" if "conversations" in record else "messages"
+        if key not in record:
+            raise InvalidRecord(f"{where}: missing field 'messages'.")
+        messages = normalize_messages(record[key], where, key)
+        return {"messages": messages}
+    if fmt == "dialogue":
+        key = next((k for k in ("dialog", "dialogue", "turns") if k in record), None)
+        if key is None:
+            raise InvalidRecord(f"{where}: missing field 'dialog' (a list of turns).")
+        return {"messages": turns_to_messages(record[key], where, key)}
+    if fmt == "oasst":
+        raise InvalidRecord(f"{where}: OpenAssistant records are read as whole trees (read_oasst), not one by one.")
+    raise DataError(f"data.format = {fmt!r} is not supported.")

@@ -1,0 +1,156 @@
+"""Checkpoints that survive a crash, and the state for an exact resume.
+
+A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when
+complete (rename is atomic on POSIX), with a `COMPLETE` marker written last inside it. A crash mid-save
+leaves only a `.tmp-*` folder, which is never loaded and is cleaned up on the next save. Each checkpoint
+holds the adapter, optimizer, scheduler, grad scaler, every library's RNG state and the trainer state
+(step and data position). Tensors are saved with torch.save and loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loraforge.errors import ResourceError
+
+MARKER = "COMPLETE"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    micro_batch: int = 0  # next micro-batch index of the data stream (see sampler.py)
+    tokens_seen: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    elapsed_seconds: float = 0.0
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(root: Path, state: TrainerState, model: Any, optimizer: Any, scheduler: Any,
+                    scaler: Any | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write checkpoint `root/step-N` atomically and return its path.
+
+    On failure (disk full, I/O error) the partial folder is removed, earlier checkpoints are untouched,
+    and a ResourceError says so.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}"
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        (tmp / MARKER).write_text("ok\n")
+        if final.exists():  # a previous run stopped at the same step; the new one replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise ResourceError(f"could not write checkpoint {final} ({e.strerror or e}); {kept}. "
+                            "Free disk space and resume with --resume.") from e
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file() and (path / "trainer_state.json").is_file() and (path / "adapter").is_dir()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Torn or temporary folders are ignored."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.name.startswith("step-") and p.name[5:].isdigit() and is_complete(p):
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def rotate(root: Path, keep_last: int, best_step: int | None) -> None:
+    """Delete all but the last `keep_last` complete checkpoints, never the best one."""
+    found = list_checkpoints(root)
+    for p in found[:-keep_last] if keep_last else found:
+        if best_step is not None and p.name == f"step-{best_step}":
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any | None = None) -> TrainerState:
+    """Restore everything saved by save_checkpoint into live objects; returns the trainer state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = path / "adapter" / "adapter_model.safetensors"
+    set_peft_model_state_dict(model, load_file(str(weights), device=str(next(model.parameters()).device)))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))

@@ -1,0 +1,58 @@
+"""Which examples go into which micro-batch: seeded, sharded across processes, resumable by position.
+
+The data stream is one sequence of micro-batches over all epochs. Micro-batch m belongs to epoch
+m // per_epoch; each epoch's order is a permutation seeded by (seed, epoch). So the whole stream is a
+pure function of (seed, m): resuming at optimizer step s means starting at m = s × accumulation, with
+no state beyond the step counter — the property exact resume rests on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+
+class MicroBatchStream:
+    def __init__(self, lengths: list[int], batch_size: int, *, seed: int, world_size: int = 1, rank: int = 0,
+                 group_by_length: bool = False):
+        if not lengths:
+            raise ValueError("no examples to batch")
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.world_size = world_size
+        self.rank = rank
+        self.group_by_length = group_by_length
+        per_rank = -(-len(lengths) // world_size)  # ceil: every rank sees the same number of batches
+        self.per_epoch = -(-per_rank // batch_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        n = len(self.lengths)
+        order = list(range(n))
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        if self.group_by_length:
+            # Sort within windows of 50 batches, then shuffle the batches: similar lengths share a batch
+            # (less padding) while the epoch stays randomly ordered.
+            window = self.batch_size * self.world_size * 50
+            chunks = [sorted(order[i:i + window], key=lambda j: -self.lengths[j]) for i in range(0, n, window)]
+            order = [j for c in chunks for j in c]
+        # Pad by wrapping around so every rank gets the same count (DDP needs equal step counts).
+        total = self.per_epoch * self.batch_size * self.world_size
+        order = (order * (total // n + 1))[:total]
+        batches = [order[i:i + self.batch_size * self.world_size]
+                   for i in range(0, total, self.batch_size * self.world_size)]
+        if self.group_by_length:
+            random.Random(self.seed * 7 + epoch).shuffle(batches)
+        mine = [b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for b in batches]
+        return [i for b in mine for i in b]
+
+    def batches(self, start: int = 0) -> Iterator[tuple[int, list[int]]]:
+        """Yield (global micro-batch index, example indices) forever, starting at index `start`."""
+        m = start
+        cached_epoch, order = -1, []
+        while True:
+            epoch, k = divmod(m, self.per_epoch)
+            if epoch != cached_epoch:
+                order, cached_epoch = self.epoch_order(epoch), epoch
+            yield m, order[k * self.batch_size:(k + 1) * self.batch_size]
+            m += 1
