@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +254,7 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], metrics_jsonl:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(results.get("meta") or {})
-    meta.setdefault("date", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    meta.setdefault("date", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     rows = metric_rows(results)
     records = read_metrics_log(metrics_jsonl) if metrics_jsonl else []
     training = training_summary(records)
