@@ -123,13 +123,15 @@ def compare(stock_model, fast_model, batch: dict) -> dict:
     """Loss and max over LoRA params of ‖g_fast − g_stock‖/‖g_stock‖ for one batch."""
     ls, gs = one_step_grads(stock_model, batch)
     lf, gf = one_step_grads(fast_model, batch)
-    worst, worst_name = 0.0, ""
-    for n, g in gs.items():
-        rel = float((gf[n] - g).norm() / g.norm().clamp_min(1e-30))
-        if rel > worst:
-            worst, worst_name = rel, n
+    rels = {n: float((gf[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in gs.items()}
+    worst_name = max(rels, key=rels.get)
+    flat_s = torch.cat([g.reshape(-1) for g in gs.values()])
+    flat_f = torch.cat([gf[n].reshape(-1) for n in gs])
     return {"stock_loss": ls, "loraforge_loss": lf, "loss_rel_diff": abs(lf - ls) / abs(ls),
-            "max_rel_grad_diff": worst, "worst_param": worst_name, "n_lora_params": len(gs)}
+            "max_rel_grad_diff": rels[worst_name], "worst_param": worst_name,
+            "median_rel_grad_diff": statistics.median(rels.values()),
+            "global_rel_grad_diff": float((flat_f - flat_s).norm() / flat_s.norm()),
+            "n_lora_params": len(gs)}
 
 
 def _time_steps(model, opt, batches, warm: int, steps: int, other_bytes: int, profile: bool):
@@ -276,11 +278,20 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
             if prof:
                 row["stock_kernel_s"] = round(s1["kernel_s"], 4)
                 row["loraforge_kernel_s"] = round(f1["kernel_s"], 4)
+                # what the step would reach if the GPU never waited for the CPU
+                row["loraforge_kernel_bound_tokens_per_s"] = round(toks / f1["kernel_s"])
                 row["stock_top_kernels"] = s1["top_kernels"]
                 row["loraforge_top_kernels"] = f1["top_kernels"]
             if ablations and name == "llama2-7b-r16-all-4x512":
                 row["ablations"] = _ablations(fast, opt_f, batches, warm, steps, stock_bytes, toks)
-            print(json.dumps({k: v for k, v in row.items() if "top_kernels" not in k}), flush=True)
+                row["loraforge_diagnosis"] = _diagnose(fast, opt_f, batches, toks)
+                row["stock_diagnosis"] = _diagnose(stock, opt_s, batches, toks)
+                row["bf16_floor"] = _bf16_floor(path, r, targets, stock, batches[0])
+            print(json.dumps({k: v for k, v in row.items() if "top_kernels" not in k
+                              and "diagnosis" not in k}), flush=True)
+            for k in ("loraforge_diagnosis", "stock_diagnosis"):
+                if k in row:
+                    print(k, json.dumps(row[k], indent=0), flush=True)
             results.append(row)
             _write(results, Path(out_dir), date, dev_tag)  # after every case: a cut-off run keeps its rows
         del stock, fast, opt_s, opt_f
@@ -288,6 +299,18 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
         torch.cuda.empty_cache()
         _triton.ENABLED.update(dequant=True, swiglu=True, rmsnorm=True)
     return results
+
+
+def _bf16_floor(path, r, targets, stock, batch) -> dict:
+    """The stock stack without the fp32 upcast (loraforge's build, unpatched) against the stock
+    stack: how far bf16 frozen weights alone move the grads, i.e. the tolerance to judge by."""
+    plain = build_model(path, r, targets, stock=False)
+    sync_lora(stock, plain)
+    res = compare(stock, plain, batch)
+    del plain
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {k: v for k, v in res.items() if k != "n_lora_params"}
 
 
 def _real_param_count(model) -> int:
@@ -303,6 +326,47 @@ def _real_param_count(model) -> int:
         else:
             n += p.numel()
     return n
+
+
+def _diagnose(model, opt, batches, toks) -> dict:
+    """Wall time per phase (synchronized) and the top CPU-side ops of one fast-path step."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    params = list(lora_params(model).values())
+    phases = {"forward": [], "backward": [], "clip": [], "optimizer": []}
+    for i in range(6):
+        x = batches[i % len(batches)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(**x).loss
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        if i >= 2:
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[k].append(dt)
+    out = {k: round(statistics.median(v), 4) for k, v in phases.items()}
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        x = batches[0]
+        model(**x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    ka = p.key_averages()
+    out["cpu_total_s"] = round(sum(e.self_cpu_time_total for e in ka) / 1e6, 4)
+    out["cpu_top"] = [(e.key[:70], e.count, round(e.self_cpu_time_total / 1e3, 1))
+                      for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:25]]
+    return out
 
 
 def _ablations(fast, opt, batches, warm, steps, other_bytes, toks) -> dict:
@@ -321,6 +385,13 @@ def _ablations(fast, opt, batches, warm, steps, other_bytes, toks) -> dict:
         out[name] = {"tokens_per_s": round(toks / r["step_s"]), "event_s": round(r["event_s"], 4),
                      "peak_gib": round(r["peak_gib"], 3)}
     _triton.ENABLED.update(saved)
+    # Same fast path with torch's fused AdamW instead of bnb's paged AdamW (one kernel per step
+    # instead of one per parameter): how much of the step the optimizer's launches cost.
+    t_opt = torch.optim.AdamW(list(lora_params(fast).values()), lr=2e-4, fused=True)
+    r = _time_steps(fast, t_opt, batches, warm, steps, other_bytes, False)
+    out["torch_fused_adamw"] = {"tokens_per_s": round(toks / r["step_s"]),
+                                "event_s": round(r["event_s"], 4), "peak_gib": round(r["peak_gib"], 3)}
+    del t_opt
     return out
 
 
