@@ -392,6 +392,15 @@ def _ablations(fast, opt, batches, warm, steps, other_bytes, toks) -> dict:
     out["torch_fused_adamw"] = {"tokens_per_s": round(toks / r["step_s"]),
                                 "event_s": round(r["event_s"], 4), "peak_gib": round(r["peak_gib"], 3)}
     del t_opt
+    # bitsandbytes' paged AdamW 32-bit, same math and paged states, one device sync per step
+    # instead of one per parameter (loraforge.kernels.optim).
+    from .optim import paged_adamw_32bit
+
+    p_opt = paged_adamw_32bit(list(lora_params(fast).values()), lr=2e-4)
+    r = _time_steps(fast, p_opt, batches, warm, steps, other_bytes, False)
+    out["paged_adamw_one_sync"] = {"tokens_per_s": round(toks / r["step_s"]),
+                                   "event_s": round(r["event_s"], 4), "peak_gib": round(r["peak_gib"], 3)}
+    del p_opt
     return out
 
 

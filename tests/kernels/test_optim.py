@@ -1,0 +1,27 @@
+"""The one-sync paged AdamW takes exactly the steps bitsandbytes' PagedAdamW32bit takes."""
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_one_sync_paged_adamw_matches_bitsandbytes(device):
+    from loraforge.kernels.optim import paged_adamw_32bit
+
+    torch.manual_seed(0)
+    ps1 = [torch.nn.Parameter(torch.randn(16, 64, device=device)) for _ in range(3)]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    o1 = bnb.optim.PagedAdamW32bit(ps1, lr=1e-2, weight_decay=0.01)
+    o2 = paged_adamw_32bit(ps2, lr=1e-2, weight_decay=0.01)
+    start = ps1[0].detach().clone()
+    for _ in range(3):
+        for a, b in zip(ps1, ps2):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    assert not torch.equal(ps1[0].detach(), start)
+    for a, b in zip(ps1, ps2):
+        assert torch.equal(a.detach(), b.detach())
