@@ -42,6 +42,7 @@ METRICS: dict[str, MetricInfo] = {
     "rougeL": MetricInfo("ROUGE-L", False, "{:.3f}"),
     "exact_match": MetricInfo("Exact match", False, "{:.3f}"),
     "tokens": MetricInfo("Labelled tokens scored", None, "{:,.0f}"),
+    "eval_tokens": MetricInfo("Labelled tokens scored", None, "{:,.0f}"),
 }
 HEADLINE = ("perplexity", "bleu", "rougeL")
 META_LABELS = {"model": "Base model", "model_name": "Base model", "adapter": "Adapter", "dataset": "Dataset",
