@@ -158,7 +158,7 @@ def _time_steps(model, opt, batches, warm: int, steps: int, other_bytes: int, pr
     out = {"step_s": statistics.median(walls), "event_s": statistics.median(gpus),
            "peak_gib": (torch.cuda.max_memory_allocated() - other_bytes) / 2**30,
            "reserved_gib_approx": (torch.cuda.max_memory_reserved() - other_bytes) / 2**30,
-           "loss": float(loss)}
+           "loss": float(loss.detach())}
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
 
