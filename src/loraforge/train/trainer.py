@@ -330,8 +330,7 @@ class LLAMATrainer:
         transformers' causal-LM loss divides by `num_items_in_batch` when given, instead of by the
         micro-batch's own count; that is exactly the normalization gradient accumulation needs.
         """
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    num_items_in_batch=n_tokens, use_cache=False)
+        out = model(**batch, num_items_in_batch=n_tokens, use_cache=False)
         return out.loss
 
     def _resume_path(self, ckpt_root: Path) -> Path | None:
@@ -445,7 +444,10 @@ def generation_metrics(model: Any, tokenizer: Any, formatter: Any, prompts: list
 
 
 def generation_kwargs(ecfg: EvalConfig) -> dict[str, Any]:
-    kw: dict[str, Any] = {"max_length": ecfg.max_new_tokens, "temperature": ecfg.temperature, "top_p": ecfg.top_p}
+    kw: dict[str, Any] = {"max_length": ecfg.max_new_tokens, "temperature": ecfg.temperature, "top_p": ecfg.top_p,
+                          "batch_size": ecfg.eval_batch_size}
+    if ecfg.repetition_penalty != 1.0:
+        kw["repetition_penalty"] = ecfg.repetition_penalty
     if ecfg.decoding == "greedy":
         kw.update(num_beams=1, do_sample=False)
     elif ecfg.decoding == "sample":

@@ -1,0 +1,264 @@
+"""`loraforge` — the command line. Each command parses its arguments and calls one library function.
+
+Errors caused by input (a bad config, a malformed record, a missing file) are printed as one clear
+message without a traceback, with exit code 2. A run stopped by SIGTERM/SIGINT saves a checkpoint and
+exits with 143/130, the conventional codes, so a scheduler can requeue it and `--resume` continues.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from loraforge.errors import LoraforgeError
+
+app = typer.Typer(
+    name="loraforge",
+    help="Fine-tune Llama-family models with LoRA and QLoRA.\n\n"
+         "Start with `loraforge demo` (CPU, ~5 minutes), then `loraforge train CONFIG` with a file from configs/.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
+data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+OVERRIDES_HELP = ("Settings that override the config file, as section.key=value, e.g. "
+                  "training.learning_rate=1e-4 lora.r=16 data.max_length=1024. "
+                  "Run `loraforge config` to list every setting.")
+
+
+def _quiet_libraries() -> None:
+    # transformers/peft deprecation chatter is for library authors, not for someone running a fine-tune.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config (see configs/). Omit to use the defaults.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
+    resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint folder.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Run folder (same as training.output_dir=...).")] = None,
+) -> None:
+    """Fine-tune a model with LoRA/QLoRA.
+
+    Writes the run folder: config.yaml, metrics.jsonl, checkpoints/, adapter/ (PEFT format), loss_curve.png.
+
+    Examples:
+
+        loraforge train configs/qlora-llama2-7b.yaml
+
+        loraforge train configs/demo.yaml training.max_steps=50 lora.r=16
+
+        loraforge train configs/demo.yaml --resume
+    """
+    from loraforge.config import load_config
+    from loraforge.train.trainer import LLAMATrainer
+
+    extra = list(overrides or [])
+    if config is not None and "=" in str(config):  # `loraforge train key=value` with no config file
+        extra.insert(0, str(config))
+        config = None
+    if output_dir:
+        extra.append(f"training.output_dir={output_dir}")
+    if resume or resume_from:
+        extra.append(f"training.resume_from_checkpoint={resume_from or 'latest'}")
+    cfg = load_config(config, extra)
+    result = LLAMATrainer.from_config(cfg).train()
+    typer.echo(f"done: {result.steps} steps in {result.train_seconds:.0f}s; adapter in {result.adapter_dir}")
+
+
+@app.command("config")
+def show_config() -> None:
+    """List every setting with its default and what it does."""
+    from loraforge.config import describe_fields
+
+    typer.echo(describe_fields())
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder (from `loraforge train`) or adapter folder.")],
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN/eval).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Evaluate on this data instead of the run's validation split.")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Held-out prompts to generate and score.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate per answer.")] = None,
+    decoding: Annotated[Optional[str], typer.Option(help="beam, greedy or sample.")] = None,
+) -> None:
+    """Compare the base model and the fine-tuned one on the same held-out data.
+
+    Writes report.html (self-contained), report.md and eval_results.json with perplexity, BLEU,
+    ROUGE-1/2/L for both models, the loss curve, and sample answers side by side.
+    """
+    from loraforge.eval.compare import compare_run
+
+    overrides = {k: v for k, v in {"num_generation_samples": samples, "max_new_tokens": max_new_tokens,
+                                   "decoding": decoding}.items() if v is not None}
+    results = compare_run(run, out_dir=out, data=data, eval_overrides=overrides)
+    typer.echo(f"report: {results['report']['html']}")
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="Run folder, adapter folder, or model.")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="A file of prompts: .txt (one per line) or .jsonl.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write JSONL results here (default: print).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer.")] = 256,
+    decoding: Annotated[str, typer.Option(help="greedy, beam or sample.")] = "greedy",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+) -> None:
+    """Generate answers with the fine-tuned model, using the template it was trained with."""
+    from loraforge.infer.generate import generate_cli
+
+    generate_cli(run, prompts=prompt or [], file=file, out=out, max_new_tokens=max_new_tokens, decoding=decoding,
+                 temperature=temperature, top_p=top_p, batch_size=batch_size)
+
+
+@app.command()
+def chat(
+    run: Annotated[Path, typer.Argument(help="Run folder, adapter folder, or model.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
+    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+) -> None:
+    """Chat in the terminal with streaming replies. /reset clears the history, /exit quits."""
+    from loraforge.infer.chat import chat_loop
+
+    chat_loop(run, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+
+
+@app.command()
+def merge(
+    run: Annotated[Path, typer.Argument(help="Run folder or adapter folder.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the merged model.")],
+    dtype: Annotated[str, typer.Option(help="bfloat16 or float16 (merging into 4-bit weights is never done).")] = "bfloat16",
+    gguf: Annotated[bool, typer.Option(help="Also write a GGUF file for llama.cpp.")] = False,
+) -> None:
+    """Merge the adapter into a 16-bit copy of the base and write a standard Hugging Face folder."""
+    from loraforge.infer.merge import merge_adapter
+
+    path = merge_adapter(run, out, dtype=dtype, gguf=gguf)
+    typer.echo(f"merged model written to {path}")
+
+
+@app.command()
+def serve(
+    run: Annotated[list[Path], typer.Argument(help="Run or adapter folders (several adapters share one base).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LORAFORGE_API_KEY", help="Require this bearer key.")] = None,
+    max_concurrency: Annotated[int, typer.Option(help="Requests generated at once; more wait in a queue.")] = 8,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
+    timeout: Annotated[float, typer.Option(help="Seconds before a generation is abandoned.")] = 120.0,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
+    from loraforge.serve.app import run_server
+
+    run_server([str(r) for r in run], host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
+               max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens, timeout=timeout)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    steps: Annotated[Optional[int], typer.Option(help="Override the number of training steps.")] = None,
+) -> None:
+    """Fine-tune the embedded SmolLM2-135M on the embedded chitchat conversations, on the CPU, and show
+    base vs fine-tuned perplexity and answers side by side. No network, about 5 minutes on 2 cores."""
+    from loraforge.demo import run_demo
+
+    run_demo(out, steps=steps)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Base YAML config.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+    trials: Annotated[int, typer.Option(help="Number of trials.")] = 10,
+    space: Annotated[Optional[Path], typer.Option(help="YAML search space (default: lr, r, alpha, dropout).")] = None,
+    out: Annotated[Path, typer.Option(help="Sweep folder.")] = Path("runs/sweep"),
+) -> None:
+    """Hyperparameter search with Optuna: short trials judged on validation loss, bad ones pruned."""
+    from loraforge.train.sweep import run_sweep
+
+    run_sweep(config, list(overrides or []), trials=trials, space=space, out=out)
+
+
+@app.command()
+def bench(
+    cases: Annotated[Optional[list[str]], typer.Option("--case", help="Benchmark case(s); default: all.")] = None,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench/results"),
+    max_context: Annotated[bool, typer.Option("--max-context", help="Search the longest trainable sequence.")] = False,
+) -> None:
+    """GPU speed benchmark: the stock transformers+peft+bitsandbytes stack vs loraforge, same run."""
+    if max_context:
+        from loraforge.kernels.context import run_max_context_bench
+
+        run_max_context_bench(out_dir=out)
+        return
+    from loraforge.kernels.bench import run_speed_bench
+
+    run_speed_bench(cases, out)
+
+
+@data_app.command("preview")
+def data_preview(
+    source: Annotated[str, typer.Argument(help="A file, a dataset id/folder, or 'chitchat'.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="auto, alpaca, dialogue, chat, oasst, text.")] = "auto",
+    n: Annotated[int, typer.Option("-n", help="Examples to show.")] = 3,
+    max_length: Annotated[int, typer.Option(help="Truncation length used for the statistics.")] = 512,
+    model: Annotated[str, typer.Option(help="Model whose tokenizer and chat template to use.")] = "smollm2-135m-instruct",
+) -> None:
+    """Show examples as the model will see them, trained-on tokens highlighted, with length statistics."""
+    from loraforge.data.preview import preview
+
+    preview(source, fmt=format, n=n, max_length=max_length, model=model)
+
+
+def main() -> None:
+    _quiet_libraries()
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        app()
+    except LoraforgeError as e:
+        err.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:
+        from loraforge.train.trainer import Preempted
+
+        if isinstance(e, Preempted):
+            err.print(f"[yellow]{_escape(str(e))}[/]")
+            sys.exit(128 + e.signum)
+        raise
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Tiny random models with the real tokenizer, built in the tests (no downloads).
+
+The tokenizer is the embedded SmolLM2 one (real BPE, real chat template); the model is a random Llama
+(or Mistral) a few layers deep, saved as a standard Hugging Face folder so every path of loraforge —
+loading, quantization, LoRA, training, merge, serving — loads it the way it loads a user's model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARCHS: dict[str, dict[str, Any]] = {
+    # Llama 2: multi-head attention (kv heads = heads), no GQA
+    "llama2": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4),
+    # Llama 3.1: grouped-query attention and llama3 rope scaling
+    "llama3": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Mistral: GQA and sliding-window attention
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=64),
+}
+
+
+def embedded_tokenizer_dir() -> Path:
+    from loraforge.model.embedded import resolve_embedded
+
+    return resolve_embedded("smollm2-135m-instruct")
+
+
+def make_tiny_model(out: Path, arch: str = "llama3", seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """Write a random `arch` model + the embedded tokenizer into `out`; return `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or embedded_tokenizer_dir())
+    spec = dict(ARCHS[arch])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=1024,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat_records(n: int = 24) -> list[dict[str, Any]]:
+    """Short multi-turn conversations with a learnable pattern (the reply echoes a keyword)."""
+    words = ["apple", "river", "cloud", "stone", "green", "music", "paper", "light"]
+    out = []
+    for i in range(n):
+        w = words[i % len(words)]
+        out.append({"messages": [{"role": "user", "content": f"Say {w}."},
+                                 {"role": "assistant", "content": f"{w} {w} {w}."},
+                                 {"role": "user", "content": f"Again {w}?"},
+                                 {"role": "assistant", "content": f"Yes, {w}."}]})
+    return out
+
+
+def alpaca_records(n: int = 24) -> list[dict[str, str]]:
+    words = ["apple", "river", "cloud", "stone", "green", "music", "paper", "light"]
+    return [{"instruction": f"Repeat the word {words[i % 8]}.", "input": "" if i % 2 else "twice",
+             "output": f"{words[i % 8]} {words[i % 8]}"} for i in range(n)]
