@@ -47,8 +47,9 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config (see configs/). Omit to use the defaults.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config (see configs/). Omit to use the defaults.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[OVERRIDES]...", help=OVERRIDES_HELP,
+                                                             show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint folder.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Run folder (same as training.output_dir=...).")] = None,
@@ -236,9 +237,9 @@ def main() -> None:
     _quiet_libraries()
     from rich.console import Console
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
-        app()
+        app(prog_name="loraforge")
     except LoraforgeError as e:
         err.print(f"[bold red]error:[/] {_escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)

@@ -1,0 +1,67 @@
+"""The embedded model and data: real SmolLM2 weights from the GGUF package, real chitchat conversations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loraforge.config import DataConfig
+from loraforge.data import chitchat
+from loraforge.data.pipeline import build_datasets
+
+
+def test_materialized_folder_is_a_standard_hf_model(embedded_model_dir: Path):
+    names = {p.name for p in embedded_model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config  # a plain model: quantizable, mergeable, servable
+
+
+def test_embedded_model_answers_sensibly(embedded_model_dir: Path):
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert tok.pad_token_id != tok.eos_token_id  # a distinct pad keeps EOS in the labels
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as SmolLM2
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_chitchat_roles_alternate_and_same_sender_turns_merge():
+    conv = {"messages": [
+        [{"text": "hi", "sender": "a"}, {"text": "there", "sender": "a"}],
+        [{"text": "hello", "sender": "b"}],
+        [{"text": "more from b", "sender": "b"}],
+        [{"text": "bye", "sender": "a"}],
+    ]}
+    msgs = chitchat.conversation_to_messages(conv)
+    assert msgs == [{"role": "user", "content": "hi\nthere"},
+                    {"role": "assistant", "content": "hello\nmore from b"},
+                    {"role": "user", "content": "bye"}]
+
+
+def test_chitchat_loader_reads_all_conversations():
+    convs = chitchat.load_chitchat()
+    # 7,168 in the package; 3,150 have one speaker only (nobody answered) and hold nothing to train on
+    assert 4000 <= len(convs) <= 4018
+    for _, msgs in convs[:200]:
+        roles = [m["role"] for m in msgs]
+        assert roles[0] == "user" and all(a != b for a, b in zip(roles, roles[1:]))
+
+
+def test_chitchat_split_is_fixed_and_seeded(embedded_model_dir: Path):
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    cfg = DataConfig(max_samples=40, max_eval_samples=10, validation_split=0.01, max_length=96)
+    a, b = build_datasets(cfg, tok, 2), build_datasets(cfg, tok, 2)
+    assert a.validation == b.validation and a.train == b.train
+    other = build_datasets(DataConfig(**{**cfg.__dict__, "seed": 7}), tok, 2)
+    assert other.validation != a.validation
+    # no conversation is in both splits
+    assert not {tuple(x["input_ids"]) for x in a.train} & {tuple(x["input_ids"]) for x in a.validation}
