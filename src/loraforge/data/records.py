@@ -32,6 +32,8 @@ class RawRecord:
 
     @property
     def where(self) -> str:
+        if ", line " in self.source:  # JSONL / text: the source already names the line
+            return self.source
         return f"{self.source}, record {self.index}"
 
 
@@ -109,7 +111,8 @@ def _field(record: dict[str, Any], name: str, where: str, *, required: bool = Tr
         return ""
     value = record[name]
     if not isinstance(value, str):
-        raise InvalidRecord(f"{where}: field '{name}' must be a string, got {type(value).__name__} ({str(value)[:40]!r}).")
+        raise InvalidRecord(f"{where}: field '{name}' must be a string, got {type(value).__name__} "
+                            f"({str(value)[:40]!r}).")
     if required and not allow_empty and not value.strip():
         raise InvalidRecord(f"{where}: field '{name}' is empty.")
     return value
@@ -187,3 +190,89 @@ def normalize(record: Any, fmt: str, where: str, column_mapping: dict[str, str] 
     if fmt == "oasst":
         raise InvalidRecord(f"{where}: OpenAssistant records are read as whole trees (read_oasst), not one by one.")
     raise DataError(f"data.format = {fmt!r} is not supported.")
+
+
+# ------------------------------------------------------------------------------------------- OpenAssistant
+
+
+def oasst_conversations(rows: list[RawRecord]) -> tuple[list[RawRecord], list[str]]:
+    """oasst1 message rows (message_id, parent_id, role prompter|assistant, text, rank) → one conversation
+    per root, following the best-ranked reply (lowest `rank`; unranked replies come after ranked ones, then
+    file order) at every level, and ending on the last assistant turn. Deleted messages are not followed.
+
+    Returns the conversations as RawRecords {"messages": [...]} (index = the root's row index) and notes
+    for the log: how many rows were read and how many sit off the followed paths (not used, by design).
+    Rows that are not valid messages become InvalidRecord entries so the caller counts or raises them.
+    """
+    children: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    roots: list[tuple[int, dict[str, Any], RawRecord]] = []
+    bad: list[RawRecord] = []
+    for order, rec in enumerate(rows):
+        row = rec.data
+        try:
+            if isinstance(row, InvalidRecord):
+                raise row
+            if not isinstance(row, dict):
+                raise InvalidRecord(f"{rec.where}: an OpenAssistant row must be an object.")
+            for name in ("message_id", "role", "text"):
+                if not isinstance(row.get(name), str):
+                    raise InvalidRecord(f"{rec.where}: field '{name}' must be a string, got "
+                                        f"{type(row.get(name)).__name__}.")
+            if row["role"] not in ("prompter", "assistant"):
+                raise InvalidRecord(f"{rec.where}: field 'role': unknown role {row['role']!r}; "
+                                    "allowed: prompter, assistant.")
+        except InvalidRecord as e:
+            bad.append(RawRecord(e, rec.source, rec.index))
+            continue
+        if row.get("deleted"):
+            continue
+        if row.get("parent_id") is None:
+            roots.append((order, row, rec))
+        else:
+            children.setdefault(row["parent_id"], []).append((order, row))
+
+    def best(message_id: str) -> dict[str, Any] | None:
+        kids = children.get(message_id, [])
+        if not kids:
+            return None
+        rank = lambda k: (k[1].get("rank") is None, k[1].get("rank") or 0, k[0])  # noqa: E731
+        return min(kids, key=rank)[1]
+
+    out: list[RawRecord] = []
+    used = unanswered = 0
+    for _, root, rec in roots:
+        path = [root]
+        while (nxt := best(path[-1]["message_id"])) is not None:
+            path.append(nxt)
+        while path and path[-1]["role"] != "assistant":
+            path.pop()
+        if not path:
+            unanswered += 1
+            continue
+        used += len(path)
+        messages = [{"role": ROLE_ALIASES[m["role"]], "content": m["text"]} for m in path]
+        out.append(RawRecord({"messages": messages}, rec.source, rec.index))
+    notes = [f"OpenAssistant: {len(rows)} message rows → {len(out)} conversations along the best-ranked replies "
+             f"({used} messages used; {len(rows) - used - len(bad)} on other branches, deleted or unanswered; "
+             f"{unanswered} prompts without a reply)"]
+    return bad + out, notes
+
+
+# ------------------------------------------------------------------------------------------- raw text
+
+
+def read_text_documents(path: Path) -> Iterator[RawRecord]:
+    """A .txt file, line by line: documents are separated by blank lines (index = the first line's number)."""
+    lines: list[str] = []
+    start = 1
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                if not lines:
+                    start = lineno
+                lines.append(line)
+            elif lines:
+                yield RawRecord({"text": "".join(lines).rstrip("\n")}, f"{path}, line {start}", start)
+                lines = []
+    if lines:
+        yield RawRecord({"text": "".join(lines).rstrip("\n")}, f"{path}, line {start}", start)

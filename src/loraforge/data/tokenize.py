@@ -43,7 +43,7 @@ def encode_segments(segments: Segments, tokenizer: Any, max_length: int, *, trai
     ids: list[int] = list(enc["input_ids"])
     labels: list[int] = []
     span_i = 0
-    for tok_id, (start, end) in zip(ids, enc["offset_mapping"]):
+    for tok_id, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
         while span_i < len(spans) and spans[span_i][1] <= start:
             span_i += 1
         trained = end > start and span_i < len(spans) and start < spans[span_i][1] and end > spans[span_i][0]

@@ -1,0 +1,114 @@
+"""Where records come from: files (JSON/JSONL/CSV/Parquet/text), dataset folders and ids, the embedded
+chitchat data, and loaders registered in Python (`custom:NAME`).
+
+Every reader is a generator of `RawRecord`s, so a JSONL, text, CSV or Parquet file is read piece by
+piece (streaming mode relies on this); only a JSON array and an OpenAssistant tree need the whole source.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from loraforge.data import chitchat
+from loraforge.data.records import RawRecord, read_json_file, read_text_documents
+from loraforge.errors import DataError
+
+CUSTOM_PREFIX = "custom:"
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+def iter_source(path: str, split: str = "train") -> Iterator[RawRecord]:
+    """Yield the raw records of any source, lazily where the format allows."""
+    if path == chitchat.NAME:
+        for i, (cid, messages) in enumerate(chitchat.load_chitchat()):
+            yield RawRecord({"messages": messages}, f"chitchat:{cid}", i)
+        return
+    if path.startswith(CUSTOM_PREFIX):
+        from loraforge.data.custom import read_registered
+
+        yield from read_registered(path[len(CUSTOM_PREFIX):])
+        return
+    p = Path(path).expanduser()
+    if p.is_file():
+        yield from read_file(p)
+        return
+    yield from read_dataset(path, split)
+
+
+def read_file(path: Path) -> Iterator[RawRecord]:
+    """One data file, chosen by its suffix."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        yield from read_json_file(path)
+    elif suffix == ".txt":
+        yield from read_text_documents(path)
+    elif suffix == ".csv":
+        with path.open("r", encoding="utf-8", newline="") as f:
+            # Line numbers count the header as line 1, as a spreadsheet shows them.
+            for i, row in enumerate(csv.DictReader(f)):
+                yield RawRecord(dict(row), f"{path}, line {i + 2}", i + 2)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield RawRecord(row, str(path), i)
+                i += 1
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}, "
+                        "or a dataset folder.")
+
+
+def read_dataset(path: str, split: str = "train") -> Iterator[RawRecord]:
+    """A folder saved with `save_to_disk`, a folder of data files, or a Hugging Face dataset id."""
+    import datasets
+
+    p = Path(path).expanduser()
+    try:
+        if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
+            ds: Any = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{path}: no split {split!r}; the folder has {sorted(ds)}. Set data.split.")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(str(p) if p.is_dir() else path, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot read this source"
+        hint = ("it is not a file or folder here, and as a Hugging Face dataset id it could not be loaded "
+                "(offline, misspelt, or private?)" if not p.exists() else f"datasets could not read it ({e})")
+        raise DataError(f"data.dataset: {path!r}: {hint}. Point data.dataset at a .json/.jsonl/.csv/.parquet/"
+                        ".txt file, a dataset folder, or 'chitchat'.") from e
+    where = f"{path}[{split}]"
+    for i, row in enumerate(ds):
+        yield RawRecord(row, where, i)
+
+
+def identity(path: str, split: str = "train") -> str | None:
+    """A fingerprint that changes when the source's content may have changed (cache key); None = uncachable."""
+    if path.startswith(CUSTOM_PREFIX):
+        return None  # user code: we cannot know when its output changes
+    if path == chitchat.NAME:
+        p = chitchat.chitchat_path()
+        return f"chitchat:{_stat(p)}"
+    p = Path(path).expanduser()
+    if p.is_file():
+        return _stat(p.resolve())
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        digest = hashlib.sha256("\n".join(_stat(f) for f in files).encode()).hexdigest()
+        return f"{p.resolve()}:{split}:{digest}"
+    return f"hub:{path}:{split}"  # a hub id: datasets' own cache pins its content
+
+
+def _stat(p: Path) -> str:
+    st = p.stat()
+    return json.dumps([str(p), st.st_size, st.st_mtime_ns])
