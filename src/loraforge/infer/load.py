@@ -53,11 +53,12 @@ def locate(run_or_adapter: str | Path) -> tuple[RunConfig | None, Path | None, d
 
 
 def load(run_or_adapter: str | Path, *, quantize: str | None = None, device: str = "auto",
-         base_model: str | None = None) -> Loaded:
+         base_model: str | None = None, dtype: str | None = None) -> Loaded:
     """Load base + adapter for generation.
 
     quantize: None = as trained (4-bit stays 4-bit), "none", "4bit" or "8bit".
     base_model: override the base (e.g. a local copy of the hub model the adapter was trained on).
+    dtype: dtype of the unquantized weights ("bfloat16", "float16", "float32"); None = the run's setting.
     """
     import torch
     from peft import PeftModel
@@ -75,6 +76,8 @@ def load(run_or_adapter: str | Path, *, quantize: str | None = None, device: str
         mcfg = ModelConfig(model_name=str(run_or_adapter), use_4bit=False, device=device)
     if base_model:
         mcfg.model_name = base_model
+    if dtype is not None:
+        mcfg.dtype = dtype
     if quantize is not None:
         mcfg.use_4bit, mcfg.use_8bit = quantize == "4bit", quantize == "8bit"
     model, tokenizer = load_base(mcfg, for_training=False)
