@@ -1,0 +1,105 @@
+"""`loraforge chat`: an interactive terminal chat with history and streamed replies.
+
+Chat runs keep the whole conversation as messages and render it with the training template; alpaca
+and text runs were trained on single prompts, so each turn is answered on its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from threading import Thread
+from typing import Any, TextIO
+
+import torch
+
+from loraforge.eval.runtime import model_device
+from loraforge.infer.load import Loaded, load
+
+
+class ChatSession:
+    """A conversation with one loaded model; `reply` streams tokens to `on_text` as they are generated."""
+
+    def __init__(self, loaded: Loaded, *, system: str | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.7) -> None:
+        self.loaded = loaded
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.history: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_text(self, user: str) -> str:
+        if self.loaded.data_kind == "chat":
+            return self.loaded.formatter([*self.history, {"role": "user", "content": user}])
+        return self.loaded.formatter(user)
+
+    def reply(self, user: str, on_text: Callable[[str], Any] | None = None) -> str:
+        from transformers import TextIteratorStreamer
+
+        tok, model = self.loaded.tokenizer, self.loaded.model
+        text = self.prompt_text(user)
+        bos = tok.bos_token
+        ids = tok(text, add_special_tokens=not (bos and text.startswith(bos)), return_tensors="pt")
+        ids = {k: v.to(model_device(model)) for k, v in ids.items()}
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs: dict[str, Any] = dict(**ids, max_new_tokens=self.max_new_tokens, streamer=streamer,
+                                      pad_token_id=tok.pad_token_id)
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=0.9)
+        else:
+            kwargs.update(do_sample=False)
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    model.generate(**kwargs)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+                error.append(e)
+                streamer.end()
+
+        worker = Thread(target=run, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        worker.join()
+        if error:
+            raise error[0]
+        answer = "".join(pieces).strip()
+        if self.loaded.data_kind == "chat":
+            self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def chat_loop(run: str | Path, *, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None,
+              input_fn: Callable[[str], str] = input, out: TextIO | None = None) -> ChatSession:
+    """Read lines, answer them with streamed text; `/reset` clears the history, `/exit` (or EOF) quits."""
+    out = out or sys.stdout
+    session = ChatSession(load(run), system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    out.write(f"chatting with {run} — /reset clears the history, /exit quits\n")
+    while True:
+        try:
+            line = input_fn("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            session.reset()
+            out.write("(history cleared)\n")
+            continue
+        out.write("bot> ")
+        out.flush()
+        session.reply(line, on_text=lambda piece: (out.write(piece), out.flush()))
+        out.write("\n")
+    return session

@@ -1,0 +1,81 @@
+"""`loraforge generate`, the terminal chat, and the pipeline API, on a real tiny run folder."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from loraforge.errors import DataError
+from loraforge.infer.chat import ChatSession, chat_loop
+from loraforge.infer.generate import generate_cli, generate_texts, read_prompts
+from loraforge.infer.load import load
+
+
+@pytest.fixture(scope="module")
+def loaded(lora_run: Path):
+    return load(lora_run, device="cpu", dtype="float32")
+
+
+def test_generate_cli_writes_jsonl_in_prompt_order_and_batching_does_not_change_greedy(lora_run: Path,
+                                                                                       loaded, tmp_path: Path) -> None:
+    file = tmp_path / "prompts.jsonl"
+    file.write_text(json.dumps({"prompt": "Say river."}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "Say cloud."},
+                                               {"role": "assistant", "content": "cloud cloud"}]}) + "\n"
+                    + json.dumps("Say stone.") + "\n")
+    out = tmp_path / "out.jsonl"
+    records = generate_cli(lora_run, prompts=["Say apple.", "Hello there, how are you today?"], file=file, out=out,
+                           max_new_tokens=6, batch_size=3)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines == records and len(lines) == 5
+    assert lines[3]["prompt"] == [{"role": "user", "content": "Say cloud."}]  # reference answer dropped
+    one_by_one = generate_texts(loaded, [r["prompt"] for r in lines], max_new_tokens=6, batch_size=1)
+    assert [r["output"] for r in lines] == one_by_one
+    assert all(o for o in one_by_one)
+
+
+def test_read_prompts_names_the_bad_line(tmp_path: Path) -> None:
+    file = tmp_path / "p.jsonl"
+    file.write_text('{"prompt": "ok"}\n{"oops": 1}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2"):
+        read_prompts(file)
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\n")
+    assert read_prompts(txt) == ["one", "two"]
+
+
+def test_chat_streams_keeps_history_and_resets(loaded) -> None:
+    session = ChatSession(loaded, max_new_tokens=5, temperature=0)
+    pieces: list[str] = []
+    answer = session.reply("Say apple.", on_text=pieces.append)
+    assert answer and "".join(pieces).strip() == answer and len(pieces) > 1  # streamed, not one block
+    assert session.history == [{"role": "user", "content": "Say apple."}, {"role": "assistant", "content": answer}]
+    # the second turn is rendered with the first in it (the training template over the whole conversation)
+    assert "Say apple." in session.prompt_text("Again?") and answer in session.prompt_text("Again?")
+    # greedy streaming gives what non-streamed greedy generation gives for the same rendered prompt
+    assert answer == generate_texts(loaded, ["Say apple."], max_new_tokens=5)[0]
+    session.reset()
+    assert session.history == []
+
+
+def test_chat_loop_commands(lora_run: Path) -> None:
+    lines = iter(["Say apple.", "/reset", "Say river.", "/exit", "never read"])
+    out = io.StringIO()
+    session = chat_loop(lora_run, max_new_tokens=3, temperature=0, system="Be brief.",
+                        input_fn=lambda _prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert text.count("bot> ") == 2 and "(history cleared)" in text
+    assert [m["role"] for m in session.history] == ["system", "user", "assistant"]
+    assert session.history[1]["content"] == "Say river."
+
+
+def test_pipeline_generates_with_the_adapter(lora_run: Path, loaded) -> None:
+    import loraforge
+
+    pipe = loraforge.pipeline(lora_run, device="cpu", dtype="float32")
+    text = loaded.formatter("Say apple.")
+    out = pipe(text, max_new_tokens=5, do_sample=False, return_full_text=False)
+    assert out[0]["generated_text"].strip() == generate_texts(loaded, ["Say apple."], max_new_tokens=5)[0]
