@@ -1,0 +1,299 @@
+"""The generation engine behind the server: one base model, several adapters, batched requests.
+
+One worker thread owns the model (switching adapters is global state on a PeftModel, and a GPU runs one
+generate at a time anyway). Requests wait in a bounded queue; the worker waits a few milliseconds for
+more to arrive, takes the oldest request and every waiting request with the same adapter and sampling
+settings (up to `max_batch`), and runs ONE left-padded batched `generate` for them. Each row is streamed
+back to its request as text deltas as soon as its tokens decode cleanly, and ends on its own EOS, stop
+string, `max_tokens`, cancellation or deadline while the other rows go on. Requests that arrive during a
+batch go into the next one (dynamic batching, not token-level continuous batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraforge.errors import ModelLoadError
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts; the client should retry later (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Adapter:
+    """A servable model name and how its prompts are rendered."""
+
+    name: str
+    peft_name: str | None  # None: the plain base model (no adapter)
+    data_kind: str
+    formatter: Any
+    path: Path
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation; the worker thread fills `tokens` and posts events to `events` on the request's loop."""
+
+    adapter: str
+    input_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    deadline: float = float("inf")  # time.monotonic() after which the request is abandoned
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None  # ("text", str) ... then ("done", finish_reason) or ("error", message)
+    cancelled: bool = False
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Requests with equal groups can share one `generate` call."""
+        return (self.adapter, self.temperature > 0, round(self.temperature, 4), round(self.top_p, 4))
+
+    def post(self, *event: Any) -> None:
+        if self.loop is None or self.events is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the client is gone
+            pass
+
+
+def _adapter_name(path: Path) -> str:
+    path = Path(path).resolve()
+    return path.parent.name if path.name == "adapter" and (path.parent / "config.yaml").is_file() else path.name
+
+
+class Engine:
+    """Loads the base once with every adapter of `runs`, then generates for submitted requests."""
+
+    def __init__(self, runs: list[str | Path], *, max_batch: int = 8, max_waiting: int = 32,
+                 batch_wait_s: float = 0.005, device: str = "auto") -> None:
+        from loraforge.data.templates import load_user_template, prompt_formatter
+        from loraforge.infer.load import load, locate
+
+        if not runs:
+            raise ModelLoadError("serve needs at least one run or adapter folder.")
+        first = load(runs[0], device=device)
+        self.model, self.tokenizer = first.model, first.tokenizer
+        self.adapters: dict[str, Adapter] = {}
+        base_name = self._base_name(runs[0])
+        for i, run in enumerate(runs):
+            name = _adapter_name(Path(run))
+            if name in self.adapters:
+                raise ModelLoadError(f"two served folders are both named {name!r}; the name is what clients put in "
+                                     "'model', so rename one of the run folders.")
+            if i == 0:
+                peft_name = "default" if first.adapter_dir is not None else None
+                self.adapters[name] = Adapter(name, peft_name, first.data_kind, first.formatter, Path(run))
+                continue
+            cfg, adapter_dir, facts = locate(run)
+            if adapter_dir is None or first.adapter_dir is None:
+                raise ModelLoadError(f"{run}: only adapters can be served beside another model; every folder "
+                                     "after the first must be a run or adapter folder of the same base.")
+            if self._base_name(run) != base_name:
+                raise ModelLoadError(f"{run} was trained on {self._base_name(run)!r}, but the server's base is "
+                                     f"{base_name!r}; serve adapters of different bases from separate servers.")
+            peft_name = f"adapter_{i}"
+            try:
+                self.model.load_adapter(str(adapter_dir), adapter_name=peft_name, is_trainable=False)
+            except Exception as e:  # noqa: BLE001 - one clear message for a mismatched adapter
+                raise ModelLoadError(f"cannot load the adapter in {adapter_dir}: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:300]}") from e
+            kind = facts.get("data_kind", "chat")
+            template = load_user_template(cfg.data.template) if cfg is not None else None
+            system = cfg.data.system_prompt if cfg is not None else None
+            formatter = prompt_formatter(kind, self.tokenizer, template, system)
+            self.adapters[name] = Adapter(name, peft_name, kind, formatter, Path(run))
+        self.model.eval()
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids = {e for e in eos_ids if e is not None}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.device = next(self.model.parameters()).device
+        self.max_batch, self.max_waiting, self.batch_wait_s = max_batch, max_waiting, batch_wait_s
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent generate() batch sizes, for /health
+        self._thread = threading.Thread(target=self._work, name="loraforge-generate", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _base_name(run: str | Path) -> str:
+        import json
+
+        from loraforge.infer.load import locate
+
+        cfg, adapter_dir, _ = locate(run)
+        if cfg is not None:
+            return cfg.model.model_name
+        if adapter_dir is not None:
+            return json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        return str(run)
+
+    # ---------------------------------------------------------------------------------------------------
+    # Requests
+
+    def encode(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        # Chat templates that write BOS themselves must not get a second one from the tokenizer.
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry later")
+            self._waiting.append(req)
+            self._cv.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, end the waiting ones, let the running batch finish (or cancel it at `timeout`)."""
+        with self._cv:
+            self._stopping = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cv.notify_all()
+        for req in waiting:
+            req.post("error", "the server is shutting down")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            for req in list(self._running):
+                req.cancelled = True
+            self._thread.join(5.0)
+
+    # ---------------------------------------------------------------------------------------------------
+    # Worker
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                few = len(self._waiting) < self.max_batch
+            if few:  # give concurrent requests a moment to join this batch
+                time.sleep(self.batch_wait_s)
+            with self._cv:
+                live = [r for r in self._waiting if not r.cancelled]
+                if not live:
+                    self._waiting.clear()
+                    continue
+                group = live[0].group
+                batch = [r for r in live if r.group == group][: self.max_batch]
+                taken = set(map(id, batch))
+                self._waiting = deque(r for r in live if id(r) not in taken)
+                self._running = batch
+            try:
+                self._generate(batch)
+            except Exception as e:  # noqa: BLE001 - reported to the clients; the worker keeps serving
+                for req in batch:
+                    if req.finish_reason is None:
+                        req.finish_reason = "error"
+                        req.post("error", f"generation failed: {type(e).__name__}: {str(e)[:300]}")
+            finally:
+                self._running = []
+
+    def _generate(self, batch: list[Request]) -> None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        engine = self
+        adapter = self.adapters[batch[0].adapter]
+        if adapter.peft_name is not None:
+            self.model.set_adapter(adapter.peft_name)
+        width = max(len(r.input_ids) for r in batch)
+        # Left padding: every prompt ends in the last column, where generation continues.
+        ids = torch.tensor([[self.pad_id] * (width - len(r.input_ids)) + r.input_ids for r in batch])
+        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch])
+
+        class RowStreamer(BaseStreamer):
+            def __init__(self) -> None:
+                self.prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:  # the first call carries the prompt
+                    self.prompt_seen = True
+                    return
+                for req, token in zip(batch, value.reshape(-1).tolist(), strict=True):
+                    if req.finish_reason is None:
+                        engine._advance(req, token)
+
+            def end(self) -> None:
+                for req in batch:
+                    if req.finish_reason is None:
+                        engine._finish(req, "length")
+
+        class RowsDone(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                now = time.monotonic()
+                for req in batch:
+                    if req.finish_reason is None and (req.cancelled or now > req.deadline):
+                        engine._finish(req, "cancelled" if req.cancelled else "timeout")
+                return torch.tensor([r.finish_reason is not None for r in batch], device=input_ids.device)
+
+        kwargs: dict[str, Any] = dict(max_new_tokens=max(r.max_tokens for r in batch), pad_token_id=self.pad_id,
+                                      eos_token_id=sorted(self.eos_ids), streamer=RowStreamer(),
+                                      stopping_criteria=StoppingCriteriaList([RowsDone()]))
+        first = batch[0]
+        if first.temperature > 0:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        self.batch_sizes.append(len(batch))
+        with torch.no_grad():
+            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+
+    def _advance(self, req: Request, token: int) -> None:
+        if token in self.eos_ids:
+            self._finish(req, "stop")
+            return
+        req.tokens.append(token)
+        text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
+        for s in req.stop:
+            at = text.find(s)
+            if at >= 0:
+                self._send(req, text[:at])
+                req.finish_reason = "stop"
+                req.post("done", "stop")
+                return
+        if len(req.tokens) >= req.max_tokens:
+            self._send(req, text)
+            self._finish(req, "length")
+            return
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return
+        # Hold back a tail that could be the start of a stop string, so no part of one is ever sent.
+        hold = max((k for s in req.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self._send(req, text[: len(text) - hold])
+
+    def _send(self, req: Request, text: str) -> None:
+        if text.startswith(req.sent) and len(text) > len(req.sent):
+            req.post("text", text[len(req.sent):])
+            req.sent = text
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.finish_reason is None:
+            if reason in ("stop", "length"):  # flush a held-back tail
+                self._send(req, self.tokenizer.decode(req.tokens, skip_special_tokens=True))
+            req.finish_reason = reason
+            req.post("done", reason)
