@@ -139,6 +139,8 @@ class DataConfig(_Section):
     group_by_length: bool = opt(False, "Batch examples of similar length to waste less on padding.")
     streaming: bool = opt(False, "Read the data lazily (for files larger than memory).")
     skip_invalid: bool = opt(False, "Skip malformed records (counted in the log) instead of stopping.")
+    cache: bool = opt(True, "Reuse tokenized data from the cache ($LORAFORGE_CACHE or ~/.cache/loraforge/tokenized) "
+                      "when data, tokenizer and settings are unchanged.")
     seed: int = opt(42, "Seed of the train/validation split and of shuffling.")
 
 
@@ -161,6 +163,12 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = opt(
         "auto", "auto = bf16 where the GPU supports it, else fp16 on GPU, none on CPU.")
     gradient_checkpointing: bool = opt(True, "Recompute activations in backward to save memory.")
+    long_context: bool = opt(False, "Long sequences: offload_activations + chunked_cross_entropy, and attention "
+                             "without a materialized mask (batch 1 / unpadded runs SDPA's flash kernel).")
+    offload_activations: bool | None = opt(None, "Keep the checkpointed layer inputs in pinned host memory "
+                                           "(copied asynchronously); null = follow long_context.")
+    chunked_cross_entropy: bool | None = opt(None, "Loss through lm_head in chunks, never the full [tokens, vocab] "
+                                             "logits (the GPU fast path always does); null = follow long_context.")
     logging_steps: int = opt(10, "Log every N optimizer steps.", ge=1)
     eval_steps: int = opt(0, "Evaluate every N steps; 0 = only at the end.", ge=0)
     save_steps: int = opt(0, "Checkpoint every N steps; 0 = only at the end.", ge=0)
@@ -173,6 +181,9 @@ class TrainingConfig(_Section):
         [], "Experiment trackers beside the local JSONL log.")
     run_name: str | None = opt(None, "Name shown in trackers.")
     dataloader_num_workers: int = opt(0, "Worker processes for data loading.", ge=0)
+    distributed_strategy: Literal["auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = opt(
+        "auto", "Several processes: auto = what `accelerate launch --config_file` set, else DDP; fsdp = full "
+        "shard (QLoRA-compatible); deepspeed_zero2/3 through Accelerate's DeepSpeed plugin.")
 
 
 @dataclass
