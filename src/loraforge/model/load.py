@@ -74,17 +74,50 @@ def hub_token() -> str | None:
     return login.read_text().strip() if login.is_file() else None
 
 
-def _explain_hub_error(name: str, err: Exception) -> ModelLoadError:
-    text = f"{type(err).__name__}: {err}"
-    if any(s in text for s in ("401", "403", "gated", "Unauthorized", "restricted")):
+def _http_status(err: BaseException) -> int | None:
+    """The HTTP status of a hub error anywhere in the exception chain (transformers wraps hub errors in OSError)."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _chain_text(err: BaseException) -> str:
+    parts, seen, e = [], set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
+
+
+def _explain_hub_error(name: str, err: BaseException) -> ModelLoadError:
+    """Turn a hub/loading failure into a message that says what to do (401/403, no network, no such model)."""
+    text = _chain_text(err)
+    status = _http_status(err)
+    if status in (401, 403) or any(s in text for s in ("GatedRepoError", "gated", "401 Client", "403 Client",
+                                                        "Unauthorized", "restricted")):
+        have = "a token was sent (HF_TOKEN or the hub login file), so " if hub_token() else "no token was found, and "
         return ModelLoadError(
-            f"the hub refused access to '{name}' (gated or private). Accept the licence on the model's hub page, "
-            "then log in (`huggingface-cli login`) or set HF_TOKEN, and run again.")
-    if any(s in text for s in ("offline", "Connection", "resolve", "Max retries", "LocalEntryNotFound",
+            f"the hub refused access to '{name}' (HTTP {status or '401/403'}: gated or private model); {have}"
+            "you need access: accept the licence on the model's hub page with your account, then "
+            "`huggingface-cli login` or set HF_TOKEN=hf_..., and run again.")
+    if status == 404 or "RepositoryNotFoundError" in text:
+        return ModelLoadError(f"the hub has no model '{name}' (or it is private and your token cannot see it). "
+                              "Check the spelling of model.model_name.")
+    if any(s in text for s in ("offline", "Offline", "Connection", "resolve", "Max retries", "LocalEntryNotFound",
                                "couldn't connect", "not a local folder", "does not appear to have")):
+        why = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
         return ModelLoadError(
-            f"cannot load '{name}': it is not a local folder and the hub cannot be reached (or has no such model). "
-            "Download it on a machine with network access and point model.model_name at the folder, "
+            f"cannot load '{name}': it is not a local folder and the hub cannot be reached{why} (or has no such "
+            "model in the local cache). Download it on a machine with network access "
+            "(`huggingface-cli download NAME --local-dir DIR`) and point model.model_name at the folder, "
             "or use the embedded model 'smollm2-135m-instruct'.")
     return ModelLoadError(f"cannot load '{name}': {text.splitlines()[0][:300]}")
 
@@ -100,21 +133,32 @@ def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
     return fix_tokenizer(tok)
 
 
+# Unused special tokens that make a safe pad, by tokenizer family: Llama 3.1 reserves one for exactly this,
+# Llama 3.0 has reserved tokens, Llama 2 / Mistral have <unk>, SmolLM2 / GPT-style have <|endoftext|>.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>", "<|endoftext|>", "<unk>")
+
+
 def fix_tokenizer(tok: Any) -> Any:
     """The tokenizer fixes users trip on, done once.
 
     A pad token is required for batching. Reusing EOS as pad is what most guides do, and it silently
-    stops the model from learning to end its answers when labels are derived from the pad id; our
-    labels come from explicit masks, but we still prefer a distinct, unused token where one exists.
+    stops the model from learning to end its answers wherever labels are derived from the pad id
+    (labels = input_ids with pad positions masked); our labels come from explicit masks, but other tools
+    that see this tokenizer (and the saved adapter folder) may not, so we prefer a distinct token that
+    the vocabulary already has (no embedding resize, which a 4-bit model cannot do). EOS is the last resort.
+    Padding is on the right for training; batched generation switches to left padding locally.
     """
-    if tok.pad_token is None:
-        for candidate in ("<|finetune_right_pad_id|>", "<pad>", "<|endoftext|>", "<unk>"):
-            if candidate in tok.get_vocab() and candidate != tok.eos_token:
+    if tok.pad_token is None or tok.pad_token == tok.eos_token:
+        vocab = tok.get_vocab()
+        special = {tok.eos_token, tok.bos_token}
+        for candidate in PAD_CANDIDATES:
+            if candidate in vocab and candidate not in special:
                 tok.pad_token = candidate
                 break
         else:
-            tok.pad_token = tok.eos_token
-    tok.padding_side = "right"  # training; batched generation switches to left locally
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
     return tok
 
 
@@ -140,12 +184,19 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | N
 
 def load_base(cfg: ModelConfig, *, for_training: bool = True, gradient_checkpointing: bool = True,
               placement: Placement | None = None) -> tuple[Any, Any]:
-    """Load (model, tokenizer). For training, a quantized model is prepared for k-bit training."""
-    from transformers import AutoModelForCausalLM
-
+    """Load (model, tokenizer). For training, the model is prepared (frozen, checkpointing, train mode)."""
     placement = placement or pick_placement(cfg)
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(path, cfg)
+    model = load_model(cfg, path, placement, for_training=for_training, gradient_checkpointing=gradient_checkpointing)
+    return model, tokenizer
+
+
+def load_model(cfg: ModelConfig, path: str, placement: Placement, *, for_training: bool = True,
+               gradient_checkpointing: bool = True) -> Any:
+    """The model alone, from a resolved path (a folder without a tokenizer, e.g. a benchmark checkpoint, works)."""
+    from transformers import AutoModelForCausalLM
+
     qconf = quantization_config(cfg, placement.dtype)
     kwargs: dict[str, Any] = dict(
         dtype=placement.dtype,
@@ -166,7 +217,7 @@ def load_base(cfg: ModelConfig, *, for_training: bool = True, gradient_checkpoin
         prepare_for_training(model, gradient_checkpointing=gradient_checkpointing)
     else:
         model.eval()
-    return model, tokenizer
+    return model
 
 
 def prepare_for_training(model: Any, *, gradient_checkpointing: bool) -> None:

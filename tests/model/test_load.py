@@ -1,0 +1,210 @@
+"""Loading: name resolution, hub errors and tokens, trust_remote_code, tokenizer fixes, quantization options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+from loraforge.config import ModelConfig
+from loraforge.errors import ModelLoadError
+from loraforge.model import load
+from loraforge.model.embedded import embedded_gguf_path
+
+
+def _http(status: int) -> httpx.Response:
+    url = "https://huggingface.co/meta-llama/Llama-2-7b-hf/resolve/main/config.json"
+    return httpx.Response(status, request=httpx.Request("GET", url))
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+def test_gguf_file_path_resolves_like_the_embedded_name(embedded_model_dir: Path) -> None:
+    gguf = embedded_gguf_path("smollm2-135m-instruct")
+    assert Path(load.resolve_model_path(ModelConfig(model_name=str(gguf)))) == embedded_model_dir
+
+
+@pytest.mark.long
+def test_gguf_file_materializes_into_a_fresh_cache_and_loads(tmp_path: Path) -> None:
+    gguf = embedded_gguf_path("smollm2-135m-instruct")
+    cfg = ModelConfig(model_name=str(gguf), cache_dir=str(tmp_path), use_4bit=False)
+    path = Path(load.resolve_model_path(cfg))
+    assert path.parent.parent == tmp_path and (path / "model.safetensors").is_file()
+    assert load.resolve_model_path(cfg) == str(path)  # cached: the second call does no work
+    model, tok = load.load_base(cfg, for_training=False)
+    assert model.config.model_type == "llama" and tok.pad_token_id != tok.eos_token_id
+
+
+def test_bad_paths_get_our_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load.resolve_model_path(ModelConfig(model_name=str(tmp_path / "missing.gguf")))
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        load.resolve_model_path(ModelConfig(model_name=str(tmp_path)))
+    with pytest.raises(ModelLoadError, match="neither an existing path nor a hub id"):
+        load.resolve_model_path(ModelConfig(model_name="./not/here/model"))
+    assert load.resolve_model_path(ModelConfig(model_name="meta-llama/Llama-2-7b-hf")) == "meta-llama/Llama-2-7b-hf"
+
+
+def test_hub_id_offline_is_our_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load.load_base(ModelConfig(model_name="meta-llama/Llama-2-7b-hf", use_4bit=False))
+    msg = str(e.value)
+    assert "hub cannot be reached" in msg and "HF_HUB_OFFLINE" in msg and "model.model_name" in msg
+    assert "Traceback" not in msg
+
+
+@pytest.mark.parametrize("err, status", [
+    (GatedRepoError("Access to model meta-llama/Llama-2-7b-hf is restricted.", response=_http(401)), "401"),
+    (HfHubHTTPError("403 Forbidden: you have not been granted access", response=_http(403)), "403"),
+    # transformers wraps hub errors in an OSError; the status is found through the cause chain
+    (OSError("You are trying to access a gated repo."), "401/403"),
+])
+def test_gated_model_says_what_to_do(err: Exception, status: str, tiny_model_dir: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise err
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(ModelLoadError) as e:
+        load.load_base(ModelConfig(model_name=str(tiny_model_dir), use_4bit=False))
+    msg = str(e.value)
+    assert f"HTTP {status}" in msg and "HF_TOKEN" in msg and "licence" in msg and "no token was found" in msg
+    # and through the tokenizer, which loads first from the hub
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    with pytest.raises(ModelLoadError, match="refused access"):
+        load.load_tokenizer("meta-llama/Llama-2-7b-hf", ModelConfig(model_name="meta-llama/Llama-2-7b-hf"))
+
+
+def test_wrapped_status_is_found_through_the_cause_chain() -> None:
+    try:
+        try:
+            raise GatedRepoError("restricted", response=_http(403))
+        except GatedRepoError as inner:
+            raise OSError("wrapped by transformers") from inner
+    except OSError as outer:
+        assert "HTTP 403" in str(load._explain_hub_error("x/y", outer))
+    assert "no model 'x/y'" in str(load._explain_hub_error("x/y", HfHubHTTPError("nope", response=_http(404))))
+
+
+def test_token_from_env_then_login_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert load.hub_token() is None
+    (tmp_path / "token").write_text("hf_from_login_file\n")
+    assert load.hub_token() == "hf_from_login_file"
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_legacy")
+    assert load.hub_token() == "hf_legacy"
+    monkeypatch.setenv("HF_TOKEN", "hf_env")
+    assert load.hub_token() == "hf_env"
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_token_and_trust_remote_code_reach_from_pretrained(trust: bool, tiny_model_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, dict] = {}
+
+    def capture(kind):
+        def fake(path, **kwargs):
+            seen[kind] = kwargs
+            raise ValueError("stop here")
+        return fake
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", capture("tokenizer"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", capture("model"))
+    cfg = ModelConfig(model_name=str(tiny_model_dir), use_4bit=False, trust_remote_code=trust)
+    with pytest.raises(ModelLoadError):
+        load.load_tokenizer(str(tiny_model_dir), cfg)
+    with pytest.raises(ModelLoadError):
+        load.load_model(cfg, str(tiny_model_dir), load.pick_placement(cfg))
+    for kind in ("tokenizer", "model"):
+        assert seen[kind]["trust_remote_code"] is trust
+        assert seen[kind]["token"] == "hf_secret"
+    assert ModelConfig().trust_remote_code is False
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+def _fresh_tokenizer(path: Path):
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_pad_token_added_distinct_from_eos(embedded_model_dir: Path) -> None:
+    tok = _fresh_tokenizer(embedded_model_dir)
+    tok.pad_token = None
+    tok.padding_side = "left"
+    load.fix_tokenizer(tok)
+    assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "right"
+    # pad == eos (what many guides do) is also replaced by an unused token
+    tok.pad_token = tok.eos_token
+    load.fix_tokenizer(tok)
+    assert tok.pad_token_id != tok.eos_token_id
+    # the fixes keep EOS in the labels of a padded batch
+    batch = tok(["hi" + tok.eos_token, "a longer line" + tok.eos_token], padding=True, add_special_tokens=False)
+    assert all(tok.eos_token_id in ids for ids in batch["input_ids"])
+
+
+def test_pad_falls_back_to_eos_when_no_candidate(embedded_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = _fresh_tokenizer(embedded_model_dir)
+    tok.pad_token = None
+    monkeypatch.setattr(load, "PAD_CANDIDATES", ("<no-such-token>",))
+    load.fix_tokenizer(tok)
+    assert tok.pad_token == tok.eos_token
+
+
+def test_load_tokenizer_fixes_once(tiny_model_dir: Path) -> None:
+    tok = load.load_tokenizer(str(tiny_model_dir), ModelConfig(model_name=str(tiny_model_dir)))
+    assert tok.padding_side == "right" and tok.pad_token_id != tok.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+
+def _linear(model, name: str = "q_proj"):
+    return getattr(model.model.layers[0].self_attn, name)
+
+
+@pytest.mark.parametrize("quant_type, nested, compute, dtype", [
+    ("nf4", True, "auto", torch.float32),          # the default; auto = fp32 on CPU
+    ("fp4", False, "bfloat16", torch.bfloat16),
+    ("nf4", False, "float16", torch.float16),
+    ("nf4", True, "float32", torch.float32),
+])
+def test_4bit_options_reach_bitsandbytes(quant_type: str, nested: bool, compute: str, dtype: torch.dtype,
+                                         tiny_model_dir: Path) -> None:
+    cfg = ModelConfig(model_name=str(tiny_model_dir), bnb_4bit_quant_type=quant_type, use_nested_quant=nested,
+                      bnb_4bit_compute_dtype=compute)
+    model, _ = load.load_base(cfg)
+    layer = _linear(model)
+    assert type(layer).__name__ == "Linear4bit"
+    state = layer.weight.quant_state
+    assert state.quant_type == quant_type and state.nested is nested
+    assert layer.compute_dtype == dtype
+    # unquantized parts (embeddings, norms, lm_head) in the compute dtype: nothing upcast to fp32
+    assert model.model.norm.weight.dtype == dtype and model.lm_head.weight.dtype == dtype
+    assert model.is_loaded_in_4bit
+
+
+def test_8bit_and_plain_dtypes(tiny_model_dir: Path) -> None:
+    m8, _ = load.load_base(ModelConfig(model_name=str(tiny_model_dir), use_4bit=False, use_8bit=True))
+    assert type(_linear(m8)).__name__ == "Linear8bitLt" and m8.is_loaded_in_8bit
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32),
+                        ("auto", torch.float32)):
+        m, _ = load.load_base(ModelConfig(model_name=str(tiny_model_dir), use_4bit=False, dtype=name))
+        assert type(_linear(m)) is torch.nn.Linear and _linear(m).weight.dtype == dtype
+
+
+def test_cuda_requested_without_gpu(tiny_model_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        load.pick_placement(ModelConfig(model_name=str(tiny_model_dir), device="cuda"))
