@@ -1,0 +1,46 @@
+"""Llama 2, Llama 3.1 (GQA, llama3 rope scaling) and Mistral, as tiny random models: 4-bit and fp32."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import eval_logits, fixed_batch, stock_reload, train_steps
+
+from loraforge.config import LoRAConfig, ModelConfig
+from loraforge.model.load import load_base
+from loraforge.model.lora import attach_lora
+
+
+@pytest.mark.parametrize("arch", ["llama2", "llama3", "mistral"])
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_load_step_save_reload(arch: str, quant: str, arch_dirs: dict[str, Path], tmp_path: Path) -> None:
+    path = arch_dirs[arch]
+    model, tok = load_base(ModelConfig(model_name=str(path), use_4bit=quant == "nf4", dtype="float32"))
+    cfg = model.config
+    if arch == "llama3":
+        assert cfg.num_key_value_heads < cfg.num_attention_heads
+        assert (cfg.rope_parameters or {}).get("rope_type") == "llama3"
+    if arch == "mistral":
+        assert cfg.model_type == "mistral" and cfg.sliding_window == 64
+    model = attach_lora(model, LoRAConfig(target_modules="all-linear", lora_dropout=0.0))
+    batch = fixed_batch()
+    losses = train_steps(model, batch, steps=2, lr=1e-2)
+    assert all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
+    trained = eval_logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = stock_reload(path, tmp_path / "adapter", quant=quant)
+    torch.testing.assert_close(eval_logits(reloaded, batch), trained, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16", "fp16"])
+def test_int8_and_16bit_paths_step(kind: str, arch_dirs: dict[str, Path]) -> None:
+    cfg = {"int8": ModelConfig(model_name=str(arch_dirs["llama3"]), use_4bit=False, use_8bit=True),
+           "bf16": ModelConfig(model_name=str(arch_dirs["llama3"]), use_4bit=False, dtype="bfloat16"),
+           "fp16": ModelConfig(model_name=str(arch_dirs["llama3"]), use_4bit=False, dtype="float16")}[kind]
+    model, _ = load_base(cfg)
+    model = attach_lora(model, LoRAConfig(target_modules="all-linear", lora_dropout=0.0))
+    losses = train_steps(model, fixed_batch(), steps=3, lr=1e-2)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
