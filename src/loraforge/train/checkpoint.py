@@ -103,13 +103,27 @@ def save_checkpoint(root: Path, state: TrainerState, model: Any, optimizer: Any,
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not is_write_failure(e):
+            raise
         previous = latest_checkpoint(root)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise ResourceError(f"could not write checkpoint {final} ({e.strerror or e}); {kept}. "
+        raise ResourceError(f"could not write checkpoint {final} ({getattr(e, 'strerror', None) or e}); {kept}. "
                             "Free disk space and resume with --resume.") from e
     return final
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A failed file write, however the library reports it. On a full disk Python raises OSError, but
+    torch.save raises RuntimeError from its zip writer ("[enforce fail at inline_container.cc] unexpected
+    pos", torch 2.13), and safetensors/tokenizers raise their own errors ending in "(os error 28)"."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return ("(os error " in text or "No space left" in text
+            or (isinstance(e, RuntimeError) and any(s in text for s in ("inline_container", "PytorchStreamWriter",
+                                                                          "file write failed"))))
 
 
 def is_complete(path: Path) -> bool:
