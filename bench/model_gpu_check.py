@@ -225,6 +225,26 @@ def embedded_run(device: torch.device, tiny: bool, work: Path) -> dict:
     return rec
 
 
+def loftq_smoke(device: torch.device) -> str:
+    """LoftQ (CUDA-only in peft 0.21, needs scipy): init on an unquantized tiny base, then one step."""
+    from loraforge.kernels.bench import make_checkpoint
+    from loraforge.model.load import load_model, pick_placement
+    from loraforge.model.lora import attach_lora
+
+    path = make_checkpoint("tiny", CKPT_ROOT, device=device.type)
+    mcfg = ModelConfig(model_name=path, use_4bit=False, fast_kernels=False, device=device.type)
+    base = load_model(mcfg, path, pick_placement(mcfg))
+    q_before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = attach_lora(base, LoRAConfig(init_lora_weights="loftq", lora_dropout=0.0))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randint(0, base.config.vocab_size, (2, 64), device=device)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    changed = not torch.equal(layer.base_layer.weight, q_before)  # LoftQ replaces W by its NF4 round-trip
+    nonzero_b = bool(torch.count_nonzero(layer.lora_B["default"].weight))
+    return f"loftq: base replaced {changed}, B non-zero {nonzero_b}, loss {loss.item():.3f}"
+
+
 def device_tag(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
@@ -296,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not a.tiny:
         log(f"llama3-8b: skipped ({elapsed:.0f} s elapsed of a {a.budget_s:.0f} s budget)")
     save()
+    if device.type == "cuda":
+        try:
+            log(loftq_smoke(device))
+        except Exception as e:  # noqa: BLE001
+            log(f"loftq: FAILED {type(e).__name__}: {e}")
     log(f"\n{'case':34} {'estimate GiB':>12} {'measured GiB':>12} {'est/meas':>8}")
     for r in results:
         if "estimate_gib" in r:
