@@ -71,6 +71,7 @@ def test_gated_model_says_what_to_do(err: Exception, status: str, tiny_model_dir
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     with pytest.raises(ModelLoadError) as e:
@@ -97,10 +98,14 @@ def test_wrapped_status_is_found_through_the_cause_chain() -> None:
 def test_token_from_env_then_login_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     assert load.hub_token() is None
     (tmp_path / "token").write_text("hf_from_login_file\n")
     assert load.hub_token() == "hf_from_login_file"
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").write_text("hf_token_path")
+    assert load.hub_token() == "hf_token_path"
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_legacy")
     assert load.hub_token() == "hf_legacy"
     monkeypatch.setenv("HF_TOKEN", "hf_env")

@@ -26,6 +26,8 @@ def test_gradient_checkpointing_recomputes_in_backward(checkpointing: bool, expe
     model, _ = load_base(ModelConfig(model_name=str(tiny_model_dir)), gradient_checkpointing=checkpointing)
     model = attach_lora(model, LoRAConfig())
     assert model.training  # transformers checkpoints only in train mode (the 20 GiB trap)
+    # Attention, not the MLP: non-reentrant checkpointing stops the recompute as soon as the last saved
+    # tensor is back, inside down_proj, so the MLP module's forward hook never fires a second time.
     attn_calls = _count_forwards(model.base_model.model.model.layers[0].self_attn)
     loss = model(**fixed_batch(), use_cache=False).loss
     assert attn_calls[0] == 1

@@ -70,8 +70,11 @@ def hub_token() -> str | None:
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         if os.environ.get(var):
             return os.environ[var]
-    login = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "token"
-    return login.read_text().strip() if login.is_file() else None
+    # Where `huggingface-cli login` writes it: $HF_TOKEN_PATH, else $HF_HOME/token, HF_HOME defaulting to
+    # $XDG_CACHE_HOME/huggingface (huggingface_hub's rules).
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    login = Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")).expanduser()
+    return (login.read_text().strip() or None) if login.is_file() else None
 
 
 def _http_status(err: BaseException) -> int | None:
