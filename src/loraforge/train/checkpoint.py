@@ -3,8 +3,9 @@
 A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when
 complete (rename is atomic on POSIX), with a `COMPLETE` marker written last inside it. A crash mid-save
 leaves only a `.tmp-*` folder, which is never loaded and is cleaned up on the next save. Each checkpoint
-holds the adapter, optimizer, scheduler, grad scaler, every library's RNG state and the trainer state
-(step and data position). Tensors are saved with torch.save and loaded with `weights_only=True`.
+holds the adapter, optimizer, scheduler, grad scaler, every library's RNG state (one file per process:
+dropout masks differ between processes) and the trainer state (step and data position). Tensors are
+saved with torch.save and loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -72,8 +73,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(root: Path, state: TrainerState, model: Any, optimizer: Any, scheduler: Any,
-                    scaler: Any | None = None, extra_files: dict[str, str] | None = None) -> Path:
+                    scaler: Any | None = None, extra_files: dict[str, str] | None = None, *,
+                    rng_states: list[dict[str, Any]] | None = None,
+                    optimizer_states: list[dict[str, Any]] | None = None,
+                    adapter_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `root/step-N` atomically and return its path.
+
+    `rng_states` holds one RNG state per process (default: this process's); `optimizer_states` one
+    optimizer state per process when the state is sharded (FSDP/ZeRO), else `optimizer` is saved;
+    `adapter_state` a full state dict gathered from a sharded model.
 
     On failure (disk full, I/O error) the partial folder is removed, earlier checkpoints are untouched,
     and a ResourceError says so.
@@ -85,12 +93,17 @@ def save_checkpoint(root: Path, state: TrainerState, model: Any, optimizer: Any,
     tmp = root / f".tmp-step-{state.step}"
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=adapter_state)
+        if optimizer_states is not None:
+            for rank, opt_state in enumerate(optimizer_states):
+                torch.save(opt_state, tmp / f"optimizer-rank{rank}.pt")
+        else:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        for rank, rng in enumerate(rng_states or [rng_state()]):
+            torch.save(rng, tmp / f"rng-rank{rank}.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -155,16 +168,33 @@ def rotate(root: Path, keep_last: int, best_step: int | None) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any | None = None) -> TrainerState:
-    """Restore everything saved by save_checkpoint into live objects; returns the trainer state."""
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any | None = None, *,
+                    rank: int = 0, world_size: int = 1) -> TrainerState:
+    """Restore everything saved by save_checkpoint into live objects; returns the trainer state.
+
+    Process `rank` takes its own RNG state (and its own optimizer shard when the state was sharded). A
+    run resumed with a different number of processes keeps the adapter, optimizer (unsharded), schedule
+    and data position, but its dropout masks differ from the uninterrupted run's.
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from loraforge.errors import ConfigError
+
     weights = path / "adapter" / "adapter_model.safetensors"
     set_peft_model_state_dict(model, load_file(str(weights), device=str(next(model.parameters()).device)))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if (path / "optimizer.pt").is_file():
+        opt_file = path / "optimizer.pt"
+    else:
+        saved_ranks = len(list(path.glob("optimizer-rank*.pt")))
+        if saved_ranks != world_size:
+            raise ConfigError(f"{path} holds optimizer state sharded over {saved_ranks} processes; resume it "
+                              f"with {saved_ranks} processes, not {world_size}.")
+        opt_file = path / f"optimizer-rank{rank}.pt"
+    optimizer.load_state_dict(torch.load(opt_file, weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rng_file = path / f"rng-rank{rank}.pt"
+    set_rng_state(torch.load(rng_file if rng_file.is_file() else path / "rng-rank0.pt", weights_only=True))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,12 +65,44 @@ def resolve_mixed_precision(choice: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def environment_info(device: torch.device) -> dict[str, Any]:
+def strategy_plugins(cfg: RunConfig) -> dict[str, Any]:
+    """Accelerate plugins for training.distributed_strategy (DDP needs none).
+
+    "auto" leaves the choice to the launcher: `accelerate launch --config_file configs/accelerate/X.yaml`
+    sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED and Accelerator() reads them.
+    """
+    strategy = cfg.training.distributed_strategy
+    if strategy in ("auto", "ddp") or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return {}
+    if strategy == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        # QLoRA under FSDP: the 4-bit weights must be stored in the compute dtype (bnb_4bit_quant_storage,
+        # set by the model loader) so FSDP can flatten and shard them with the rest; LoRA layers are wrapped
+        # in their own units (peft's policy) so frozen and trainable parameters are not mixed in one flat
+        # parameter (the policy is set in setup(), once the model exists); use_orig_params keeps our
+        # weight-decay parameter groups; rank 0 loads the weights and broadcasts them
+        # (cpu_ram_efficient_loading + sync_module_states), so a 70B model need not fit in every process's RAM.
+        return {"fsdp_plugin": FullyShardedDataParallelPlugin(
+            sharding_strategy="FULL_SHARD", auto_wrap_policy=None, use_orig_params=True,
+            cpu_ram_efficient_loading=True, sync_module_states=True, state_dict_type="FULL_STATE_DICT",
+            activation_checkpointing=False)}
+    from accelerate.utils import DeepSpeedPlugin
+
+    tcfg = cfg.training
+    return {"deepspeed_plugin": DeepSpeedPlugin(
+        zero_stage=3 if strategy == "deepspeed_zero3" else 2, gradient_clipping=tcfg.max_grad_norm or None,
+        gradient_accumulation_steps=tcfg.gradient_accumulation_steps, zero3_init_flag=False,
+        zero3_save_16bit_model=True)}
+
+
+def environment_info(device: torch.device, world_size: int = 1) -> dict[str, Any]:
     import peft
     import transformers
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "platform": platform.platform(), "device": str(device)}
+            "peft": peft.__version__, "platform": platform.platform(), "device": str(device),
+            "world_size": world_size}
     try:
         import bitsandbytes
 
@@ -120,10 +154,14 @@ class LLAMATrainer:
         from loraforge.model.memory import check_fits
 
         cfg = self.config
+        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            # Under torchrun/accelerate launch each process owns one GPU; pick_placement (and the model's
+            # device_map) use the current device, which is cuda:0 for every process unless set here.
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         placement = pick_placement(cfg.model)
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.training.mixed_precision, placement.device),
-            cpu=placement.device.type == "cpu")
+            cpu=placement.device.type == "cpu", **strategy_plugins(cfg))
         # Data first: a malformed record should fail in seconds, before a large model is loaded.
         self.tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.model)
         self.data = build_datasets(cfg.data, self.tokenizer, cfg.eval.num_generation_samples)
@@ -132,16 +170,34 @@ class LLAMATrainer:
             for err in stats.first_errors:
                 self.log(f"      skipped: {err}")
         check_fits(cfg, placement, self.log)
+        if cfg.training.long_context or placement.device.type == "cuda":
+            from loraforge.model.context_memory import report_max_length
+
+            report_max_length(cfg, placement, self.log)
         torch.manual_seed(cfg.training.seed)
         model, _ = load_base(cfg.model, for_training=True, gradient_checkpointing=cfg.training.gradient_checkpointing,
                              placement=placement)
         self.model = attach_lora(model, cfg.lora)
+        acc = self.accelerator
+        if acc.distributed_type.name == "FSDP":
+            from peft.utils.other import fsdp_auto_wrap_policy
+
+            acc.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(self.model)
+        elif acc.distributed_type.name == "DEEPSPEED":
+            # We feed batches ourselves (no prepared DataLoader), so DeepSpeed cannot infer these.
+            acc.state.deepspeed_plugin.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=cfg.training.per_device_train_batch_size,
+                gradient_accumulation_steps=cfg.training.gradient_accumulation_steps)
         if placement.device.type == "cuda" and cfg.model.fast_kernels:
             self._apply_fast_kernels()
+        from loraforge.kernels.context import apply_long_context
+
+        apply_long_context(self.model, cfg.training, log=self.log)  # no-op unless long_context / its switches
         trainable, total = parameter_counts(self.model)
+        weights = ("4-bit " + cfg.model.bnb_4bit_quant_type if cfg.model.use_4bit else "8-bit" if cfg.model.use_8bit
+                   else str(placement.dtype).replace("torch.", ""))
         self.log(f"model {cfg.model.model_name}: {total / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable "
-                 f"({100 * trainable / total:.2f}%), on {placement.device}, "
-                 f"{'4-bit ' + cfg.model.bnb_4bit_quant_type if cfg.model.use_4bit else '8-bit' if cfg.model.use_8bit else str(placement.dtype).replace('torch.', '')}")
+                 f"({100 * trainable / total:.2f}%), on {placement.device}, {weights}")
 
     def _apply_fast_kernels(self) -> None:
         try:
@@ -154,43 +210,56 @@ class LLAMATrainer:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def train(self) -> TrainResult:
+    def train(self, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+        """Run the training loop. `on_eval(step, metrics)` is called after every evaluation (the sweep
+        uses it to report to Optuna; it may raise to stop the run, e.g. optuna.TrialPruned)."""
         cfg, tcfg = self.config, self.config.training
         run_dir = Path(tcfg.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.setup()
         acc, model = self.accelerator, self.model
-        is_main = acc.is_main_process
+        is_main, world = acc.is_main_process, acc.num_processes
         if is_main:
             cfg.save(run_dir / "config.yaml")
-            (run_dir / "environment.json").write_text(json.dumps(environment_info(acc.device), indent=1))
-            (run_dir / "data_stats.json").write_text(json.dumps({k: asdict(v) for k, v in self.data.stats.items()}, indent=1))
+            (run_dir / "environment.json").write_text(json.dumps(environment_info(acc.device, world), indent=1))
+            stats = {k: asdict(v) for k, v in self.data.stats.items()}
+            (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
 
         from loraforge.data.collate import PadCollator
 
         collate = PadCollator(self.tokenizer.pad_token_id, 8 if acc.device.type == "cuda" else None)
         train_set = self.data.train
-        stream = MicroBatchStream([len(e["input_ids"]) for e in train_set], tcfg.per_device_train_batch_size,
-                                  seed=tcfg.seed, world_size=acc.num_processes, rank=acc.process_index,
+        # A streamed (on-disk) training set knows its lengths; reading every example to get them would
+        # defeat streaming.
+        lengths = getattr(train_set, "lengths", None)
+        stream = MicroBatchStream(list(lengths) if lengths is not None else [len(e["input_ids"]) for e in train_set],
+                                  tcfg.per_device_train_batch_size,
+                                  seed=tcfg.seed, world_size=world, rank=acc.process_index,
                                   group_by_length=cfg.data.group_by_length)
         accum = tcfg.gradient_accumulation_steps
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(
             1, math.ceil(tcfg.num_train_epochs * stream.per_epoch / accum))
 
+        if acc.distributed_type.name == "FSDP":  # FSDP shards the model; the optimizer must see its params
+            model = acc.prepare(model)
         optimizer = build_optimizer(model, tcfg, acc.device, cfg.lora, notice=self.log)
         scheduler = build_scheduler(optimizer, tcfg, total_steps)
-        model, optimizer = acc.prepare(model, optimizer)
+        model, optimizer = acc.prepare(model, optimizer) if acc.distributed_type.name != "FSDP" else (
+            model, acc.prepare(optimizer))
         scaler = getattr(acc, "scaler", None)
 
         ckpt_root = run_dir / "checkpoints"
         state = ckpt.TrainerState()
         resume_from = self._resume_path(ckpt_root)
         if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, acc.unwrap_model(model), optimizer.optimizer, scheduler, scaler)
+            state = ckpt.load_checkpoint(resume_from, acc.unwrap_model(model), optimizer.optimizer, scheduler, scaler,
+                                         rank=acc.process_index, world_size=world)
             self.log(f"resumed from {resume_from} at step {state.step}")
-        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) if is_main else None
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
+            if is_main else None
         trackers = Trackers(tcfg.report_to, run_dir, tcfg.run_name or run_dir.name, cfg.to_dict()) if is_main else None
 
+        self._signal = None
         self._install_signal_handlers()
         progress = TrainProgress(total_steps, enabled=is_main)
         progress.start(state.step)
@@ -200,32 +269,46 @@ class LLAMATrainer:
         stopped_early = False
         batches = stream.batches(start=state.micro_batch)
         run_t0 = time.perf_counter() - state.elapsed_seconds
+        # DDP/FSDP/ZeRO average gradients over processes; our loss is already divided by the global token
+        # count, so scale it back up. DeepSpeed also divides by its accumulation steps inside backward.
+        deepspeed = acc.distributed_type.name == "DEEPSPEED"
+        loss_scale = world * (accum if deepspeed else 1)
         model.train()
         try:
             while state.step < total_steps:
-                # One optimizer step = `accum` micro-batches. Count their labelled tokens first (across all
-                # processes), so every micro-batch's loss is its summed NLL over that one count: the mean
-                # over all labelled tokens of the step, not a mean of per-micro-batch means.
+                # One optimizer step = `accum` micro-batches on each process. Count their labelled tokens
+                # first, summed over all processes, so every micro-batch's loss is its summed NLL over that
+                # one count: the mean over all labelled tokens of the step, not a mean of per-micro-batch
+                # means. The same all-reduce carries the tokens seen and "a signal arrived on some rank",
+                # so every rank stops after the same step (a rank that saved alone would deadlock).
                 micro = [collate([train_set[i] for i in idx]) for _, idx in (next(batches) for _ in range(accum))]
                 state.micro_batch += accum
-                n_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device=acc.device)
-                n_tokens = acc.reduce(n_tokens, reduction="sum") if acc.num_processes > 1 else n_tokens
-                step_nll, finite = 0.0, True
+                counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                                       sum(tokens_in(b, self.tokenizer.pad_token_id) for b in micro),
+                                       int(self._signal is not None)], device=acc.device)
+                if world > 1:
+                    counts = acc.reduce(counts, reduction="sum")
+                n_tokens, seen, stop_requested = counts[0], int(counts[1]), bool(counts[2])
+                step_nll = torch.zeros((), device=acc.device)
                 for k, batch in enumerate(micro):
                     batch = {key: v.to(acc.device) for key, v in batch.items()}
                     sync = k == accum - 1
-                    with (nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(model)):
+                    if deepspeed:  # the engine steps inside backward at the boundary Accelerate reports
+                        acc.gradient_state._set_sync_gradients(sync)
+                    with (nullcontext() if sync or world == 1 else acc.no_sync(model)):
                         loss = self._micro_step_loss(model, batch, n_tokens)
-                        if not torch.isfinite(loss):
-                            finite = False
-                            break
-                        # DDP averages gradients over processes; the global token count already divides.
-                        acc.backward(loss * acc.num_processes)
-                    step_nll += loss.item() * int(n_tokens)
-                    state.tokens_seen += int(batch["attention_mask"].sum()) * acc.num_processes
-                    window_seen += int(batch["attention_mask"].sum()) * acc.num_processes
+                        step_nll += loss.detach().float() * n_tokens
+                        # A non-finite loss still goes through backward (as 0) so the ranks' gradient
+                        # all-reduces stay matched; the whole step is dropped below.
+                        acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * loss_scale)
+                if world > 1:
+                    step_nll = acc.reduce(step_nll, reduction="sum")
+                step_nll_value = float(step_nll)  # the step's one host sync
                 state.step += 1
-                if not finite:
+                state.tokens_seen += seen
+                window_seen += seen
+                lr = scheduler.get_last_lr()[0]  # the lr this step uses
+                if not math.isfinite(step_nll_value):
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()  # keep the schedule aligned with the data position
                     state.nonfinite_in_a_row += 1
@@ -238,24 +321,30 @@ class LLAMATrainer:
                             f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step}; stopped "
                             f"(checkpoint {path}). Lower training.learning_rate, check the data, or use bf16 "
                             "instead of fp16.")
+                    if stop_requested or (world == 1 and self._signal is not None):
+                        path = self._save(ckpt_root, state, model, optimizer, scheduler, scaler, run_t0)
+                        raise Preempted(self._signal or signal.SIGTERM, path)
                     continue
                 state.nonfinite_in_a_row = 0
-                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm) if tcfg.max_grad_norm > 0 else None
+                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm) \
+                    if tcfg.max_grad_norm > 0 else None
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                window_nll += step_nll
+                window_nll += step_nll_value
                 window_tokens += int(n_tokens)
-                last_loss = step_nll / max(1, int(n_tokens))
-                progress.update(state.step, last_loss, scheduler.get_last_lr()[0])
+                last_loss = step_nll_value / max(1, int(n_tokens))
+                progress.update(state.step, last_loss, lr)
 
                 if state.step % tcfg.logging_steps == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - window_t0
                     record = {"step": state.step, "epoch": round(state.micro_batch / stream.per_epoch, 4),
-                              "loss": window_nll / max(1, window_tokens), "lr": scheduler.get_last_lr()[0],
+                              "loss": window_nll / max(1, window_tokens), "lr": lr,
                               "grad_norm": float(grad_norm) if grad_norm is not None else None,
                               "tokens_per_s": window_seen / max(elapsed, 1e-9),
                               "elapsed_s": round(time.perf_counter() - run_t0, 2)}
+                    if state.nonfinite_total:
+                        record["nonfinite_steps"] = state.nonfinite_total
                     if is_main:
                         metrics.write(record)
                         trackers.log(record, state.step)
@@ -263,39 +352,47 @@ class LLAMATrainer:
                     window_nll, window_tokens, window_seen, window_t0 = 0.0, 0, 0, time.perf_counter()
 
                 is_last = state.step == total_steps
+                improved = False
                 if (tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or is_last:
                     last_eval = self._evaluate_during_training(model, collate)
-                    improved = state.best_eval_loss is None or last_eval["eval_loss"] < state.best_eval_loss
-                    if improved:
-                        state.best_eval_loss, state.best_step = last_eval["eval_loss"], state.step
-                        state.evals_without_improvement = 0
-                    else:
-                        state.evals_without_improvement += 1
-                    record = {"step": state.step, **last_eval}
-                    if is_main:
-                        metrics.write(record)
-                        trackers.log(record, state.step)
-                        progress.log_line(record)
+                    if last_eval:
+                        improved = state.best_eval_loss is None or last_eval["eval_loss"] < state.best_eval_loss
+                        if improved:
+                            state.best_eval_loss, state.best_step = last_eval["eval_loss"], state.step
+                            state.evals_without_improvement = 0
+                        else:
+                            state.evals_without_improvement += 1
+                        record = {"step": state.step, **last_eval}
+                        if is_main:
+                            metrics.write(record)
+                            trackers.log(record, state.step)
+                            progress.log_line(record)
+                        if on_eval is not None:
+                            on_eval(state.step, last_eval)
                     if tcfg.early_stopping_patience and state.evals_without_improvement >= tcfg.early_stopping_patience:
                         self.log(f"early stopping at step {state.step}: no improvement in "
                                  f"{state.evals_without_improvement} evaluations")
                         stopped_early = True
 
-                if (tcfg.save_steps and state.step % tcfg.save_steps == 0) or is_last or stopped_early:
+                # A new best is always checkpointed, so "keep the last K plus the best" has a best to keep.
+                if (tcfg.save_steps and state.step % tcfg.save_steps == 0) or is_last or stopped_early or improved:
                     try:
                         self._save(ckpt_root, state, model, optimizer, scheduler, scaler, run_t0)
                     except ResourceError as e:
                         if is_last:
                             raise
                         self.log(f"warning: {e} Training continues.")
-                if self._signal is not None:
+                if stop_requested or (world == 1 and self._signal is not None):
                     path = self._save(ckpt_root, state, model, optimizer, scheduler, scaler, run_t0)
-                    raise Preempted(self._signal, path)
+                    raise Preempted(self._signal or signal.SIGTERM, path)
                 if stopped_early:
                     break
         except torch.OutOfMemoryError as e:
             raise ResourceError(
-                "the GPU ran out of memory during a training step. Options: lower "
+                "the GPU ran out of memory during a training step "
+                f"(per_device_train_batch_size={tcfg.per_device_train_batch_size}, "
+                f"gradient_accumulation_steps={accum}, max_length={cfg.data.max_length}, "
+                f"gradient_checkpointing={str(tcfg.gradient_checkpointing).lower()}). Options: lower "
                 "training.per_device_train_batch_size (and raise gradient_accumulation_steps to keep the "
                 "effective batch), set training.gradient_checkpointing=true, lower data.max_length, "
                 "or load the model in 4-bit (model.use_4bit=true).") from e
@@ -307,12 +404,20 @@ class LLAMATrainer:
 
         train_seconds = time.perf_counter() - run_t0
         adapter_dir = run_dir / "adapter"
+        try:
+            self._save_adapter(model, adapter_dir)
+            if is_main:
+                self.tokenizer.save_pretrained(adapter_dir)
+                (run_dir / "loraforge_run.json").write_text(json.dumps(
+                    {"model_name": cfg.model.model_name, "data_kind": self.data.kind,
+                     "template": cfg.data.template, "system_prompt": cfg.data.system_prompt}, indent=1))
+        except Exception as e:  # a full disk: tokenizers and safetensors raise their own error types
+            if not ckpt.is_write_failure(e):
+                raise
+            raise ResourceError(f"could not write the adapter to {adapter_dir} ({e}); the checkpoint "
+                                f"{ckpt.latest_checkpoint(ckpt_root)} is complete. Free disk space and run the same "
+                                "command with --resume to write the adapter.") from e
         if is_main:
-            acc.unwrap_model(model).save_pretrained(adapter_dir, safe_serialization=True)
-            self.tokenizer.save_pretrained(adapter_dir)
-            (run_dir / "loraforge_run.json").write_text(json.dumps(
-                {"model_name": cfg.model.model_name, "data_kind": self.data.kind,
-                 "template": cfg.data.template, "system_prompt": cfg.data.system_prompt}, indent=1))
             self._plot(run_dir)
         acc.wait_for_everyone()
         best = ckpt_root / f"step-{state.best_step}" if state.best_step is not None else None
@@ -352,14 +457,36 @@ class LLAMATrainer:
 
     def _save(self, root: Path, state: ckpt.TrainerState, model: Any, optimizer: Any, scheduler: Any,
               scaler: Any, run_t0: float) -> Path:
+        """Write a checkpoint (rank 0 writes; every rank must call this, at the same step)."""
+        acc = self.accelerator
         state.elapsed_seconds = time.perf_counter() - run_t0
         path = root / f"step-{state.step}"
-        if self.accelerator.is_main_process:
-            path = ckpt.save_checkpoint(root, state, self.accelerator.unwrap_model(model),
-                                        getattr(optimizer, "optimizer", optimizer), scheduler, scaler)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        # Each rank's RNG (dropout differs per rank) and, when the optimizer state is sharded, each
+        # rank's optimizer state go to rank 0, which writes the one checkpoint.
+        rng = [ckpt.rng_state()]
+        opt_state = [inner.state_dict()] if self._sharded() else None
+        adapter_state = acc.get_state_dict(model) if self._sharded() else None
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng = gather_object(rng)
+            opt_state = gather_object(opt_state) if opt_state is not None else None
+        if acc.is_main_process:
+            path = ckpt.save_checkpoint(root, state, acc.unwrap_model(model), inner, scheduler, scaler,
+                                        rng_states=rng, optimizer_states=opt_state, adapter_state=adapter_state)
             ckpt.rotate(root, self.config.training.save_total_limit, state.best_step)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         return path
+
+    def _sharded(self) -> bool:
+        return self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+    def _save_adapter(self, model: Any, adapter_dir: Path) -> None:
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(model) if self._sharded() else None  # collective under FSDP/ZeRO-3
+        if acc.is_main_process:
+            acc.unwrap_model(model).save_pretrained(adapter_dir, safe_serialization=True, state_dict=state_dict)
 
     def _evaluate_during_training(self, model: Any, collate: Any) -> dict[str, float]:
         from loraforge.eval.perplexity import PerplexityEvaluator
@@ -405,7 +532,8 @@ class LLAMATrainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self, test_prompts: list[Any] | None = None, test_references: list[str] | None = None) -> dict[str, Any]:
+    def evaluate(self, test_prompts: list[Any] | None = None,
+                 test_references: list[str] | None = None) -> dict[str, Any]:
         """Validation perplexity, and BLEU/ROUGE/exact match of generated answers when prompts are given
         (defaults: the held-out pairs of the validation split)."""
         from loraforge.data.collate import PadCollator
@@ -424,6 +552,15 @@ class LLAMATrainer:
             results.update(generation_metrics(model, self.tokenizer, self.data.formatter, test_prompts,
                                               test_references, self.config.eval))
         return results
+
+
+def tokens_in(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> int:
+    """Real (non-padding) tokens in a batch; packed batches carry no attention mask."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if pad_token_id is None:
+        return batch["input_ids"].numel()
+    return int((batch["input_ids"] != pad_token_id).sum())
 
 
 def generation_metrics(model: Any, tokenizer: Any, formatter: Any, prompts: list[Any], references: list[str],
