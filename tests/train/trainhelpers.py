@@ -1,0 +1,43 @@
+"""Configs and readers shared by tests/train and tests/distributed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loraforge.config import DataConfig, EvalConfig, LoRAConfig, ModelConfig, RunConfig, TrainingConfig
+
+WORDS = ["apple", "river", "cloud", "stone", "green", "music", "paper", "light"]
+
+
+def make_records(n: int) -> list[dict[str, Any]]:
+    """Conversations whose assistant replies repeat a word 1..7 times: labelled-token counts vary."""
+    out = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        out.append({"messages": [{"role": "user", "content": f"Say {w}, {1 + i % 7} times."},
+                                 {"role": "assistant", "content": " ".join([w] * (1 + (i * 5) % 7)) + "."}]})
+    return out
+
+
+def run_config(model_dir: Path, data_file: Path, out: Path, *, lora_dropout: float = 0.0,
+               **training: Any) -> RunConfig:
+    t = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+             learning_rate=1e-2, warmup_ratio=0.0, optim="adamw_torch", gradient_checkpointing=False,
+             logging_steps=1, save_steps=0, seed=7)
+    t.update(training)
+    return RunConfig(
+        model=ModelConfig(model_name=str(model_dir), use_4bit=False, dtype="float32", device="cpu"),
+        lora=LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=lora_dropout),
+        data=DataConfig(dataset=str(data_file), max_length=64, validation_split=0.2, seed=1),
+        training=TrainingConfig(**t),
+        eval=EvalConfig(num_generation_samples=0, eval_batch_size=8))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
