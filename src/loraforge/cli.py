@@ -203,6 +203,35 @@ def sweep(
 
 
 @app.command()
+def launch(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config, as for `loraforge train`.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+    processes: Annotated[int, typer.Option(help="Processes (GPUs) per node; default: all visible GPUs.")] = 0,
+    nodes: Annotated[int, typer.Option(help="Number of nodes.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank (0 on the node at --main-address).")] = 0,
+    main_address: Annotated[Optional[str], typer.Option(help="Rendezvous address: node 0's IP (several nodes).")] = None,
+    main_port: Annotated[int, typer.Option(help="Rendezvous port on node 0.")] = 29500,
+    strategy: Annotated[str, typer.Option(help="ddp, fsdp, deepspeed_zero2 or deepspeed_zero3.")] = "ddp",
+    cpu: Annotated[bool, typer.Option("--cpu", help="CPU processes with gloo (testing).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
+) -> None:
+    """Run `loraforge train` on several GPUs or nodes through `accelerate launch` (see docs/distributed.md)."""
+    import subprocess
+
+    from loraforge.train.launch import launch_command, show
+
+    if processes == 0:
+        import torch
+
+        processes = max(1, torch.cuda.device_count()) if not cpu else 2
+    cmd = launch_command(config, list(overrides or []), processes=processes, nodes=nodes, node_rank=node_rank,
+                         main_address=main_address, main_port=main_port, strategy=strategy, cpu=cpu)
+    typer.echo(show(cmd), err=True)
+    if not dry_run:
+        raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
 def bench(
     cases: Annotated[Optional[list[str]], typer.Option("--case", help="Benchmark case(s); default: all.")] = None,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench/results"),
