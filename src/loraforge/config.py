@@ -337,6 +337,9 @@ def validate(obj: Any, where: str) -> None:
 
 def build(cls: type, raw: dict[str, Any] | None, where: str) -> Any:
     """Build dataclass `cls` from a mapping, refusing unknown keys with a suggestion."""
+    if raw is not None and not isinstance(raw, dict):  # e.g. `model: [1, 2]` or `lora: 8` in the YAML
+        raise ConfigError(f"{where} must be a mapping of {cls.__name__} fields (key: value), "
+                          f"not {type(raw).__name__} {str(raw)[:60]!r}.")
     raw = dict(raw or {})
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:

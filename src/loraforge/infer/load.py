@@ -70,7 +70,12 @@ def load(run_or_adapter: str | Path, *, quantize: str | None = None, device: str
     if run is not None:
         mcfg = ModelConfig(**{**run.model.__dict__, "device": device})
     elif adapter_dir is not None:
-        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        try:
+            cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON ({e}).") from None
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} must hold a JSON object.")
         mcfg = ModelConfig(model_name=cfg.get("base_model_name_or_path") or "", use_4bit=False, device=device)
     else:
         mcfg = ModelConfig(model_name=str(run_or_adapter), use_4bit=False, device=device)
