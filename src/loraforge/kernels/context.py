@@ -1,0 +1,690 @@
+"""Long-context training: switches, and the `bench --max-context` search.
+
+What long-context mode changes in a peft LoRA/QLoRA Llama model (`apply_long_context`):
+- offloaded checkpointing (kernels/offload.py): the decoder layers' checkpointed inputs go to pinned
+  host memory during forward and come back, prefetched a layer ahead, for the recompute;
+- a chunked linear cross-entropy (kernels/cross_entropy.py): the [tokens, vocab] logits never exist
+  at once. The GPU fast path (`patch_model`) already installs it; without the fast path (CPU,
+  `model.fast_kernels=false`, an unsupported model) the same loss is installed here on its own;
+- attention stays O(tokens): an all-ones 2-D attention mask is dropped before the model builds a 4-D
+  mask, so SDPA gets `attn_mask=None, is_causal=True` and can pick the flash or memory-efficient
+  kernel (a materialized mask is tokens² and forces a masked kernel). transformers 5.2x already does
+  this itself for SDPA; the hook makes it independent of the version.
+
+The bench (`run_max_context_bench`) finds, by search, the longest batch-1 sequence that trains one
+step for (a) the stock stack — exactly `stock_qlora_baseline.py maxctx`: peft's
+`prepare_model_for_kbit_training`, non-reentrant checkpointing, SDPA, paged AdamW 32-bit; and (b)
+loraforge's long-context path, and the tokens/s of both at the stock maximum. Each side runs in its
+own worker process (the GPU holds one model at a time, an OOM cannot poison the other side, and an
+allocator setting for one side does not leak to the other); the parent only orchestrates and writes
+results, and never touches CUDA. The search state is saved after every trial, so a search cut off
+by a time limit continues where it stopped on the next call.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------------------- switches
+
+
+def long_context_switches(training_cfg: Any) -> dict[str, bool]:
+    """Resolved switches: each individual one, if set, wins over `long_context`."""
+    lc = bool(getattr(training_cfg, "long_context", False))
+
+    def pick(name: str) -> bool:
+        v = getattr(training_cfg, name, None)
+        return lc if v is None else bool(v)
+
+    return {"offload_activations": pick("offload_activations"),
+            "chunked_cross_entropy": pick("chunked_cross_entropy"),
+            "drop_full_attention_mask": lc}
+
+
+def _causal_lm(model):
+    from .patch import _unwrap
+
+    return _unwrap(model)[1]
+
+
+def enable_chunked_cross_entropy(model) -> bool:
+    """Install the chunked linear cross-entropy in the causal-LM head (training steps with labels).
+
+    Returns whether it is in place. The fast path's own installation counts; a head that is not a
+    plain frozen Linear keeps the stock loss.
+    """
+    summary = getattr(model, "_loraforge_patch_summary", None) or {}
+    base = _causal_lm(model)
+    if summary.get("cross_entropy") or getattr(base, "_loraforge_chunked_ce", False):
+        return True
+    head = getattr(base, "lm_head", None)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.requires_grad:
+        return False
+    import types
+
+    from .patch import _lm_forward_factory
+
+    base.forward = types.MethodType(_lm_forward_factory(base.forward), base)
+    base._loraforge_chunked_ce = True
+    return True
+
+
+def _drop_full_mask_hook(module, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    if torch.is_tensor(mask) and mask.dim() == 2 and kwargs.get("past_key_values") is None \
+            and bool(mask.all()):
+        kwargs["attention_mask"] = None
+        return args, kwargs
+    return None
+
+
+def drop_full_attention_mask(model) -> bool:
+    base = _causal_lm(model)
+    if getattr(base, "_loraforge_mask_hook", None) is None:
+        base._loraforge_mask_hook = base.register_forward_pre_hook(_drop_full_mask_hook, with_kwargs=True)
+    return True
+
+
+def apply_long_context(model, training_cfg: Any, log=print, **offload_kwargs) -> dict[str, Any]:
+    """Turn on what `training.long_context` and the individual switches ask for; idempotent."""
+    sw = long_context_switches(training_cfg)
+    out: dict[str, Any] = {}
+    if not any(sw.values()):
+        return out
+    if sw["offload_activations"]:
+        if not getattr(training_cfg, "gradient_checkpointing", True):
+            log("long context: offload_activations needs training.gradient_checkpointing=true; not offloading")
+            out["offload_activations"] = False
+        else:
+            from .offload import enable_offloaded_checkpointing
+
+            enable_offloaded_checkpointing(model, **offload_kwargs)
+            out["offload_activations"] = True
+    if sw["chunked_cross_entropy"]:
+        out["chunked_cross_entropy"] = enable_chunked_cross_entropy(model)
+    if sw["drop_full_attention_mask"]:
+        out["drop_full_attention_mask"] = drop_full_attention_mask(model)
+    base = _causal_lm(model)
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if impl not in ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
+        log(f"long context: attention implementation is {impl!r}; eager attention is tokens² in memory "
+            "(use model.attn_implementation=sdpa)")
+    if torch.cuda.is_available() and "expandable_segments:True" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        log("long context: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set before the run starts) "
+            "reduces fragmentation at long sequence lengths")
+    log(f"long context: {out}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+@dataclass
+class Search:
+    """Doubling from `start`, then bisection until bad - good <= resolution (stock_qlora_baseline's
+    maxctx: midpoints rounded down to resolution/2). `bad` is the smallest length known not to fit
+    (or, with `bad_untested`, the first doubling step past `hi`)."""
+
+    start: int
+    hi: int
+    resolution: int = 1024
+    good: int = 0
+    bad: int | None = None
+    bad_untested: bool = False
+    trials: list[dict] = field(default_factory=list)
+
+    def next_length(self) -> int | None:
+        if self.bad is None:
+            n = self.good * 2 if self.good else self.start
+            if n > self.hi:
+                self.bad, self.bad_untested = n, True
+            else:
+                return n
+        if self.bad - self.good <= self.resolution:
+            return None
+        step = max(1, self.resolution // 2)
+        mid = (self.good + self.bad) // 2 // step * step
+        return mid if self.good < mid < self.bad else None
+
+    def record(self, n: int, ok: bool, **info) -> None:
+        self.trials.append({"len": n, "ok": ok, **info})
+        if ok:
+            self.good = max(self.good, n)
+        else:
+            self.bad = n if self.bad is None else min(self.bad, n)
+            self.bad_untested = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Search:
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+PREFIX = "@@ "
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(PREFIX + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class _Worker:
+    """Runs inside the worker process: one model, one optimizer, trials on request."""
+
+    def __init__(self, side: str, shape: str, device: str, root: str, probe_layers: int):
+        from .bench import build_model, make_checkpoint
+
+        self.side, self.device = side, device
+        self.cuda = device == "cuda"
+        path = make_checkpoint(shape, root=root, device=device)
+        t = time.time()
+        self.model = build_model(path, 16, "all", stock=side == "stock", device=device)
+        self.info: dict[str, Any] = {"side": side, "shape": shape}
+        self.offloader = None
+        if side == "loraforge":
+            from types import SimpleNamespace
+
+            from .patch import patch_model
+
+            self.info["patch"] = {k: v for k, v in patch_model(self.model, allow_cpu=not self.cuda).items()
+                                  if k in ("patched", "reason", "cross_entropy", "attention", "mlp")}
+            lc = apply_long_context(self.model, SimpleNamespace(long_context=True, gradient_checkpointing=True),
+                                    log=lambda m: None, host_limit_bytes=_host_available() * 0.9)
+            self.info["long_context"] = lc
+            self.offloader = getattr(self.model, "_loraforge_offloader", None)
+            self.probe_layers = probe_layers
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cuda:
+            import bitsandbytes as bnb
+
+            self.opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=2e-4)
+        self.vocab = self.model.config.vocab_size
+        self.info["load_s"] = round(time.time() - t, 1)
+        if self.cuda:
+            self.info["device"] = torch.cuda.get_device_name(0)
+            self.info["total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+        else:
+            self.info["device"] = "cpu"
+        if side == "loraforge":
+            # One short full step first: LoRA grads (kept allocated: zero_grad(set_to_none=False)) and
+            # the optimizer state exist before any measured trial, so a probe's peak includes them.
+            self._step(512, probe=False)
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _step(self, n: int, probe: bool) -> bool:
+        """One training step at batch 1 x n; returns whether it stopped early as a probe."""
+        x = torch.randint(0, self.vocab, (1, n), device=self.device)
+        if self.side == "stock":
+            # stock_qlora_baseline.maxctx.fits, statement for statement
+            self.model(input_ids=x, labels=x).loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            return False
+        if self.offloader is not None:
+            self.offloader.probe_layers = self.probe_layers if probe else None
+        from .offload import ProbeStop
+
+        try:
+            self.model(input_ids=x, labels=x).loss.backward()
+        except ProbeStop:
+            self.opt.zero_grad(set_to_none=False)
+            return True
+        finally:
+            if self.offloader is not None:
+                self.offloader.probe_layers = None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=False)
+        return False
+
+    def fits(self, n: int, probe: bool = False, simulate_limit: int | None = None) -> dict:
+        if simulate_limit is not None and not self.cuda and n > simulate_limit:
+            return {"len": n, "ok": False, "simulated": True}
+        try:
+            if self.cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            self._sync()
+            t = time.time()
+            probed = self._step(n, probe)
+            self._sync()
+            out = {"len": n, "ok": True, "s": round(time.time() - t, 2), "probe": probed}
+            if self.cuda:
+                out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                out["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+            return out
+        except torch.OutOfMemoryError:
+            self.opt.zero_grad(set_to_none=self.side == "stock")
+            return {"len": n, "ok": False, "why": "cuda oom"}
+        except (RuntimeError, MemoryError) as e:  # host memory (pinning) or CUDA OOM raised as RuntimeError
+            if "out of memory" not in str(e).lower() and not isinstance(e, MemoryError):
+                raise
+            self.opt.zero_grad(set_to_none=self.side == "stock")
+            return {"len": n, "ok": False, "why": f"{type(e).__name__}: {str(e)[:160]}"}
+        finally:
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+
+    def speed(self, n: int, warm: int = 1, steps: int = 3) -> dict:
+        times = []
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            for i in range(warm + steps):
+                self._sync()
+                t = time.time()
+                self._step(n, probe=False)
+                self._sync()
+                if i >= warm:
+                    times.append(time.time() - t)
+        except torch.OutOfMemoryError:
+            return {"len": n, "ok": False, "why": "cuda oom"}
+        finally:
+            gc.collect()
+        times.sort()
+        med = times[len(times) // 2]
+        out = {"len": n, "ok": True, "step_s": round(med, 4), "tokens_per_s": round(n / med, 1),
+               "steps": steps, "warmup": warm}
+        if self.cuda:
+            out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if self.offloader is not None:
+            out["offload"] = self.offloader.stats.as_dict()
+        return out
+
+
+def _host_available() -> float:
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    return float("inf")
+
+
+def worker_main(argv: list[str]) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--side", choices=("stock", "loraforge"), required=True)
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--root", default=None)
+    ap.add_argument("--probe-layers", type=int, default=2)
+    a = ap.parse_args(argv)
+    from .bench import ROOT
+
+    torch.manual_seed(0)
+    if a.device == "cpu":
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    w = _Worker(a.side, a.shape, a.device, a.root or ROOT, a.probe_layers)
+    _emit({"op": "ready", **w.info})
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req.pop("op")
+        if op == "quit":
+            break
+        if op == "fits":
+            _emit({"op": "fits", **w.fits(**req)})
+        elif op == "speed":
+            _emit({"op": "speed", **w.speed(**req)})
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+class _WorkerProc:
+    def __init__(self, side: str, shape: str, device: str, root: str | None, probe_layers: int,
+                 env_extra: dict[str, str], log):
+        cmd = [sys.executable, "-u", "-m", "loraforge.kernels.context", "worker", "--side", side,
+               "--shape", shape, "--device", device, "--probe-layers", str(probe_layers)]
+        if root:
+            cmd += ["--root", root]
+        env = dict(os.environ, **env_extra)
+        src = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+        self.log = log
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, bufsize=1, env=env)
+        import queue
+        import threading
+
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.p.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def read(self, timeout_s: float) -> dict | None:
+        """The next result line, or None if the worker died or the time ran out (then it is killed)."""
+        import queue
+
+        deadline = time.time() + timeout_s
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                self.kill()
+                return {"timeout": True}
+            try:
+                line = self.lines.get(timeout=min(left, 5.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                return None
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+            if "Loading weights" not in line and "warn" not in line.lower() and line.strip():
+                self.log("  | " + line.rstrip()[:300])
+
+    def ask(self, req: dict, timeout_s: float) -> dict | None:
+        try:
+            self.p.stdin.write(json.dumps(req) + "\n")
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        return self.read(timeout_s)
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            try:
+                self.p.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.p.stdin.flush()
+                self.p.wait(timeout=60)
+            except Exception:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+CASE = "llama3-8b-qlora-r16-all-linear-bs1"
+PROBE_SHARE = 0.35  # a probe trial (forward + 2 layers of backward) against a full step, roughly
+
+
+def _devtag(name: str) -> str:
+    return "cpu" if name == "cpu" else name.replace("NVIDIA ", "").split()[0].lower()
+
+
+def predicted_max_lengths(shape: str, total_bytes: float, host_bytes: float | None) -> dict[str, int]:
+    """The memory model's prediction (model/context_memory.py) for both sides of the bench."""
+    from transformers import LlamaConfig
+
+    from loraforge.config import RunConfig
+    from loraforge.model.context_memory import max_trainable_length
+
+    from .bench import SHAPES
+
+    cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    run = RunConfig()
+    run.lora.r, run.lora.lora_alpha, run.lora.lora_dropout = 16, 32, 0.0
+    run.lora.target_modules = "all-linear"
+    run.training.per_device_train_batch_size = 1
+    run.training.optim = "paged_adamw_32bit"
+    stock = max_trainable_length(cfg, run, total_bytes, stack="stock")
+    run.training.long_context = True
+    lf = max_trainable_length(cfg, run, total_bytes, stack="loraforge", host_free_bytes=host_bytes)
+    return {"stock": stock, "loraforge": lf}
+
+
+def run_max_context_bench(out_dir: str | Path = "bench/results", shape: str = "llama3-8b", *,
+                          sides: tuple[str, ...] = ("stock", "loraforge"), device: str = "cuda",
+                          stock_start: int = 4096, stock_hi: int = 262144,
+                          loraforge_start: int = 65536, loraforge_hi: int | None = None,
+                          resolution: int = 1024, probe_layers: int = 2, verify: bool = True,
+                          budget_s: float = 500.0, speed_steps: int = 3, stock_max: int | None = None,
+                          resume: bool = True, root: str | None = None, simulate_limit: int | None = None,
+                          log=None) -> dict:
+    """Search both sides' longest trainable batch-1 length; write context-<date>-<device>.json.
+
+    Stops starting new work when the next step would not finish within `budget_s` (estimated from the
+    previous trials, quadratic in length); the state file lets the next call continue.
+    `probe_layers` > 0: the loraforge search uses probe trials (forward + backward through the last
+    `probe_layers` layers, see offload.py), then verifies the result with a full step; 0: full steps.
+    `simulate_limit` (CPU smoke tests only): lengths above it count as out of memory without running.
+    """
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env_lf = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    state_path = out_dir / f"context-state-{device}-{shape}.json"
+    state: dict[str, Any] = {}
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        log(f"resuming from {state_path}")
+    host = _host_available()
+    row_path: Path | None = None
+
+    def save():
+        nonlocal row_path
+        state_path.write_text(json.dumps(state, indent=1))
+        row = _result_row(state, shape)
+        if row is not None:
+            row_path = out_dir / f"context-{row['date']}-{_devtag(row['device'])}.json"
+            row_path.write_text(json.dumps(row, indent=1))
+
+    def left() -> float:
+        return budget_s - (time.time() - t0)
+
+    def est_time(side_state: dict, n: int) -> float:
+        """Seconds of a full step at n, from the longest timed trial so far: attention makes long steps
+        grow faster than linearly (length^1.8 here), a probe is taken as 35% of a full step (+10%)."""
+        timed = [t for t in side_state.get("trials", []) if t.get("s")]
+        if not timed:
+            return 0.0
+        t = max(timed, key=lambda t: t["len"])
+        full = t["s"] / (PROBE_SHARE if t.get("probe") else 1.0)
+        r = n / t["len"]
+        return 1.1 * full * (r ** 1.8 if r > 1 else r)
+
+    for side in sides:
+        ss = state.setdefault(side, {})
+        if ss.get("done"):
+            log(f"{side}: already done in the state file ({state_path.name})")
+            continue
+        if side == "stock":
+            srch = Search.from_dict(ss["search"]) if "search" in ss else Search(stock_start, stock_hi, 1024)
+        else:
+            hi = loraforge_hi or 1 << 20
+            srch = Search.from_dict(ss["search"]) if "search" in ss else Search(loraforge_start, hi, resolution)
+        if left() < 60:
+            log(f"{side}: no time left in this call's budget; run again to continue")
+            break
+        log(f"{side}: starting worker")
+        w = _WorkerProc(side, shape, device, root, probe_layers if side == "loraforge" else 0,
+                        env_lf if side == "loraforge" else {}, log)
+        ready = w.read(max(60.0, left()))
+        if not ready or ready.get("timeout") or ready.get("op") != "ready":
+            w.kill()
+            log(f"{side}: worker did not start ({ready})")
+            break
+        ss["worker"] = ready
+        state["device"] = ready.get("device", device)
+        if device == "cuda" and "loraforge_host_cap" not in state:
+            L, h = _shape_dims(shape)
+            state["host_available_gib"] = round(host / 2**30, 1)
+            state["loraforge_host_cap"] = int(0.9 * host / ((L - 1) * h * 2)) // 1024 * 1024
+            try:
+                state["predicted"] = predicted_max_lengths(shape, ready["total_gib"] * 2**30, 0.9 * host)
+            except Exception as e:  # the prediction is a report, never a reason to stop the bench
+                state["predicted"] = {"error": str(e)[:200]}
+        if side == "loraforge" and state.get("loraforge_host_cap") and not loraforge_hi:
+            srch.hi = min(srch.hi, state["loraforge_host_cap"])
+        log(f"{side}: {json.dumps(ready)}")
+        ss["search"] = srch.to_dict()
+        save()
+        stopped = False
+        try:
+            # tokens/s at the stock maximum (the stock side measures it after its search)
+            if side == "loraforge" and "speed" not in ss:
+                n_ref = stock_max or state.get("stock", {}).get("max_context") or 11264
+                r = w.ask({"op": "speed", "n": n_ref, "warm": 1, "steps": speed_steps}, max(30.0, left()))
+                if r is None or r.get("timeout"):
+                    raise _Stop(f"speed at {n_ref}: {r}")
+                ss["speed"] = r
+                log(f"{side}: speed {json.dumps(r)}")
+                save()
+            probe = side == "loraforge" and probe_layers > 0
+            while True:
+                n = srch.next_length()
+                if n is None:
+                    break
+                need = est_time(ss["search"], n) * (PROBE_SHARE if probe else 1.0)
+                if need > left():
+                    raise _Stop(f"next trial ({n} tokens, ~{need:.0f} s) does not fit the {left():.0f} s left")
+                req: dict[str, Any] = {"op": "fits", "n": n}
+                if side == "loraforge":
+                    req["probe"] = probe
+                if simulate_limit is not None:
+                    req["simulate_limit"] = simulate_limit
+                r = w.ask(req, max(10.0, left()))
+                if r is None:  # died (host OOM killer, CUDA error): that length does not train
+                    r = {"len": n, "ok": False, "why": "worker died"}
+                    w.kill()
+                    w = _restart(side, shape, device, root, probe_layers, env_lf, log)
+                elif r.get("timeout"):
+                    raise _Stop(f"trial at {n} ran past the budget; killed")
+                r.pop("op", None)
+                srch.record(r.pop("len"), r.pop("ok"), **r)
+                ss["search"] = srch.to_dict()
+                log(f"{side}: trial {json.dumps(srch.trials[-1] | {'len': n})}")
+                save()
+            if side == "stock":
+                ss["max_context"] = srch.good
+                if "speed" not in ss and srch.good:
+                    r = w.ask({"op": "speed", "n": srch.good, "warm": 1, "steps": speed_steps}, max(30.0, left()))
+                    if r is None or r.get("timeout"):
+                        raise _Stop(f"speed at {srch.good}: {r}")
+                    ss["speed"] = r
+            else:
+                ss["probe_max_context"] = srch.good if probe else None
+                if probe and verify:
+                    _verify(w, ss, srch, resolution, left, est_time, log, save, simulate_limit)
+                else:
+                    ss["max_context"] = srch.good
+            ss["done"] = "max_context" in ss
+            save()
+        except _Stop as s:
+            stopped = True
+            log(f"{side}: stopped: {s}; state saved in {state_path}, run again to continue")
+            save()
+        finally:
+            w.close() if not stopped else w.kill()
+        if stopped:
+            break
+    row = _result_row(state, shape)
+    log(f"max-context bench: {json.dumps(row) if row else 'nothing measured yet'}"
+        + (f" -> {row_path}" if row_path else ""))
+    return row or state
+
+
+class _Stop(Exception):
+    pass
+
+
+def _restart(side, shape, device, root, probe_layers, env_lf, log) -> _WorkerProc:
+    w = _WorkerProc(side, shape, device, root, probe_layers, env_lf if side == "loraforge" else {}, log)
+    ready = w.read(600)
+    if not ready or ready.get("op") != "ready":
+        raise _Stop(f"{side} worker did not restart")
+    return w
+
+
+def _verify(w, ss, srch, resolution, left, est_time, log, save, simulate_limit) -> None:
+    """A full step at the probe maximum; on failure step down by `resolution`, at most twice."""
+    tries = ss.setdefault("verify", [])
+    n = tries[-1]["len"] - resolution if tries and not tries[-1]["ok"] else srch.good
+    for _ in range(3 - len([t for t in tries if not t["ok"]])):
+        if n <= 0:
+            break
+        need = est_time({"trials": srch.trials + tries}, n) * 1.0
+        if need > left():
+            raise _Stop(f"verification step at {n} (~{need:.0f} s) does not fit the {left():.0f} s left")
+        req = {"op": "fits", "n": n, "probe": False}
+        if simulate_limit is not None:
+            req["simulate_limit"] = simulate_limit
+        r = w.ask(req, max(10.0, left()))
+        if r is None or r.get("timeout"):
+            raise _Stop(f"verification at {n}: {r}")
+        r.pop("op", None)
+        tries.append(r)
+        log(f"loraforge: verify {json.dumps(r)}")
+        save()
+        if r["ok"]:
+            ss["max_context"] = n
+            return
+        n -= resolution
+    ss["max_context"] = None
+
+
+def _shape_dims(shape: str) -> tuple[int, int]:
+    from .bench import SHAPES
+
+    s = SHAPES[shape]
+    return s["num_hidden_layers"], s["hidden_size"]
+
+
+def _result_row(state: dict, shape: str) -> dict | None:
+    st, lf = state.get("stock", {}), state.get("loraforge", {})
+    if not st.get("search") and not lf.get("search"):
+        return None
+    smax, lmax = st.get("max_context"), lf.get("max_context")
+    sspeed, lspeed = st.get("speed") or {}, lf.get("speed") or {}
+    lsearch = lf.get("search") or {}
+    row = {
+        "case": CASE if shape == "llama3-8b" else f"{shape}-qlora-r16-all-linear-bs1",
+        "device": state.get("device"), "date": _dt.date.today().isoformat(), "shape": shape,
+        "stock_max_context": smax, "loraforge_max_context": lmax,
+        "ratio": round(lmax / smax, 2) if smax and lmax else None,
+        "stock_tokens_per_s": sspeed.get("tokens_per_s"), "loraforge_tokens_per_s": lspeed.get("tokens_per_s"),
+        "tokens_per_s_at_length": sspeed.get("len") or lspeed.get("len"),
+        "complete": bool(st.get("done") and lf.get("done")),
+        "loraforge_probe_max_context": lf.get("probe_max_context", lsearch.get("good")),
+        "loraforge_search_bracket": [lsearch.get("good"), lsearch.get("bad")] if lsearch else None,
+        "loraforge_host_cap": state.get("loraforge_host_cap"),
+        "host_available_gib": state.get("host_available_gib"),
+        "predicted_max_context": state.get("predicted"),
+        "stock_trials": (st.get("search") or {}).get("trials"),
+        "loraforge_trials": lsearch.get("trials"), "loraforge_verify": lf.get("verify"),
+        "stock_speed": sspeed, "loraforge_speed": lspeed,
+        "stock_setup": "stock_qlora_baseline.py maxctx: prepare_model_for_kbit_training (fp32 upcasts), "
+                       "non-reentrant checkpointing, SDPA, NF4 double-quant, r16 all-linear, PagedAdamW32bit",
+        "loraforge_setup": "bf16 frozen weights, fused LoRA kernels (patch_model), chunked linear CE, "
+                           "offloaded non-reentrant checkpointing, SDPA is_causal, PagedAdamW32bit, "
+                           "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        "workers": {"stock": st.get("worker"), "loraforge": lf.get("worker")},
+    }
+    return row
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        worker_main(sys.argv[2:])
