@@ -40,6 +40,8 @@ def step_of(path: Path | None) -> int:
 def kill_once(recipe: TrainRecipe, run_dir: Path, log: Path, mode: str, rng: random.Random) -> dict:
     """Start a resumed run, kill it with SIGKILL in `mode` ("ckpt" or "step"); return what happened."""
     before = complete_checkpoints(run_dir)
+    if before:
+        verify_checkpoint(before[-1])  # checked now: the run may rotate it away before it is killed
     resumed = step_of(before[-1] if before else None)
     t0 = time.time()
     proc = recipe.start(run_dir, log, resume=True, save_delay=SAVE_DELAY if mode == "ckpt" else 0.0)
@@ -69,13 +71,12 @@ def kill_once(recipe: TrainRecipe, run_dir: Path, log: Path, mode: str, rng: ran
     assert line is not None, log.read_text()[-3000:]
     if before:
         assert line == f"resumed from {before[-1]} at step {resumed}", (line, before)
-        verify_checkpoint(before[-1])
     else:
         assert line.startswith("resume: no complete checkpoint"), line
     assert ".tmp-step" not in line
     after = complete_checkpoints(run_dir)
-    for ck in after:
-        verify_checkpoint(ck)  # whatever is marked complete really is, even right after a kill
+    if after:
+        verify_checkpoint(after[-1])  # what the next --resume will load really is complete, even right after a kill
     torn = torn_checkpoints(run_dir)
     if mode == "ckpt":
         assert torn, "the kill was meant to leave a torn checkpoint folder"
