@@ -173,5 +173,8 @@ def test_offload_lowers_peak_memory_on_gpu(tmp_path):
     assert off.stats.offloaded >= 11
     assert p_ref - p_off > 0.6 * ckpt_bytes, (p_ref / 2**20, p_off / 2**20)
     assert l_off == l_ref
+    # The CPU tests prove bit-identical gradients; on the GPU, SDPA's backward accumulates with atomics,
+    # so two identical runs differ in the last bf16 bits and the check is relative.
     for n in g_ref:
-        assert torch.equal(g_off[n], g_ref[n]), n
+        rel = (g_off[n] - g_ref[n]).norm() / g_ref[n].norm().clamp_min(1e-12)
+        assert rel < 1e-2, (n, float(rel))

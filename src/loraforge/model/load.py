@@ -165,7 +165,9 @@ def fix_tokenizer(tok: Any) -> Any:
     return tok
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | None:
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, *, sharded: bool = False) -> Any | None:
+    """bitsandbytes settings. `sharded` (FSDP): store the packed 4-bit weights in the compute dtype, so FSDP
+    can flatten them into one parameter with the bf16 norms and embeddings; the bytes are the same."""
     if not (cfg.use_4bit or cfg.use_8bit):
         return None
     try:
@@ -181,33 +183,41 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | N
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.use_nested_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
     )
 
 
 def load_base(cfg: ModelConfig, *, for_training: bool = True, gradient_checkpointing: bool = True,
-              placement: Placement | None = None) -> tuple[Any, Any]:
-    """Load (model, tokenizer). For training, the model is prepared (frozen, checkpointing, train mode)."""
+              placement: Placement | None = None, sharded: bool = False) -> tuple[Any, Any]:
+    """Load (model, tokenizer). For training, the model is prepared (frozen, checkpointing, train mode).
+
+    `sharded`: the model will be wrapped by FSDP, which places and shards it (see load_model)."""
     placement = placement or pick_placement(cfg)
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(path, cfg)
-    model = load_model(cfg, path, placement, for_training=for_training, gradient_checkpointing=gradient_checkpointing)
+    model = load_model(cfg, path, placement, for_training=for_training, gradient_checkpointing=gradient_checkpointing,
+                       sharded=sharded)
     return model, tokenizer
 
 
 def load_model(cfg: ModelConfig, path: str, placement: Placement, *, for_training: bool = True,
-               gradient_checkpointing: bool = True) -> Any:
-    """The model alone, from a resolved path (a folder without a tokenizer, e.g. a benchmark checkpoint, works)."""
+               gradient_checkpointing: bool = True, sharded: bool = False) -> Any:
+    """The model alone, from a resolved path (a folder without a tokenizer, e.g. a benchmark checkpoint, works).
+
+    `sharded` (FSDP): no device_map, so that with Accelerate's cpu_ram_efficient_loading only rank 0 reads
+    the weights and FSDP broadcasts them (sync_module_states) while sharding them onto each GPU.
+    """
     from transformers import AutoModelForCausalLM
 
-    qconf = quantization_config(cfg, placement.dtype)
+    qconf = quantization_config(cfg, placement.dtype, sharded=sharded)
     kwargs: dict[str, Any] = dict(
         dtype=placement.dtype,
         attn_implementation=cfg.attn_implementation,
         cache_dir=cfg.cache_dir, revision=cfg.revision, token=hub_token(),
         trust_remote_code=cfg.trust_remote_code,
-        device_map={"": placement.device},
     )
+    if not sharded:
+        kwargs["device_map"] = {"": placement.device}
     if qconf is not None:
         kwargs["quantization_config"] = qconf
     try:

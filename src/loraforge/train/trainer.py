@@ -175,10 +175,11 @@ class LLAMATrainer:
 
             report_max_length(cfg, placement, self.log)
         torch.manual_seed(cfg.training.seed)
-        model, _ = load_base(cfg.model, for_training=True, gradient_checkpointing=cfg.training.gradient_checkpointing,
-                             placement=placement)
-        self.model = attach_lora(model, cfg.lora)
         acc = self.accelerator
+        fsdp = acc.distributed_type.name == "FSDP"
+        model, _ = load_base(cfg.model, for_training=True, gradient_checkpointing=cfg.training.gradient_checkpointing,
+                             placement=placement, sharded=fsdp)
+        self.model = attach_lora(model, cfg.lora)
         if acc.distributed_type.name == "FSDP":
             from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -188,7 +189,8 @@ class LLAMATrainer:
             acc.state.deepspeed_plugin.deepspeed_config.update(
                 train_micro_batch_size_per_gpu=cfg.training.per_device_train_batch_size,
                 gradient_accumulation_steps=cfg.training.gradient_accumulation_steps)
-        if placement.device.type == "cuda" and cfg.model.fast_kernels:
+        # The fast kernels read the packed NF4 bytes as uint8; FSDP stores them in the compute dtype.
+        if placement.device.type == "cuda" and cfg.model.fast_kernels and not fsdp:
             self._apply_fast_kernels()
         from loraforge.kernels.context import apply_long_context
 
