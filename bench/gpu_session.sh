@@ -36,11 +36,11 @@ step() {  # step NAME SECONDS COMMAND...
 
 for s in ${STEPS:-tests model generate}; do
   case $s in
-    tests) step gpu-tests "${T_TESTS:-150}" python3 -m pytest -q -p no:cacheprovider -x \
+    tests) step gpu-tests "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider -m "not long" \
              tests/gpu tests/kernels tests/foundation/test_config.py tests/foundation/test_embedded.py \
-             tests/foundation/test_end_to_end.py tests/eval -k "not screenshot" ;;
+             tests/foundation/test_end_to_end.py tests/eval tests/model tests/train -k "not screenshot" ;;
     model) step model-check "${T_MODEL:-210}" python3 bench/model_gpu_check.py --out bench/results --budget-s "${T_MODEL_BUDGET:-190}" ;;
-    generate) step generate "${T_GEN:-170}" python3 bench/generate.py --out bench/results --repeats 1 ;;
+    generate) step generate "${T_GEN:-170}" python3 bench/generate.py --out bench/results --repeats 1 --check-embedded ;;
   esac
 done
 # Only what this call wrote comes back ($OUT returns at most 8 files).
