@@ -154,11 +154,29 @@ class LLAMATrainer:
         from loraforge.model.memory import check_fits
 
         cfg = self.config
-        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.model.device != "cpu":
             # Under torchrun/accelerate launch each process owns one GPU; pick_placement (and the model's
             # device_map) use the current device, which is cuda:0 for every process unless set here.
+            # (model.device=cpu: no GPU is used, and rank 1 on a 1-GPU machine has no cuda:1.)
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         placement = pick_placement(cfg.model)
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+        if not launched and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            # Accelerate keeps its state (device, mixed precision) in process-wide singletons: a second
+            # Accelerator(...) with another device or precision raises "AcceleratorState has already been
+            # initialized", so a Python-API user training twice in one process (fp32 then bf16, CPU then
+            # GPU, the sweep's trials) would fail. Alone in the process, forget the earlier trainer's state
+            # (an earlier trainer's accelerator then reports this one's). Under a launcher the state holds
+            # the process group and stays. _reset_state is Accelerate's own reset (its test utilities use
+            # it, 1.x); hasattr-guarded since it is private.
+            from accelerate import state as acc_state
+
+            if hasattr(acc_state.AcceleratorState, "_reset_state"):
+                acc_state.AcceleratorState._reset_state(reset_partial_state=True)
+            elif hasattr(acc_state.PartialState, "_reset_state"):
+                acc_state.PartialState._reset_state()
+            if hasattr(acc_state, "GradientState") and hasattr(acc_state.GradientState, "_reset_state"):
+                acc_state.GradientState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.training.mixed_precision, placement.device),
             cpu=placement.device.type == "cpu", **strategy_plugins(cfg))
