@@ -1,4 +1,8 @@
-"""Helpers shared by the model tests (a fixed batch, a few plain optimizer steps)."""
+"""Helpers shared by the model tests (a fixed batch, a few plain optimizer steps).
+
+Batches are built on the CPU; `train_steps` and `eval_logits` move them to the model's device, so a test
+that loads with model.device=auto (a GPU when there is one) runs the same way on either machine.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,16 @@ def fixed_batch(vocab: int = 1000, batch: int = 2, seq: int = 16, seed: int = 0)
     return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
 
 
+def on_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """`batch` on the device of the model's first parameter."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def train_steps(model, batch: dict[str, torch.Tensor], steps: int, lr: float = 1e-2) -> list[float]:
     """Plain AdamW steps on one fixed batch; returns the losses."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = on_device(batch, model)
     model.train()
     losses = []
     for _ in range(steps):
@@ -26,11 +37,15 @@ def train_steps(model, batch: dict[str, torch.Tensor], steps: int, lr: float = 1
 
 
 def stock_reload(base_dir, adapter_dir, *, quant: str = "none", dtype: torch.dtype = torch.float32):
-    """Base + adapter loaded with stock transformers + peft only (what a user or vLLM would do)."""
+    """Base + adapter loaded with stock transformers + peft only (what a user or vLLM would do), on the CPU.
+
+    device_map is explicit: without it bitsandbytes' quantizer puts a 4-bit model on the GPU when there is
+    one, and the CPU-trained logits it is compared with would then come from another backend.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "device_map": {"": "cpu"}}
     if quant == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -43,8 +58,9 @@ def stock_reload(base_dir, adapter_dir, *, quant: str = "none", dtype: torch.dty
 
 def eval_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     was = model.training
+    batch = on_device(batch, model)
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
     model.train(was)
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import fixed_batch, train_steps
+from model_helpers import fixed_batch, on_device, train_steps
 
 from loraforge.config import LORA_TARGET_PRESETS, LoRAConfig, ModelConfig, TrainingConfig
 from loraforge.errors import ConfigError
@@ -77,7 +77,7 @@ def test_gaussian_init(tiny_model_dir: Path) -> None:
 
 def test_pissa_on_unquantized_base_keeps_the_output(tiny_model_dir: Path) -> None:
     base = _base(tiny_model_dir)
-    batch = fixed_batch()
+    batch = on_device(fixed_batch(), base)
     with torch.no_grad():
         before = base(input_ids=batch["input_ids"]).logits
         q_before = base.model.layers[0].self_attn.q_proj.weight.clone()
@@ -110,7 +110,7 @@ def test_modules_to_save_train_in_fp32_inside_a_bf16_model(dtype: str, tiny_mode
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     head = [p for n, p in trained.items() if "lm_head" in n]
     assert head and all(p.dtype == torch.float32 for p in head)
-    batch = fixed_batch()
+    batch = on_device(fixed_batch(), model)
     out = model(**batch)
     assert out.logits.dtype == getattr(torch, dtype)  # the rest of the model sees the dtype it had
     losses = train_steps(model, batch, steps=3)

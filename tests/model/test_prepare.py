@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import fixed_batch, train_steps
+from model_helpers import fixed_batch, on_device, train_steps
 
 from loraforge.config import LoRAConfig, ModelConfig
 from loraforge.model.load import load_base, prepare_for_training
@@ -29,7 +29,7 @@ def test_gradient_checkpointing_recomputes_in_backward(checkpointing: bool, expe
     # Attention, not the MLP: non-reentrant checkpointing stops the recompute as soon as the last saved
     # tensor is back, inside down_proj, so the MLP module's forward hook never fires a second time.
     attn_calls = _count_forwards(model.base_model.model.model.layers[0].self_attn)
-    loss = model(**fixed_batch(), use_cache=False).loss
+    loss = model(**on_device(fixed_batch(), model), use_cache=False).loss
     assert attn_calls[0] == 1
     loss.backward()
     assert attn_calls[0] == expected  # the layer ran again during backward: activations were recomputed
@@ -55,7 +55,7 @@ def test_prepare_freezes_does_not_upcast_and_runs_once(tiny_model_dir: Path) -> 
 
 def test_qlora_with_bf16_compute_learns_on_cpu(tiny_model_dir: Path) -> None:
     """No fp32 upcast of norms/embeddings is numerically fine: loss finite and falling with bf16 compute."""
-    model, _ = load_base(ModelConfig(model_name=str(tiny_model_dir), bnb_4bit_compute_dtype="bfloat16"))
+    model, _ = load_base(ModelConfig(model_name=str(tiny_model_dir), bnb_4bit_compute_dtype="bfloat16", device="cpu"))
     model = attach_lora(model, LoRAConfig(target_modules="all-linear", lora_dropout=0.0))
     losses = train_steps(model, fixed_batch(), steps=6, lr=1e-2)
     assert all(math.isfinite(x) for x in losses)

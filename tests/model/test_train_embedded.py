@@ -1,6 +1,8 @@
 """The embedded SmolLM2-135M (real weights): QLoRA NF4 + double quant learns, and the adapter reloads in stock peft.
 
 Kept short for the shared CPU: a fixed 2 x 64-token batch of real text, repeated, so the loss must fall.
+On the CPU on any machine (model.device=cpu): the 4-bit and 8-bit paths are bitsandbytes' CPU backend, and
+the logits are compared with a stock reload on the CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def text_batch(tok, batch: int = 2, seq: int = 64) -> dict[str, torch.Tensor]:
 
 
 def test_qlora_nf4_double_quant_learns_and_reloads_in_stock_peft(embedded_model_dir: Path, tmp_path: Path) -> None:
-    model, tok = load_base(ModelConfig(use_4bit=True, bnb_4bit_quant_type="nf4", use_nested_quant=True))
+    model, tok = load_base(ModelConfig(use_4bit=True, bnb_4bit_quant_type="nf4", use_nested_quant=True, device="cpu"))
     q = model.model.layers[0].self_attn.q_proj
     assert type(q).__name__ == "Linear4bit" and q.weight.quant_state.nested and q.weight.quant_state.quant_type == "nf4"
     model = attach_lora(model, LoRAConfig())  # the defaults: r 8, alpha 16, dropout 0.05, q_proj + v_proj
@@ -53,9 +55,9 @@ def test_qlora_nf4_double_quant_learns_and_reloads_in_stock_peft(embedded_model_
 # bf16 matmuls are emulated on most CPUs (37 s here for one step of 135M); the tiny-model tests cover bf16 quickly.
 @pytest.mark.parametrize("kind", ["int8", pytest.param("bf16", marks=pytest.mark.long), "fp32"])
 def test_8bit_bf16_fp32_load_and_step(kind: str, embedded_model_dir: Path, tmp_path: Path) -> None:
-    cfg = {"int8": ModelConfig(use_4bit=False, use_8bit=True),
-           "bf16": ModelConfig(use_4bit=False, dtype="bfloat16"),
-           "fp32": ModelConfig(use_4bit=False, dtype="float32")}[kind]
+    cfg = {"int8": ModelConfig(use_4bit=False, use_8bit=True, device="cpu"),
+           "bf16": ModelConfig(use_4bit=False, dtype="bfloat16", device="cpu"),
+           "fp32": ModelConfig(use_4bit=False, dtype="float32", device="cpu")}[kind]
     model, tok = load_base(cfg)
     model = attach_lora(model, LoRAConfig(lora_dropout=0.0))
     batch = text_batch(tok, seq=32)
