@@ -178,16 +178,27 @@ def _linear(model, name: str = "q_proj"):
     return getattr(model.model.layers[0].self_attn, name)
 
 
-@pytest.mark.parametrize("quant_type, nested, compute, dtype", [
-    ("nf4", True, "auto", torch.float32),          # the default; auto = fp32 on CPU
-    ("fp4", False, "bfloat16", torch.bfloat16),
-    ("nf4", False, "float16", torch.float16),
-    ("nf4", True, "float32", torch.float32),
+def _auto_dtype() -> torch.dtype:
+    """What dtype "auto" means with model.device=auto on this machine: fp32 on the CPU (bf16 matmuls are
+    emulated on most CPUs), bf16 on a GPU that has it, else fp16."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@pytest.mark.parametrize("quant_type, nested, compute, device, dtype", [
+    ("nf4", True, "auto", "cpu", torch.float32),   # the default; auto = fp32 on CPU, on any machine
+    ("nf4", True, "auto", "auto", None),           # device=auto: the GPU's dtype where there is one (_auto_dtype)
+    ("fp4", False, "bfloat16", "auto", torch.bfloat16),
+    ("nf4", False, "float16", "auto", torch.float16),
+    ("nf4", True, "float32", "auto", torch.float32),
 ])
-def test_4bit_options_reach_bitsandbytes(quant_type: str, nested: bool, compute: str, dtype: torch.dtype,
-                                         tiny_model_dir: Path) -> None:
+def test_4bit_options_reach_bitsandbytes(quant_type: str, nested: bool, compute: str, device: str,
+                                         dtype: torch.dtype | None, tiny_model_dir: Path) -> None:
+    dtype = dtype or _auto_dtype()
     cfg = ModelConfig(model_name=str(tiny_model_dir), bnb_4bit_quant_type=quant_type, use_nested_quant=nested,
-                      bnb_4bit_compute_dtype=compute)
+                      bnb_4bit_compute_dtype=compute, device=device)
+    assert load.pick_placement(cfg).dtype == dtype
     model, _ = load.load_base(cfg)
     layer = _linear(model)
     assert type(layer).__name__ == "Linear4bit"
@@ -202,10 +213,13 @@ def test_4bit_options_reach_bitsandbytes(quant_type: str, nested: bool, compute:
 def test_8bit_and_plain_dtypes(tiny_model_dir: Path) -> None:
     m8, _ = load.load_base(ModelConfig(model_name=str(tiny_model_dir), use_4bit=False, use_8bit=True))
     assert type(_linear(m8)).__name__ == "Linear8bitLt" and m8.is_loaded_in_8bit
-    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32),
-                        ("auto", torch.float32)):
-        m, _ = load.load_base(ModelConfig(model_name=str(tiny_model_dir), use_4bit=False, dtype=name))
-        assert type(_linear(m)) is torch.nn.Linear and _linear(m).weight.dtype == dtype
+    for name, device, dtype in (("bfloat16", "auto", torch.bfloat16), ("float16", "auto", torch.float16),
+                                ("float32", "auto", torch.float32), ("auto", "cpu", torch.float32),
+                                ("auto", "auto", _auto_dtype())):
+        m, _ = load.load_base(ModelConfig(model_name=str(tiny_model_dir), use_4bit=False, dtype=name, device=device))
+        assert type(_linear(m)) is torch.nn.Linear and _linear(m).weight.dtype == dtype, (name, device)
+        on_gpu = device == "auto" and torch.cuda.is_available()
+        assert _linear(m).weight.device.type == ("cuda" if on_gpu else "cpu")
 
 
 def test_cuda_requested_without_gpu(tiny_model_dir: Path) -> None:
