@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import yaml
 
 from loraforge.config import load_config
 from loraforge.train.sweep import run_sweep
+
+pytest.importorskip("optuna")  # the optional [sweep] extra (the dev extras install it)
 
 
 def test_three_trial_sweep_writes_the_best_config(make_config, tmp_path):
