@@ -174,7 +174,9 @@ def test_offload_lowers_peak_memory_on_gpu(tmp_path):
     assert p_ref - p_off > 0.6 * ckpt_bytes, (p_ref / 2**20, p_off / 2**20)
     assert l_off == l_ref
     # The CPU tests prove bit-identical gradients; on the GPU, SDPA's backward accumulates with atomics,
-    # so two identical runs differ in the last bf16 bits and the check is relative.
+    # so two identical runs differ in the last bf16 bits and the check is relative. Measured on the H100:
+    # up to 0.0116 for a small lora_A gradient of layer 0 (bf16, 8192 tokens), hence 3e-2; a wrong
+    # recompute (stale or misplaced activations) gives differences of order 1.
     for n in g_ref:
         rel = (g_off[n] - g_ref[n]).norm() / g_ref[n].norm().clamp_min(1e-12)
-        assert rel < 1e-2, (n, float(rel))
+        assert rel < 3e-2, (n, float(rel))
