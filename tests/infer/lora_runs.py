@@ -22,7 +22,9 @@ def make_lora_run(out: Path, model: str, *, steps: int = 2, seed: int = 0, scale
 
     out.parent.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(out.parent / f"{out.name}-chat.jsonl", chat_records(16))
-    LLAMATrainer(ModelConfig(model_name=model, use_4bit=False), LoRAConfig(r=4, target_modules="all-linear"),
+    # device=cpu on any machine: the runs' config.yaml and adapters are the same as on the CPU CI.
+    LLAMATrainer(ModelConfig(model_name=model, use_4bit=False, device="cpu"),
+                 LoRAConfig(r=4, target_modules="all-linear"),
                  DataConfig(dataset=str(data), max_length=64),
                  TrainingConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2,
                                 gradient_accumulation_steps=1, logging_steps=1, learning_rate=1e-2),

@@ -42,7 +42,8 @@ class TrainRecipe:
         return cls(model_dir=model_dir, data=data, cache=root / "cache", **kw)
 
     def args(self, run_dir: Path) -> list[str]:
-        return ["train", f"model.model_name={self.model_dir}", "model.use_4bit=false",
+        # model.device=cpu: the resume checks need bit-reproducible runs, which a GPU does not give.
+        return ["train", f"model.model_name={self.model_dir}", "model.use_4bit=false", "model.device=cpu",
                 f"data.dataset={self.data}", "data.max_length=64", "data.validation_split=0",
                 "lora.lora_dropout=0.1", "lora.r=4", "training.per_device_train_batch_size=2",
                 "training.gradient_accumulation_steps=2", "training.learning_rate=5e-3",
