@@ -140,7 +140,7 @@ def check_embedded(device: str, dtype: torch.dtype, new_tokens: int = 64) -> dic
         fast_kw = fast_kwargs(device, plen, new_tokens)
         for _ in range(2):  # compile, then record the graphs
             fast = model.generate(**enc, **common, **fast_kw)[:, plen:]
-    same = [bool(torch.equal(a, b)) for a, b in zip(stock, fast)]
+    same = [bool(torch.equal(a, b)) for a, b in zip(stock, fast, strict=True)]
     return {"case": "smollm2-135m-real-weights-greedy-equality", "batch": len(prompts), "new_tokens": new_tokens,
             "identical_greedy": all(same), "rows_identical": same,
             "sample_stock": tok.decode(stock[0], skip_special_tokens=True)[:120],

@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -47,12 +47,13 @@ def _quiet_libraries() -> None:
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config (see configs/). Omit to use the defaults.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="[OVERRIDES]...", help=OVERRIDES_HELP,
+    config: Annotated[Path | None,
+        typer.Argument(metavar="CONFIG", help="YAML config (see configs/). Omit to use the defaults.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(metavar="[OVERRIDES]...", help=OVERRIDES_HELP,
                                                              show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
-    resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint folder.")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option(help="Run folder (same as training.output_dir=...).")] = None,
+    resume_from: Annotated[Path | None, typer.Option(help="Continue from this checkpoint folder.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Run folder (same as training.output_dir=...).")] = None,
 ) -> None:
     """Fine-tune a model with LoRA/QLoRA.
 
@@ -93,11 +94,12 @@ def show_config() -> None:
 @app.command("eval")
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (from `loraforge train`) or adapter folder.")],
-    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN/eval).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Evaluate on this data instead of the run's validation split.")] = None,
-    samples: Annotated[Optional[int], typer.Option(help="Held-out prompts to generate and score.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate per answer.")] = None,
-    decoding: Annotated[Optional[str], typer.Option(help="beam, greedy or sample.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: RUN/eval).")] = None,
+    data: Annotated[str | None,
+        typer.Option(help="Evaluate on this data instead of the run's validation split.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Held-out prompts to generate and score.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate per answer.")] = None,
+    decoding: Annotated[str | None, typer.Option(help="beam, greedy or sample.")] = None,
 ) -> None:
     """Compare the base model and the fine-tuned one on the same held-out data.
 
@@ -115,9 +117,9 @@ def evaluate(
 @app.command()
 def generate(
     run: Annotated[Path, typer.Argument(help="Run folder, adapter folder, or model.")],
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
-    file: Annotated[Optional[Path], typer.Option(help="A file of prompts: .txt (one per line) or .jsonl.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write JSONL results here (default: print).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    file: Annotated[Path | None, typer.Option(help="A file of prompts: .txt (one per line) or .jsonl.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write JSONL results here (default: print).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer.")] = 256,
     decoding: Annotated[str, typer.Option(help="greedy, beam or sample.")] = "greedy",
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
@@ -136,7 +138,7 @@ def chat(
     run: Annotated[Path, typer.Argument(help="Run folder, adapter folder, or model.")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
-    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
 ) -> None:
     """Chat in the terminal with streaming replies. /reset clears the history, /exit quits."""
     from loraforge.infer.chat import chat_loop
@@ -148,7 +150,8 @@ def chat(
 def merge(
     run: Annotated[Path, typer.Argument(help="Run folder or adapter folder.")],
     out: Annotated[Path, typer.Argument(help="Folder for the merged model.")],
-    dtype: Annotated[str, typer.Option(help="bfloat16 or float16 (merging into 4-bit weights is never done).")] = "bfloat16",
+    dtype: Annotated[str,
+        typer.Option(help="bfloat16 or float16 (merging into 4-bit weights is never done).")] = "bfloat16",
     gguf: Annotated[bool, typer.Option(help="Also write a GGUF file for llama.cpp.")] = False,
 ) -> None:
     """Merge the adapter into a 16-bit copy of the base and write a standard Hugging Face folder."""
@@ -163,7 +166,7 @@ def serve(
     run: Annotated[list[Path], typer.Argument(help="Run or adapter folders (several adapters share one base).")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(envvar="LORAFORGE_API_KEY", help="Require this bearer key.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="LORAFORGE_API_KEY", help="Require this bearer key.")] = None,
     max_concurrency: Annotated[int, typer.Option(help="Requests generated at once; more wait in a queue.")] = 8,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
@@ -179,7 +182,7 @@ def serve(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
-    steps: Annotated[Optional[int], typer.Option(help="Override the number of training steps.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the number of training steps.")] = None,
 ) -> None:
     """Fine-tune the embedded SmolLM2-135M on the embedded chitchat conversations, on the CPU, and show
     base vs fine-tuned perplexity and answers side by side. No network, about 5 minutes on 2 cores."""
@@ -191,9 +194,9 @@ def demo(
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="Base YAML config.")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
     trials: Annotated[int, typer.Option(help="Number of trials.")] = 10,
-    space: Annotated[Optional[Path], typer.Option(help="YAML search space (default: lr, r, alpha, dropout).")] = None,
+    space: Annotated[Path | None, typer.Option(help="YAML search space (default: lr, r, alpha, dropout).")] = None,
     out: Annotated[Path, typer.Option(help="Sweep folder.")] = Path("runs/sweep"),
 ) -> None:
     """Hyperparameter search with Optuna: short trials judged on validation loss, bad ones pruned."""
@@ -204,12 +207,12 @@ def sweep(
 
 @app.command()
 def launch(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config, as for `loraforge train`.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML config, as for `loraforge train`.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help=OVERRIDES_HELP, show_default=False)] = None,
     processes: Annotated[int, typer.Option(help="Processes (GPUs) per node; default: all visible GPUs.")] = 0,
     nodes: Annotated[int, typer.Option(help="Number of nodes.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank (0 on the node at --main-address).")] = 0,
-    main_address: Annotated[Optional[str], typer.Option(help="Rendezvous address: node 0's IP (several nodes).")] = None,
+    main_address: Annotated[str | None, typer.Option(help="Rendezvous address: node 0's IP (several nodes).")] = None,
     main_port: Annotated[int, typer.Option(help="Rendezvous port on node 0.")] = 29500,
     strategy: Annotated[str, typer.Option(help="ddp, fsdp, deepspeed_zero2 or deepspeed_zero3.")] = "ddp",
     cpu: Annotated[bool, typer.Option("--cpu", help="CPU processes with gloo (testing).")] = False,
@@ -233,7 +236,7 @@ def launch(
 
 @app.command()
 def bench(
-    cases: Annotated[Optional[list[str]], typer.Option("--case", help="Benchmark case(s); default: all.")] = None,
+    cases: Annotated[list[str] | None, typer.Option("--case", help="Benchmark case(s); default: all.")] = None,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench/results"),
     max_context: Annotated[bool, typer.Option("--max-context", help="Search the longest trainable sequence.")] = False,
 ) -> None:
@@ -254,7 +257,8 @@ def data_preview(
     format: Annotated[str, typer.Option("--format", "-f", help="auto, alpaca, dialogue, chat, oasst, text.")] = "auto",
     n: Annotated[int, typer.Option("-n", help="Examples to show.")] = 3,
     max_length: Annotated[int, typer.Option(help="Truncation length used for the statistics.")] = 512,
-    model: Annotated[str, typer.Option(help="Model whose tokenizer and chat template to use.")] = "smollm2-135m-instruct",
+    model: Annotated[str,
+        typer.Option(help="Model whose tokenizer and chat template to use.")] = "smollm2-135m-instruct",
 ) -> None:
     """Show examples as the model will see them, trained-on tokens highlighted, with length statistics."""
     from loraforge.data.preview import preview

@@ -312,7 +312,7 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], where: str) -> None
         return
     bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
-    for key, ok, sym in bounds:
+    for key, ok, _sym in bounds:
         bound = meta.get(key)
         if bound is not None and not ok(value, bound):
             allowed = " and ".join(f"{s} {meta[k]}" for k, _, s in bounds if meta.get(k) is not None)

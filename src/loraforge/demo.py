@@ -86,4 +86,5 @@ def _print_summary(console: Console, report: dict, results: dict) -> None:
     console.print(f"perplexity {results['base_perplexity']:.2f} → {results['finetuned_perplexity']:.2f} "
                   f"({results['perplexity_ratio']:.2f}× the base) · trained in {results['train_seconds']:.0f}s · "
                   f"total {results['total_seconds']:.0f}s")
-    console.print(f"run folder: {Path(results['report']).parent}  (report.html, results.json, adapter/, loss_curve.png)")
+    console.print(f"run folder: {Path(results['report']).parent}  "
+                  "(report.html, results.json, adapter/, loss_curve.png)")

@@ -53,7 +53,7 @@ def test_chitchat_loader_reads_all_conversations():
     assert 4000 <= len(convs) <= 4018
     for _, msgs in convs[:200]:
         roles = [m["role"] for m in msgs]
-        assert roles[0] == "user" and all(a != b for a, b in zip(roles, roles[1:]))
+        assert roles[0] == "user" and all(a != b for a, b in zip(roles, roles[1:], strict=False))
 
 
 def test_chitchat_split_is_fixed_and_seeded(embedded_model_dir: Path):

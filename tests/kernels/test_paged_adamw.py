@@ -17,11 +17,11 @@ def test_one_sync_paged_adamw_matches_bitsandbytes(device):
     o2 = paged_adamw_32bit(ps2, lr=1e-2, weight_decay=0.01)
     start = ps1[0].detach().clone()
     for _ in range(3):
-        for a, b in zip(ps1, ps2):
+        for a, b in zip(ps1, ps2, strict=True):
             g = torch.randn_like(a)
             a.grad, b.grad = g.clone(), g.clone()
         o1.step()
         o2.step()
     assert not torch.equal(ps1[0].detach(), start)
-    for a, b in zip(ps1, ps2):
+    for a, b in zip(ps1, ps2, strict=True):
         assert torch.equal(a.detach(), b.detach())

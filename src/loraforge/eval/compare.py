@@ -39,13 +39,14 @@ def compare(loaded: Any, data_cfg: DataConfig, eval_cfg: EvalConfig, *, out_dir:
             ppl = PerplexityEvaluator(model, tokenizer).evaluate(loader)
             gen = generation_metrics(model, tokenizer, formatter, prompts, references, eval_cfg) if prompts else {}
         results[name] = {"perplexity": ppl["perplexity"], "loss": ppl["loss"], "eval_tokens": ppl["tokens"],
-                         **{k: v for k, v in gen.items() if k != "generations"}, "_generations": gen.get("generations", [])}
+                         **{k: v for k, v in gen.items() if k != "generations"},
+                         "_generations": gen.get("generations", [])}
         log(f"eval  {name:9s}: perplexity {ppl['perplexity']:.2f} over {ppl['tokens']:,} tokens"
             + (f", BLEU {gen['bleu']:.3f}, ROUGE-L {gen['rougeL']:.3f}" if gen else "")
             + f" ({time.perf_counter() - t0:.0f}s)")
     samples = [{"prompt": _prompt_text(p), "reference": r, "base": b, "finetuned": f}
                for p, r, b, f in zip(prompts, references, results["base"].pop("_generations"),
-                                     results["finetuned"].pop("_generations"))]
+                                     results["finetuned"].pop("_generations"), strict=True)]
     results["meta"] = meta or {}
     paths = write_report(out_dir, results, str(metrics_jsonl) if metrics_jsonl and metrics_jsonl.is_file() else None,
                          samples)

@@ -160,7 +160,8 @@ def _time_steps(model, opt, batches, warm: int, steps: int, other_bytes: int, pr
            "reserved_gib_approx": (torch.cuda.max_memory_reserved() - other_bytes) / 2**30,
            "loss": float(loss.detach())}
     if profile:
-        from torch.profiler import ProfilerActivity, profile as prof
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
 
         with prof(activities=[ProfilerActivity.CUDA]) as p:
             for x in batches[:2]:
@@ -330,7 +331,8 @@ def _real_param_count(model) -> int:
 
 def _diagnose(model, opt, batches, toks) -> dict:
     """Wall time per phase (synchronized) and the top CPU-side ops of one fast-path step."""
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     params = list(lora_params(model).values())
     phases = {"forward": [], "backward": [], "clip": [], "optimizer": []}
@@ -352,7 +354,7 @@ def _diagnose(model, opt, batches, toks) -> dict:
         torch.cuda.synchronize()
         t4 = time.perf_counter()
         if i >= 2:
-            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 phases[k].append(dt)
     out = {k: round(statistics.median(v), 4) for k, v in phases.items()}
     with prof(activities=[ProfilerActivity.CPU]) as p:
@@ -413,7 +415,8 @@ def _write(results: list[dict], out_dir: Path, date: str, dev_tag: str) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
-            f"| {r['case']} | {r['stock_tokens_per_s']:,} ({', '.join(f'{x:,}' for x in r['stock_tokens_per_s_runs'])}) "
+            f"| {r['case']} | {r['stock_tokens_per_s']:,} "
+            f"({', '.join(f'{x:,}' for x in r['stock_tokens_per_s_runs'])}) "
             f"| {r['loraforge_tokens_per_s']:,} | {r['speedup_vs_faster_stock']:.2f}× "
             f"| {r['stock_peak_gib']:.2f} | {r['loraforge_peak_gib']:.2f} "
             f"| {r['stock_mfu']:.1%} → {r['mfu']:.1%} | {r['stock_loss']:.4f} / {r['loraforge_loss']:.4f} "

@@ -225,7 +225,7 @@ def self_check(device) -> dict[str, str]:
         a = (swiglu_forward(e, g), *swiglu_backward(dh, e, g))
         _triton.ENABLED["swiglu"] = False
         b = (swiglu_forward(e, g), *swiglu_backward(dh, e, g))
-        return max(float((x.float() - y.float()).norm() / y.float().norm()) for x, y in zip(a, b))
+        return max(float((x.float() - y.float()).norm() / y.float().norm()) for x, y in zip(a, b, strict=True))
 
     def chk_rmsnorm():
         from .norm import _rmsnorm_bwd_torch, _rmsnorm_fwd_torch
