@@ -8,9 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-
-torch.set_num_threads(1)  # the machine is shared; one thread per test process keeps timings stable
 
 sys.path.insert(0, str(Path(__file__).parent))
 
