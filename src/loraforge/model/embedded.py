@@ -97,13 +97,20 @@ def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_toke
     The special tokens do not depend on the installed transformers' GGUF tokenizer converter (which has
     got them wrong): they are `special_tokens` where given, else the ids the GGUF metadata declares, and
     the model's config and generation config carry the same ids as the tokenizer.
+    An embedded model's GGUF file (by its file name) gets that model's tokens and pad when none are given,
+    so a path to it and the embedded name give the same folder.
     """
     gguf = Path(gguf).resolve()
     if not gguf.is_file():
         raise ModelLoadError(f"GGUF file {str(gguf)!r} does not exist.")
+    if pad_token is None and special_tokens is None:
+        for name, (_, filename) in EMBEDDED_MODELS.items():
+            if gguf.name == filename:
+                special = dict(EMBEDDED_SPECIAL_TOKENS.get(name, {}))
+                pad_token = special.pop("pad_token", None)
+                special_tokens = special
     st = gguf.stat()
-    recipe = f"recipe{MATERIALIZE_RECIPE}:{sorted((special_tokens or {}).items())}:{pad_token}"
-    key = hashlib.sha1(f"{recipe}:{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"recipe{MATERIALIZE_RECIPE}:{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_root(cache_dir) / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
@@ -156,6 +163,5 @@ def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_toke
 def resolve_embedded(name: str, cache_dir: str | None = None) -> Path:
     # SmolLM2's GGUF sets pad = <|im_end|> = EOS. Our labels never depend on the pad id, but a
     # distinct pad keeps generation and attention masks unambiguous; <|endoftext|> is unused in chat.
-    special = EMBEDDED_SPECIAL_TOKENS.get(name, {})
-    return materialize_gguf(embedded_gguf_path(name), cache_dir, pad_token=special.get("pad_token", "<|endoftext|>"),
-                            special_tokens={k: v for k, v in special.items() if k != "pad_token"})
+    # The pad and the special tokens come from EMBEDDED_SPECIAL_TOKENS (materialize_gguf looks them up).
+    return materialize_gguf(embedded_gguf_path(name), cache_dir)
