@@ -38,7 +38,7 @@ for s in ${STEPS:-tests model generate}; do
   case $s in
     tests) step gpu-tests "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider -m "not long" \
              tests/gpu tests/kernels tests/foundation/test_config.py tests/foundation/test_embedded.py \
-             tests/foundation/test_end_to_end.py tests/eval tests/model tests/train -k "not screenshot" ;;
+             tests/foundation/test_end_to_end.py tests/eval tests/model tests/train tests/data tests/infer tests/distributed -k "not screenshot" ;;
     model) step model-check "${T_MODEL:-210}" python3 bench/model_gpu_check.py --out bench/results --budget-s "${T_MODEL_BUDGET:-190}" ;;
     generate) step generate "${T_GEN:-170}" python3 bench/generate.py --out bench/results --repeats 1 --check-embedded ;;
   esac
