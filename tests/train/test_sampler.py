@@ -43,3 +43,4 @@ def test_world_of_two_sees_the_same_examples_as_one_process_with_double_batch():
     b0, b1 = two[0].epoch_order(0), two[1].epoch_order(0)
     for k in range(one.per_epoch):
         assert a[4 * k:4 * k + 4] == b0[2 * k:2 * k + 2] + b1[2 * k:2 * k + 2]
+

@@ -165,6 +165,9 @@ def rotate(root: Path, keep_last: int, best_step: int | None) -> None:
     for p in found[:-keep_last] if keep_last else found:
         if best_step is not None and p.name == f"step-{best_step}":
             continue
+        # Marker first: a process killed half-way through rmtree leaves a folder that no longer looks
+        # complete, so it can never be mistaken for a loadable checkpoint.
+        (p / MARKER).unlink(missing_ok=True)
         shutil.rmtree(p, ignore_errors=True)
 
 
