@@ -39,23 +39,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-GIB = 2**30
+from loraforge.config import LORA_TARGET_PRESETS
+from loraforge.model.memory import GIB, _shapes
+
 LOGIT_BYTES = 12
 ATTN_MATH_COPIES = 3.6
 USABLE_SHARE = 0.97  # allocator fragmentation and cache
 RESERVE_BYTES = 0.5 * GIB  # CUDA/cuBLAS workspaces and what the allocator rounds up
 CE_CHUNK_BYTES = 256 * 2**20  # kernels/cross_entropy.CHUNK_BYTES: fp32 logits of one chunk
 ROUND = 1024
-_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _dims(config: Any) -> dict[str, int]:
-    h = config.hidden_size
-    nh = config.num_attention_heads
-    d = getattr(config, "head_dim", None) or h // nh
-    nkv = getattr(config, "num_key_value_heads", None) or nh
-    return {"h": h, "i": config.intermediate_size, "L": config.num_hidden_layers, "V": config.vocab_size,
-            "nh": nh, "kv": nkv * d, "q": nh * d, "tied": int(bool(getattr(config, "tie_word_embeddings", False)))}
+    """The memory report's layer shapes, with the q and k/v widths this model needs."""
+    s = _shapes(config)
+    return {**s, "kv": s["nkv"] * s["d"], "q": s["nh"] * s["d"]}
 
 
 def _switches(run: Any) -> dict[str, bool]:
@@ -75,7 +73,7 @@ def _targets(run: Any) -> list[str]:
     if hasattr(lora, "resolved_targets"):
         return list(lora.resolved_targets())
     t = lora.target_modules
-    return list(_TARGETS_ALL) if t == "all" else list(t)
+    return list(LORA_TARGET_PRESETS["all-linear"]) if t == "all" else list(t)
 
 
 def memory_model(config: Any, run: Any, *, stack: str = "loraforge") -> dict[str, float]:
