@@ -244,10 +244,10 @@ class LayerGraphRunner:
                 run_bwd()
         torch.cuda.current_stream().wait_stream(side)
         fwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(fwd, pool=self.pool):
+        with torch.cuda.graph(fwd, pool=self.pool, stream=side):  # the stream the warm-up ran on
             run_fwd()
         bwd = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(bwd, pool=self.pool):
+        with torch.cuda.graph(bwd, pool=self.pool, stream=side):
             grads = run_bwd()
         gc.collect()
         return _LayerGraphs(fwd=fwd, bwd=bwd, grads=tuple(grads), ptrs=ptrs)
