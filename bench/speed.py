@@ -23,9 +23,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="fast path without CUDA graphs")
+    ap.add_argument("--diagnose", action="store_true", help="phase times, CPU profile, bf16 grad floor")
     a = ap.parse_args(argv)
     run_speed_bench(a.cases or None, a.out, warm=a.warmup, steps=a.steps,
-                    ablations=not a.no_ablations, profile=not a.no_profile)
+                    ablations=not a.no_ablations, profile=not a.no_profile, graphs=not a.no_graphs,
+                    diagnose=a.diagnose)
 
 
 if __name__ == "__main__":

@@ -171,12 +171,16 @@ def serve(
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
     timeout: Annotated[float, typer.Option(help="Seconds before a generation is abandoned.")] = 120.0,
+    fast_decode: Annotated[bool | None, typer.Option(
+        "--fast-decode/--no-fast-decode",
+        help="Static KV cache + CUDA-graph decode in shape buckets (default: on a GPU).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
     from loraforge.serve.app import run_server
 
     run_server([str(r) for r in run], host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
-               max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens, timeout=timeout)
+               max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens, timeout=timeout,
+               fast_decode=fast_decode)
 
 
 @app.command()

@@ -72,6 +72,8 @@ class ModelConfig(_Section):
         "sdpa", "Attention kernel.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto = the GPU if there is one.")
     fast_kernels: bool = opt(True, "Use loraforge's fused GPU kernels where the hardware supports them.")
+    cuda_graphs: bool = opt(True, "With the fast kernels: replay each checkpointed layer as CUDA graphs once a batch "
+                                  "shape repeats (packing gives one shape). Off: every kernel launched from Python.")
 
 
 @dataclass

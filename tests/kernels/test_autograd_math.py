@@ -94,3 +94,24 @@ def test_nf4_reference_dequant_matches_bitsandbytes():
         q, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
         torch.testing.assert_close(nf4_dequant_reference(q, qs), bnbf.dequantize_4bit(q, qs),
                                    rtol=0, atol=0)
+
+
+def test_rope_matches_transformers_and_gradcheck():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from loraforge.kernels.rope import apply_rope
+
+    torch.manual_seed(2)
+    b, s, hq, hk, d = 2, 5, 4, 2, 8
+    q, k = _p(b, s, hq, d), _p(b, s, hk, d)
+    ang = torch.randn(b, s, d // 2, dtype=D)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    rq, rk = apply_rope(q, k, cos, sin)
+    tq, tk = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    torch.testing.assert_close(rq.transpose(1, 2), tq)
+    torch.testing.assert_close(rk.transpose(1, 2), tk)
+    torch.autograd.gradcheck(lambda q, k: apply_rope(q, k, cos, sin), (q, k))
+    # cos/sin shared by the batch ([1, S, D]) broadcast the same way
+    r1 = apply_rope(q, k, cos[:1], sin[:1])
+    t1 = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos[:1], sin[:1])
+    torch.testing.assert_close(r1[0].transpose(1, 2), t1[0])

@@ -20,7 +20,7 @@ except Exception:  # pragma: no cover - depends on the install
     tl = None
     AVAILABLE = False
 
-ENABLED: dict[str, bool] = {"dequant": True, "swiglu": True, "rmsnorm": True}
+ENABLED: dict[str, bool] = {"dequant": True, "swiglu": True, "rmsnorm": True, "rope": True}
 
 
 def enabled(name: str) -> bool:
@@ -107,6 +107,33 @@ if AVAILABLE:
         tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_heads, seq, cos_bstride, SIGN: tl.constexpr,
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One program per token: all heads of x [T, H, 2*HALF] rotated by that token's cos/sin rows.
+        # out = x*cos + rotate_half(x)*sin (SIGN=1), or its inverse for backward (SIGN=-1).
+        t = tl.program_id(0).to(tl.int64)
+        crow = (t // seq) * cos_bstride + (t % seq) * (2 * HALF)
+        d = tl.arange(0, HALF)
+        c1 = tl.load(cos_ptr + crow + d).to(tl.float32)
+        c2 = tl.load(cos_ptr + crow + HALF + d).to(tl.float32)
+        s1 = tl.load(sin_ptr + crow + d).to(tl.float32) * SIGN
+        s2 = tl.load(sin_ptr + crow + HALF + d).to(tl.float32) * SIGN
+        h = tl.arange(0, BLOCK_H)
+        hm = h < n_heads
+        base = t * n_heads * (2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
+        x1 = tl.load(x_ptr + base, mask=hm[:, None], other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + base + HALF, mask=hm[:, None], other=0.0).to(tl.float32)
+        if SIGN > 0:
+            o1 = x1 * c1[None, :] - x2 * s1[None, :]
+            o2 = x2 * c2[None, :] + x1 * s2[None, :]
+        else:  # transpose of the rotation: dx1 = d1*c1 + d2*s2, dx2 = d2*c2 - d1*s1 (s already negated)
+            o1 = x1 * c1[None, :] - x2 * s2[None, :]
+            o2 = x2 * c2[None, :] + x1 * s1[None, :]
+        tl.store(out_ptr + base, o1.to(out_ptr.dtype.element_ty), mask=hm[:, None])
+        tl.store(out_ptr + base + HALF, o2.to(out_ptr.dtype.element_ty), mask=hm[:, None])
+
+
 _EW_BLOCK = 1024
 _DQ_BLOCK = 1024
 _table_cache: dict[tuple, torch.Tensor] = {}
@@ -180,3 +207,13 @@ def rmsnorm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, w: torch.Tensor, rstd: to
     block, warps = _row_block(n_cols)
     _rmsnorm_bwd_kernel[(rows,)](dy2d, x2d, w, rstd, dx, n_cols, BLOCK=block, num_warps=warps)
     return dx
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x [B, S, H, D] contiguous; cos/sin [B or 1, S, D] contiguous. Returns the rotated x, same layout."""
+    b, s, h, d = x.shape
+    out = torch.empty_like(x)
+    cos_bstride = 0 if cos.shape[0] == 1 else s * d
+    _rope_kernel[(b * s,)](x, cos, sin, out, h, s, cos_bstride, SIGN=-1 if inverse else 1, HALF=d // 2,
+                           BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+    return out

@@ -16,11 +16,33 @@ SwiGLU uses a Triton kernel on CUDA when `_triton.enabled("swiglu")`.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
 from . import _triton
 from .frozen import FrozenWeight
+
+_state = threading.local()
+
+
+@contextmanager
+def keeping_dense():
+    """Inside: forward nodes keep their expanded frozen weights for their backward instead of expanding
+    them again. For a recompute that is followed at once by its backward (graphs.py): one layer's
+    dense weights held briefly, one 4-bit expansion per weight saved."""
+    prev = getattr(_state, "keep", False)
+    _state.keep = True
+    try:
+        yield
+    finally:
+        _state.keep = prev
+
+
+def _keep() -> bool:
+    return getattr(_state, "keep", False)
 
 
 def _lora_forward(x2d, w, a, b, s):
@@ -60,10 +82,14 @@ class LoRALinears(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights: tuple[FrozenWeight, ...], scales: tuple[float, ...], *ab):
         x2d = x.reshape(-1, x.shape[-1])
-        outs = []
+        outs, dense, keep = [], [], _keep()
         for i, fw in enumerate(weights):
             a, b = _cast(ab[2 * i], x.dtype), _cast(ab[2 * i + 1], x.dtype)
-            outs.append(_lora_forward(x2d, fw.dense(), a, b, scales[i]).view(*x.shape[:-1], -1))
+            w = fw.dense()
+            outs.append(_lora_forward(x2d, w, a, b, scales[i]).view(*x.shape[:-1], -1))
+            if keep:
+                dense.append(w)
+        ctx.dense = tuple(dense) if keep else None
         ctx.weights, ctx.scales = weights, scales
         ctx.save_for_backward(x, *ab)
         return tuple(outs)
@@ -80,8 +106,8 @@ class LoRALinears(torch.autograd.Function):
             if d is None:
                 grads += [None, None]
                 continue
-            dx, da, db = _lora_backward(d.reshape(-1, d.shape[-1]), x2d, fw.dense(), a, b,
-                                        ctx.scales[i], dx)
+            w = ctx.dense[i] if ctx.dense is not None else fw.dense()
+            dx, da, db = _lora_backward(d.reshape(-1, d.shape[-1]), x2d, w, a, b, ctx.scales[i], dx)
             grads += [_grad_like(da, a_p), _grad_like(db, b_p)]
         if dx is not None:
             dx = dx.view(x.shape)
@@ -121,11 +147,20 @@ class LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, weights, scales, ag, bg, au, bu, ad, bd):
         x2d = x.reshape(-1, x.shape[-1])
         dt = x.dtype
-        wg, wu, wd = weights
-        e = _lora_forward(x2d, wg.dense(), _cast(ag, dt), _cast(bg, dt), scales[0])
-        g = _lora_forward(x2d, wu.dense(), _cast(au, dt), _cast(bu, dt), scales[1])
+        keep = _keep()
+        dense = []
+
+        def expand(fw):
+            w = fw.dense()
+            if keep:
+                dense.append(w)
+            return w
+
+        e = _lora_forward(x2d, expand(weights[0]), _cast(ag, dt), _cast(bg, dt), scales[0])
+        g = _lora_forward(x2d, expand(weights[1]), _cast(au, dt), _cast(bu, dt), scales[1])
         h = swiglu_forward(e, g)
-        y = _lora_forward(h, wd.dense(), _cast(ad, dt), _cast(bd, dt), scales[2])
+        y = _lora_forward(h, expand(weights[2]), _cast(ad, dt), _cast(bd, dt), scales[2])
+        ctx.dense = tuple(dense) if keep else None
         ctx.weights, ctx.scales = weights, scales
         ctx.save_for_backward(x, e, g, ag, bg, au, bu, ad, bd)
         return y.view(*x.shape[:-1], -1)
@@ -134,13 +169,15 @@ class LoRAMLP(torch.autograd.Function):
     def backward(ctx, dy):
         x, e, g, ag, bg, au, bu, ad, bd = ctx.saved_tensors
         dt = x.dtype
-        wg, wu, wd = ctx.weights
+        def w(i):  # expanded one at a time unless kept from the forward: peak holds one dense weight
+            return ctx.dense[i] if ctx.dense is not None else ctx.weights[i].dense()
+
         sg, su, sd = ctx.scales
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, dy.shape[-1])
         ad_c, bd_c = _cast(ad, dt), _cast(bd, dt)
         # dh = dY Wdᵀ-side (+ LoRA), then SwiGLU backward, which also rebuilds h for dA_down/dB_down.
-        dh = dy2d @ wd.dense()
+        dh = dy2d @ w(2)
         if ad_c is not None:
             dyb = dy2d @ bd_c
             dh.addmm_(dyb, ad_c, alpha=sd)
@@ -151,8 +188,8 @@ class LoRAMLP(torch.autograd.Function):
             dad = (dyb.t() @ h).mul_(sd)
             dbd = (dy2d.t() @ (h @ ad_c.t())).mul_(sd)
         del h
-        dx, dau, dbu = _lora_backward(dg, x2d, wu.dense(), _cast(au, dt), _cast(bu, dt), su, None)
-        dx, dag, dbg = _lora_backward(de, x2d, wg.dense(), _cast(ag, dt), _cast(bg, dt), sg, dx)
+        dx, dau, dbu = _lora_backward(dg, x2d, w(1), _cast(au, dt), _cast(bu, dt), su, None)
+        dx, dag, dbg = _lora_backward(de, x2d, w(0), _cast(ag, dt), _cast(bg, dt), sg, dx)
         return (dx.view(x.shape), None, None,
                 _grad_like(dag, ag), _grad_like(dbg, bg), _grad_like(dau, au), _grad_like(dbu, bu),
                 _grad_like(dad, ad), _grad_like(dbd, bd))

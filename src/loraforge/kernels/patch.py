@@ -108,6 +108,7 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
 
     from .frozen import FrozenWeight
     from .lora import lora_linears
+    from .rope import apply_rope, rope_supported
 
     w_qkv = tuple(FrozenWeight(p[0].weight, dtype) for p in parts_qkv)
     s_qkv = tuple(p[3] for p in parts_qkv)
@@ -124,11 +125,14 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q, k, v = lora_linears(hidden_states, w_qkv, s_qkv, ab_qkv)
-        q = q.view(hidden_shape).transpose(1, 2)
-        k = k.view(hidden_shape).transpose(1, 2)
-        v = v.view(hidden_shape).transpose(1, 2)
+        q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
         cos, sin = position_embeddings
-        q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+        if rope_supported(q, cos):  # rotated in the [B, S, H, D] layout, one kernel per tensor
+            q, k = apply_rope(q, k, cos, sin)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
         attention_interface = ml.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, ml.eager_attention_forward)
         out, weights = attention_interface(
@@ -247,7 +251,18 @@ def self_check(device) -> dict[str, str]:
             errs.append(float((got.float() - ref.float()).abs().max()))
         return max(errs)
 
-    checks = {"swiglu": (chk_swiglu, 1e-2), "rmsnorm": (chk_rmsnorm, 1e-2), "dequant": (chk_dequant, 0.0)}
+    def chk_rope():
+        from .rope import _rope_torch
+
+        x, cos, sin = rnd(2, 37, 5, 128), rnd(2, 37, 128), rnd(2, 37, 128)
+        errs = []
+        for inv in (False, True):
+            a, b = _triton.rope(x, cos, sin, inv), _rope_torch(x, cos, sin, inv)
+            errs.append(float((a.float() - b.float()).norm() / b.float().norm()))
+        return max(errs)
+
+    checks = {"swiglu": (chk_swiglu, 1e-2), "rmsnorm": (chk_rmsnorm, 1e-2), "dequant": (chk_dequant, 0.0),
+              "rope": (chk_rope, 1e-2)}
     for name, (fn, tol) in checks.items():
         want = _triton.ENABLED.get(name, False)
         try:

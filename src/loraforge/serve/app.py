@@ -286,11 +286,11 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
 
 def run_server(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                max_concurrency: int = 8, max_tokens_limit: int = 1024, max_prompt_tokens: int = 4096,
-               timeout: float = 120.0) -> None:
+               timeout: float = 120.0, fast_decode: bool | None = None) -> None:
     """Load the runs and serve until SIGINT/SIGTERM; in-flight requests get up to 30 s to finish."""
     import uvicorn
 
-    engine = Engine(runs, max_batch=max_concurrency, max_waiting=4 * max_concurrency)
+    engine = Engine(runs, max_batch=max_concurrency, max_waiting=4 * max_concurrency, fast_decode=fast_decode)
     limits = Limits(api_key=api_key or None, max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                     timeout=timeout)
     app = create_app(engine, limits)

@@ -7,6 +7,13 @@ settings (up to `max_batch`), and runs ONE left-padded batched `generate` for th
 back to its request as text deltas as soon as its tokens decode cleanly, and ends on its own EOS, stop
 string, `max_tokens`, cancellation or deadline while the other rows go on. Requests that arrive during a
 batch go into the next one (dynamic batching, not token-level continuous batching).
+
+Fast decoding (on by default on a GPU): the batch runs with a static KV cache and the decode step
+compiled into a CUDA graph (transformers' `cache_implementation="static"` + `CompileConfig`
+"reduce-overhead"). A graph has fixed shapes, so each batch is rounded up to a bucket — rows to a power
+of two (filler rows copy the first prompt and are discarded), prompt width to a multiple of 64 (more
+left padding), new tokens to a multiple of 128 — and a handful of buckets cover all traffic; each is
+compiled once, on first use.
 """
 
 from __future__ import annotations
@@ -75,6 +82,14 @@ class Request:
             pass
 
 
+def _bucket_rows(n: int, cap: int) -> int:
+    """The power of two at or above n (at most cap, or n itself past it)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return max(n, min(b, cap))
+
+
 def _adapter_name(path: Path) -> str:
     path = Path(path).resolve()
     return path.parent.name if path.name == "adapter" and (path.parent / "config.yaml").is_file() else path.name
@@ -84,7 +99,7 @@ class Engine:
     """Loads the base once with every adapter of `runs`, then generates for submitted requests."""
 
     def __init__(self, runs: list[str | Path], *, max_batch: int = 8, max_waiting: int = 32,
-                 batch_wait_s: float = 0.005, device: str = "auto") -> None:
+                 batch_wait_s: float = 0.005, device: str = "auto", fast_decode: bool | None = None) -> None:
         from loraforge.data.templates import load_user_template, prompt_formatter
         from loraforge.infer.load import load, locate
 
@@ -127,6 +142,8 @@ class Engine:
         self.eos_ids = {e for e in eos_ids if e is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.device = next(self.model.parameters()).device
+        # None = where it pays: static cache + CUDA-graph decode on a GPU; on a CPU there is no graph to gain
+        self.fast_decode = self.device.type == "cuda" if fast_decode is None else fast_decode
         self.max_batch, self.max_waiting, self.batch_wait_s = max_batch, max_waiting, batch_wait_s
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -221,10 +238,17 @@ class Engine:
         adapter = self.adapters[batch[0].adapter]
         if adapter.peft_name is not None:
             self.model.set_adapter(adapter.peft_name)
+        real = len(batch)
         width = max(len(r.input_ids) for r in batch)
+        max_new = max(r.max_tokens for r in batch)
+        rows = [r.input_ids for r in batch]
+        if self.fast_decode:  # fixed shapes for the CUDA graphs: see the module docstring
+            rows += [rows[0]] * (_bucket_rows(real, self.max_batch) - real)
+            width = -(-width // 64) * 64
+            max_new = -(-max_new // 128) * 128
         # Left padding: every prompt ends in the last column, where generation continues.
-        ids = torch.tensor([[self.pad_id] * (width - len(r.input_ids)) + r.input_ids for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch])
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
 
         class RowStreamer(BaseStreamer):
             def __init__(self) -> None:
@@ -234,7 +258,7 @@ class Engine:
                 if not self.prompt_seen:  # the first call carries the prompt
                     self.prompt_seen = True
                     return
-                for req, token in zip(batch, value.reshape(-1).tolist(), strict=True):
+                for req, token in zip(batch, value.reshape(-1).tolist()[:real], strict=True):
                     if req.finish_reason is None:
                         engine._advance(req, token)
 
@@ -249,17 +273,24 @@ class Engine:
                 for req in batch:
                     if req.finish_reason is None and (req.cancelled or now > req.deadline):
                         engine._finish(req, "cancelled" if req.cancelled else "timeout")
-                return torch.tensor([r.finish_reason is not None for r in batch], device=input_ids.device)
+                done = [r.finish_reason is not None for r in batch] + [True] * (len(rows) - real)
+                return torch.tensor(done, device=input_ids.device)
 
-        kwargs: dict[str, Any] = dict(max_new_tokens=max(r.max_tokens for r in batch), pad_token_id=self.pad_id,
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.pad_id,
                                       eos_token_id=sorted(self.eos_ids), streamer=RowStreamer(),
                                       stopping_criteria=StoppingCriteriaList([RowsDone()]))
+        if self.fast_decode:
+            kwargs["cache_implementation"] = "static"
+            if self.device.type == "cuda":
+                from transformers import CompileConfig
+
+                kwargs["compile_config"] = CompileConfig(fullgraph=False, mode="reduce-overhead", dynamic=False)
         first = batch[0]
         if first.temperature > 0:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        self.batch_sizes.append(len(batch))
+        self.batch_sizes.append(real)
         with torch.no_grad():
             self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
 

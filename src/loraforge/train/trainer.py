@@ -227,6 +227,23 @@ class LLAMATrainer:
             return
         summary = patch_model(self.model)
         self.log(f"fast kernels: {summary}")
+        cfg = self.config
+        from loraforge.kernels.context import long_context_switches
+
+        if not summary.get("patched") or not cfg.model.cuda_graphs:
+            return
+        if not cfg.training.gradient_checkpointing:
+            self.log("CUDA graphs: off (they replay checkpointed layers; training.gradient_checkpointing is false)")
+        elif long_context_switches(cfg.training).get("offload_activations"):
+            self.log("CUDA graphs: off (long-context offloading runs its own checkpoint)")
+        elif self.accelerator.num_processes > 1:
+            self.log("CUDA graphs: off under several processes (not yet measured with DDP's gradient hooks)")
+        else:
+            from loraforge.kernels.graphs import enable_graphed_layers
+
+            self._graphs = enable_graphed_layers(self.model, log=self.log)
+            self.log("CUDA graphs: on (each checkpointed layer is captured once its batch shape repeats; "
+                     "data.packing gives one shape)")
 
     # ------------------------------------------------------------------------------------------ training
 

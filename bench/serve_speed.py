@@ -1,0 +1,168 @@
+"""16 concurrent streams through `loraforge serve` against stock batch-16 `generate()`, same model, same run.
+
+    python bench/serve_speed.py [--out bench/results] [--streams 16] [--new-tokens 128]
+
+Model: Llama-2-7B shape with random bf16 weights (a merged bf16 fine-tune, to the GPU) and SmolLM2's
+tokenizer (prepared by `bench/model_gpu_check.py --prepare`), the folder bench/train_gpu_check.py writes.
+Prompts: 128 random tokens each. Greedy.
+
+1. Stock: `model.generate` on the 16 prompts as one left-padded batch, and on one prompt alone (dynamic
+   cache, eager), EOS disabled so every row makes exactly --new-tokens tokens.
+2. The server: `loraforge serve MODEL --max-concurrency 16` in a subprocess (fast decoding on: static
+   cache, CUDA-graph decode in shape buckets). One warm-up round compiles the buckets, then 16 clients
+   send `/v1/completions` at once (token-id prompts, max_tokens=--new-tokens, temperature 0); aggregate
+   tokens/s = completion tokens / wall time from first send to last answer. One client alone as well.
+3. Greedy equality: each server completion against the stock tokens of the same prompt.
+
+Writes serve-<date>-<device>.json with `case`, `stock_tokens_per_s`, `loraforge_tokens_per_s` per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def stock_generate(model, prompts, new_tokens):
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out[:, width:].tolist()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--port", type=int, default=8765)
+    a = ap.parse_args(argv)
+    import httpx
+    import torch
+    from train_gpu_check import make_model
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = make_model()
+    g = torch.Generator().manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}).eval()
+    vocab = model.config.vocab_size
+    eos = model.generation_config.eos_token_id
+    bad = set(eos if isinstance(eos, list) else [eos]) | {0}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    # Text prompts (the API takes text): random tokens decoded, then encoded as the server encodes them,
+    # so that stock and the server start from the same ids.
+    texts, prompts = [], []
+    for _ in range(a.streams):
+        row = [int(x) for x in torch.randint(3, vocab, (a.prompt_len,), generator=g)]
+        text = tok.decode([x if x not in bad else 5 for x in row], skip_special_tokens=True)
+        texts.append(text)
+        prompts.append(tok(text)["input_ids"])
+    stock_generate(model, prompts[:2], 8)  # warm-up
+    t16, stock16 = min((stock_generate(model, prompts, a.new_tokens) for _ in range(2)), key=lambda r: r[0])
+    t1, stock1 = min((stock_generate(model, prompts[:1], a.new_tokens) for _ in range(2)), key=lambda r: r[0])
+    del model
+    torch.cuda.empty_cache()
+
+    log = out_dir / "serve-bench-server.log"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge.cli", "serve", str(path), "--port", str(a.port),
+                             "--max-concurrency", str(a.streams), "--max-tokens-limit", str(a.new_tokens),
+                             "--timeout", "600"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{a.port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(log.read_text()[-3000:])
+            time.sleep(0.5)
+        model_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+        def ask(p):
+            r = httpx.post(url + "/v1/completions", timeout=900, json={
+                "model": model_name, "prompt": p, "max_tokens": a.new_tokens, "temperature": 0})
+            r.raise_for_status()
+            body = r.json()
+            return body["choices"][0]["text"], body["usage"]["completion_tokens"]
+
+        def round_(ps):
+            t = time.perf_counter()
+            with ThreadPoolExecutor(len(ps)) as pool:
+                res = list(pool.map(ask, ps))
+            return time.perf_counter() - t, res
+
+        warm_t = time.perf_counter()
+        round_(texts)  # compiles the 16-row bucket
+        round_(texts[:1])  # and the 1-row bucket
+        warm_s = time.perf_counter() - warm_t
+        s16, res16 = min((round_(texts) for _ in range(2)), key=lambda r: r[0])
+        s1, res1 = min((round_(texts[:1]) for _ in range(2)), key=lambda r: r[0])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    def match(stock_rows, served):
+        same, first_div = 0, []
+        for ids, (text, _) in zip(stock_rows, served, strict=True):
+            ref = tok.decode(ids, skip_special_tokens=True)
+            same += ref == text
+            k = next((i for i, (x, y) in enumerate(zip(ref, text, strict=False)) if x != y), min(len(ref), len(text)))
+            first_div.append(k if ref != text else None)
+        return same, first_div
+
+    same16, div16 = match(stock16, res16)
+    same1, div1 = match(stock1, res1)
+    dev = torch.cuda.get_device_name(0)
+    tokens16 = sum(n for _, n in res16)
+    rows = [
+        {"case": f"server-{a.streams}-streams-vs-stock-batch-{a.streams}", "device": dev,
+         "stock_tokens_per_s": round(a.streams * a.new_tokens / t16, 1),
+         "loraforge_tokens_per_s": round(tokens16 / s16, 1),
+         "speedup": round((tokens16 / s16) / (a.streams * a.new_tokens / t16), 2),
+         "completion_tokens": tokens16, "wall_s": round(s16, 3), "stock_s": round(t16, 3),
+         "identical_greedy_rows": f"{same16}/{a.streams}", "first_divergence_char": div16},
+        {"case": "server-1-stream-vs-stock-batch-1", "device": dev,
+         "stock_tokens_per_s": round(a.new_tokens / t1, 1), "loraforge_tokens_per_s": round(res1[0][1] / s1, 1),
+         "speedup": round((res1[0][1] / s1) / (a.new_tokens / t1), 2), "wall_s": round(s1, 3), "stock_s": round(t1, 3),
+         "identical_greedy_rows": f"{same1}/1", "first_divergence_char": div1},
+    ]
+    report = {"date": dt.date.today().isoformat(), "device": dev, "warmup_s": round(warm_s, 1),
+              "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "results": rows}
+    tag = dev.replace("NVIDIA ", "").split()[0].lower()
+    (out_dir / f"serve-{report['date']}-{tag}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The engine's fast decoding (static cache, shape buckets, filler rows) answers what plain batching answers.
+
+On a CPU there is no CUDA graph to record, but everything around it runs: the static cache, rows rounded
+up to a power of two with filler rows, prompts left-padded to a multiple of 64 and max_new_tokens to a
+multiple of 128 while each request still stops at its own max_tokens. bench/serve_speed.py runs the
+compiled path on a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from loraforge.serve.engine import Engine, Request, _bucket_rows
+
+
+def _run(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> list[Request]:
+    reqs = [Request(adapter=next(iter(engine.adapters)), input_ids=p, max_tokens=m, temperature=0.0)
+            for p, m in zip(prompts, max_tokens, strict=True)]
+    for r in reqs:  # submitted together: one batch of 3 (bucket 4 with one filler row)
+        engine.submit(r)
+    deadline = time.monotonic() + 120
+    while any(r.finish_reason is None for r in reqs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return reqs
+
+
+def test_bucket_rows() -> None:
+    assert [_bucket_rows(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert _bucket_rows(6, 4) == 6  # past the cap: the batch as it is
+
+
+def test_fast_decode_matches_plain_batching(served_runs: list[Path]) -> None:
+    prompts = [[5, 17, 42, 7, 99, 3], [8, 8, 101, 12], list(range(20, 90))]
+    max_tokens = [12, 5, 9]
+    answers = {}
+    for fast in (False, True):
+        engine = Engine([served_runs[0]], max_batch=4, fast_decode=fast, device="cpu", batch_wait_s=0.2)
+        try:
+            reqs = _run(engine, prompts, max_tokens)
+            assert all(r.finish_reason in ("length", "stop") for r in reqs), [r.finish_reason for r in reqs]
+            answers[fast] = [r.tokens for r in reqs]
+            assert list(engine.batch_sizes) == [3]  # one batch, the filler row not counted
+        finally:
+            engine.close()
+    assert answers[True] == answers[False]
+    # each request stops at its own max_tokens, not at the bucket's 128
+    assert all(0 < len(t) <= m for t, m in zip(answers[True], max_tokens, strict=True))
