@@ -87,13 +87,17 @@ def test_cuda_graphs_match_eager_fast_path_and_stock(ckpt, pad):
     batch = _batch(eager.config.vocab_size, pad)
     opts = {id(m): torch.optim.AdamW(list(lora_params(m).values()), lr=1e-3) for m in (eager, graphed)}
     losses = {id(m): [] for m in (eager, graphed)}
+    alive = {}
     for _ in range(4):  # step 1 eager, step 2 captures, steps 3-4 replay
         for m in (eager, graphed):
+            # the previous step's loss (and so its autograd graph) is still referenced, as in a
+            # training loop's `loss` variable: capture must not depend on its AccumulateGrad nodes
             loss = m(**batch).loss
             loss.backward()
             opts[id(m)].step()
             opts[id(m)].zero_grad(set_to_none=True)
             losses[id(m)].append(float(loss.detach()))
+            alive[id(m)] = loss
     s = runner.summary()
     assert s["captured"] == 2 and s["replays"] >= 8 and not s["disabled"], s
     torch.testing.assert_close(losses[id(graphed)], losses[id(eager)], rtol=2e-3, atol=0)

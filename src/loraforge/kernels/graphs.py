@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,20 @@ def _tensors(v) -> list[torch.Tensor]:
 def _kw_tensors(kwargs: dict) -> list[torch.Tensor]:
     """Every tensor among the keyword arguments, in key order (the order the signature uses)."""
     return [t for k in sorted(kwargs) for t in _tensors(kwargs[k])]
+
+
+@contextmanager
+def _aliased(slots: list[tuple[torch.nn.Module, str]]):
+    """Swap each (module, name) parameter for a new leaf Parameter sharing its storage; restore after."""
+    originals = [mod._parameters[name] for mod, name in slots]
+    leaves = [torch.nn.Parameter(p.detach(), requires_grad=True) for p in originals]
+    for (mod, name), leaf in zip(slots, leaves, strict=True):
+        mod._parameters[name] = leaf
+    try:
+        yield leaves
+    finally:
+        for (mod, name), p in zip(slots, originals, strict=True):
+            mod._parameters[name] = p
 
 
 @dataclass
@@ -135,6 +150,9 @@ class LayerGraphRunner:
         self.stats = GraphStats()
         self.paused = False  # the benchmark's ablation: ordinary checkpointing, graphs kept
         self.pool = None if emulate else torch.cuda.graph_pool_handle()
+        # One capture stream for every graph: the allocator reuses a freed block only on the stream it
+        # was freed on, so a stream per capture would keep every capture's working memory apart.
+        self.stream = None if emulate else torch.cuda.Stream()
 
     # ---------------------------------------------------------------- per call
     def usable(self, x: torch.Tensor, kwargs: dict) -> tuple | None:
@@ -224,10 +242,14 @@ class LayerGraphRunner:
                 st.y.copy_(out)
 
         def run_bwd():
-            with torch.enable_grad(), keeping_dense():
+            # Fresh leaves over the same storage stand in for the parameters: the graph reads the
+            # parameters' memory (so optimizer updates are seen), while autograd never touches the
+            # parameters' own AccumulateGrad nodes, which belong to the default stream and, if an
+            # earlier step's graph is still referenced, would join that stream into the capture.
+            with torch.enable_grad(), keeping_dense(), _aliased(self.slots[index]) as leaves:
                 xi = st.x.detach().requires_grad_(True)
                 out = call(xi)
-                grads = torch.autograd.grad(out, (xi, *params), st.dy, allow_unused=True)
+                grads = torch.autograd.grad(out, (xi, *leaves), st.dy, allow_unused=True)
             st.dx.copy_(grads[0])
             return grads[1:]
 
@@ -236,7 +258,7 @@ class LayerGraphRunner:
             run_fwd()  # fail here, not in the middle of a backward, if the layer cannot run this way
             return _LayerGraphs(fwd=run_fwd, bwd=run_bwd, grads=(), ptrs=ptrs)
 
-        side = torch.cuda.Stream()
+        side = self.stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # cuBLAS workspaces, Triton compiles, SDPA kernel choice
             for _ in range(self.warmup):
@@ -261,8 +283,7 @@ class LayerGraphRunner:
         self.seen.clear()
 
     # ---------------------------------------------------------------- replay
-    def forward(self, index: int, sig: tuple, g: _LayerGraphs, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        st = self.statics[sig]
+    def forward(self, st: _Statics, g: _LayerGraphs, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
         st.x.copy_(x)
         self._fill_kwargs(st, kwargs)
         if self.emulate:
@@ -272,9 +293,9 @@ class LayerGraphRunner:
         self.stats.replays += 1
         return st.y.clone()
 
-    def backward(self, index: int, sig: tuple, g: _LayerGraphs, x: torch.Tensor, kwargs: dict,
+    def backward(self, st: _Statics, g: _LayerGraphs, x: torch.Tensor, kwargs: dict,
                  dy: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        st = self.statics[sig]
+        # st and g come from the forward's ctx: a runner switched off meanwhile still finishes this step
         st.x.copy_(x)
         st.dy.copy_(dy)
         self._fill_kwargs(st, kwargs)
@@ -289,15 +310,15 @@ class LayerGraphRunner:
 
 class _GraphedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, runner, index, sig, g, kwargs, x, *params):
-        ctx.runner, ctx.index, ctx.sig, ctx.g, ctx.kwargs = runner, index, sig, g, kwargs
+    def forward(ctx, runner, index, st, g, kwargs, x, *params):
+        ctx.runner, ctx.st, ctx.g, ctx.kwargs = runner, st, g, kwargs
         ctx.save_for_backward(x)
-        return runner.forward(index, sig, g, x, kwargs)
+        return runner.forward(st, g, x, kwargs)
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx, grads = ctx.runner.backward(ctx.index, ctx.sig, ctx.g, x, ctx.kwargs, dy.contiguous())
+        dx, grads = ctx.runner.backward(ctx.st, ctx.g, x, ctx.kwargs, dy.contiguous())
         # Static gradient buffers go to autograd as they are: AccumulateGrad copies or adds them
         # (it never keeps a tensor someone else still holds), before the next replay overwrites them.
         return (None, None, None, None, None, dx if ctx.needs_input_grad[5] else None, *grads)
@@ -320,7 +341,7 @@ class GraphedCheckpoint:
         if g is None:
             r.stats.fallbacks += 1
             return self.inner(fn, *args, **kwargs)
-        return _GraphedLayer.apply(r, self.index, sig, g, fn.keywords, args[0], *r.params[self.index])
+        return _GraphedLayer.apply(r, self.index, r.statics[sig], g, fn.keywords, args[0], *r.params[self.index])
 
 
 def enable_graphed_layers(model, *, max_signatures: int = 3, min_repeats: int = 2, emulate: bool = False,

@@ -75,7 +75,10 @@ def is_supported(model, *, allow_cpu: bool = False) -> tuple[bool, str]:
 
 
 def _lora_parts(mod):
-    """(FrozenWeight-able base weight, A param, B param, scale) for a projection, or None."""
+    """(base layer, A's nn.Linear, B's nn.Linear, scale) for a projection, or None.
+
+    The A/B *modules* are kept, not their Parameters: each call reads `.weight` afresh, so whoever
+    swaps a parameter on the module (graphs.py does, to capture with fresh autograd leaves) is seen."""
     adapter = None
     if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
         active = getattr(mod, "active_adapters", None) or [getattr(mod, "active_adapter", None)]
@@ -97,10 +100,14 @@ def _lora_parts(mod):
         base = mod.get_base_layer()
         if getattr(base, "bias", None) is not None:
             return None
-        return base, la.weight, lb.weight, float(mod.scaling[adapter])
+        return base, la, lb, float(mod.scaling[adapter])
     if isinstance(mod, torch.nn.Linear) and mod.bias is None:
         return mod, None, None, 0.0
     return None
+
+
+def _weights(mods):
+    return [None if m is None else m.weight for m in mods]
 
 
 def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
@@ -112,7 +119,7 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
 
     w_qkv = tuple(FrozenWeight(p[0].weight, dtype) for p in parts_qkv)
     s_qkv = tuple(p[3] for p in parts_qkv)
-    ab_qkv = [t for p in parts_qkv for t in (p[1], p[2])]
+    ab_qkv = [m for p in parts_qkv for m in (p[1], p[2])]
     w_o = (FrozenWeight(parts_o[0].weight, dtype),)
     ab_o = [parts_o[1], parts_o[2]]
 
@@ -124,7 +131,7 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
                                 **kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = lora_linears(hidden_states, w_qkv, s_qkv, ab_qkv)
+        q, k, v = lora_linears(hidden_states, w_qkv, s_qkv, _weights(ab_qkv))
         q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
         cos, sin = position_embeddings
         if rope_supported(q, cos):  # rotated in the [B, S, H, D] layout, one kernel per tensor
@@ -140,7 +147,7 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
-        (out,) = lora_linears(out, w_o, (parts_o[3],), ab_o)
+        (out,) = lora_linears(out, w_o, (parts_o[3],), _weights(ab_o))
         return out, weights
 
     return forward
@@ -152,12 +159,12 @@ def _mlp_forward_factory(orig_forward, parts, dtype):
 
     ws = tuple(FrozenWeight(p[0].weight, dtype) for p in parts)
     ss = tuple(p[3] for p in parts)
-    ab = [t for p in parts for t in (p[1], p[2])]
+    ab = [m for p in parts for m in (p[1], p[2])]
 
     def forward(self, x):
         if x.dtype != dtype:
             return orig_forward(x)
-        return lora_mlp(x, ws, ss, ab)
+        return lora_mlp(x, ws, ss, _weights(ab))
 
     return forward
 
