@@ -25,3 +25,29 @@ def test_one_sync_paged_adamw_matches_bitsandbytes(device):
     assert not torch.equal(ps1[0].detach(), start)
     for a, b in zip(ps1, ps2, strict=True):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fused_paged_adamw_follows_bitsandbytes(device):
+    """Same update rule as bitsandbytes' PagedAdamW32bit (not bit-identical: another kernel), over
+    several steps with weight decay and two parameter groups; on CUDA its moments are paged memory."""
+    from loraforge.kernels.optim import fused_paged_adamw_32bit
+
+    torch.manual_seed(1)
+    ps1 = [torch.nn.Parameter(torch.randn(16, 64, device=device)) for _ in range(4)]
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps1]
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.05}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa: E731
+    o1 = bnb.optim.PagedAdamW32bit(groups(ps1), lr=1e-2)
+    o2 = fused_paged_adamw_32bit(groups(ps2), lr=1e-2)
+    for _ in range(5):
+        for a, b in zip(ps1, ps2, strict=True):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    for a, b in zip(ps1, ps2, strict=True):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+    state = o2.state[ps2[0]]
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and float(state["step"]) == 5
+    if device == "cuda":
+        assert getattr(state["exp_avg"], "is_paged", False)

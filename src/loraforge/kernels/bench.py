@@ -252,9 +252,9 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
         vocab = stock.config.vocab_size
         opt_s = bnb.optim.PagedAdamW32bit(list(lora_params(stock).values()), lr=2e-4)
         # the same optimizer (paged AdamW 32-bit, same math and states) as loraforge's trainer builds it
-        from .optim import paged_adamw_32bit
+        from .optim import fused_paged_adamw_32bit
 
-        opt_f = paged_adamw_32bit(list(lora_params(fast).values()), lr=2e-4)
+        opt_f = fused_paged_adamw_32bit(list(lora_params(fast).values()), lr=2e-4)
         n_params = sum(p.numel() for p in fast.parameters())
         n_params_real = _real_param_count(fast)
         for name in names:
@@ -426,9 +426,17 @@ def _ablations(fast, opt, batches, warm, steps, other_bytes, toks) -> dict:
     out["torch_fused_adamw"] = {"tokens_per_s": round(toks / r["step_s"]),
                                 "event_s": round(r["event_s"], 4), "peak_gib": round(r["peak_gib"], 3)}
     del t_opt
-    # bitsandbytes' own paged AdamW 32-bit (one device sync per parameter) instead of
-    # loraforge.kernels.optim's (same math and paged states, one sync per step).
+    # bitsandbytes' own paged AdamW 32-bit (one launch, prefetch and device sync per parameter), and
+    # the same with one sync per step, instead of loraforge.kernels.optim's fused paged AdamW.
     import bitsandbytes as bnb
+
+    from .optim import paged_adamw_32bit
+
+    o = paged_adamw_32bit(list(lora_params(fast).values()), lr=2e-4)
+    r = _time_steps(fast, o, batches, warm, steps, other_bytes, False)
+    out["one_sync_paged_adamw"] = {"tokens_per_s": round(toks / r["step_s"]),
+                                   "event_s": round(r["event_s"], 4), "peak_gib": round(r["peak_gib"], 3)}
+    del o
 
     p_opt = bnb.optim.PagedAdamW32bit(list(lora_params(fast).values()), lr=2e-4)
     r = _time_steps(fast, p_opt, batches, warm, steps, other_bytes, False)
