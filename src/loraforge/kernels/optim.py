@@ -86,10 +86,7 @@ def _paged_state(p: torch.Tensor, fused: bool) -> dict:
     def zeros():
         if p.is_cuda:
             try:
-                import bitsandbytes.functional as bnbf
-
-                t = bnbf.get_paged(*p.shape, dtype=torch.float32, device=p.device)
-                return t.zero_()
+                return _paged_cuda_zeros(p.shape, p.device)
             except Exception:  # noqa: BLE001 - no paged memory: an ordinary device tensor works the same
                 pass
         return torch.zeros_like(p, dtype=torch.float32)
@@ -97,3 +94,32 @@ def _paged_state(p: torch.Tensor, fused: bool) -> dict:
     step = (torch.zeros((), dtype=torch.float32, device=p.device) if fused
             else torch.tensor(0.0, dtype=torch.float32))
     return {"step": step, "exp_avg": zeros(), "exp_avg_sq": zeros()}
+
+
+class _ManagedArray:
+    """A CUDA-array-interface view of unified memory from bitsandbytes, so torch sees a CUDA tensor.
+
+    `bitsandbytes.functional.get_paged` returns its unified-memory buffer as a tensor whose device
+    says cpu (bitsandbytes' own kernels take raw pointers); torch's fused optimizer kernels insist on
+    CUDA tensors. The pointer is valid on the device, so it is handed to `torch.as_tensor` through the
+    CUDA array interface; the bitsandbytes tensor (the memory's owner) is kept alive by this object,
+    which torch keeps alive as long as the view.
+    """
+
+    def __init__(self, owner: torch.Tensor, shape):
+        self.owner = owner
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "data": (owner.data_ptr(), False),
+                                         "version": 3, "strides": None}
+
+
+def _paged_cuda_zeros(shape, device) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    owner = bnbf.get_paged(*shape, dtype=torch.float32, device=device)
+    t = torch.as_tensor(_ManagedArray(owner, shape), device=device)
+    if not t.is_cuda or t.data_ptr() != owner.data_ptr():
+        raise RuntimeError("unified memory did not map to a CUDA tensor")
+    t.zero_()
+    t.is_paged = True  # as bitsandbytes marks its paged tensors
+    t.page_deviceid = getattr(owner, "page_deviceid", device.index or 0)
+    return t
