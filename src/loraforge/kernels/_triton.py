@@ -20,7 +20,9 @@ except Exception:  # pragma: no cover - depends on the install
     tl = None
     AVAILABLE = False
 
-ENABLED: dict[str, bool] = {"dequant": True, "swiglu": True, "rmsnorm": True, "rope": True}
+# dequant_rows: the tiled NF4 kernel; correct (bit-exact) but measured slower than the flat one on an
+# H100 (13.3 vs 12.6 ms/step at 7B 4x512, bench/NOTES.md), so off by default.
+ENABLED: dict[str, bool] = {"dequant": True, "swiglu": True, "rmsnorm": True, "rope": True, "dequant_rows": False}
 
 
 def enabled(name: str) -> bool:
@@ -191,7 +193,7 @@ def nf4_dequant(weight: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
         args = (qs.absmax, table, table, qs.absmax, table)
         qb2 = 1
     qb = qs.blocksize // 2  # packed bytes per quantization block
-    if ENABLED.get("dequant_rows", True) and qb >= 16 and qb & (qb - 1) == 0 and n_bytes % qb == 0:
+    if ENABLED.get("dequant_rows", False) and qb >= 16 and qb & (qb - 1) == 0 and n_bytes % qb == 0:
         n_blocks = n_bytes // qb
         rows = max(1, 4096 // qb)  # 4 KiB of packed bytes (8K weights) per program
         _nf4_dequant_rows_kernel[(triton.cdiv(n_blocks, rows),)](
