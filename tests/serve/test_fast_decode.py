@@ -46,3 +46,28 @@ def test_fast_decode_matches_plain_batching(served_runs: list[Path]) -> None:
     assert answers[True] == answers[False]
     # each request stops at its own max_tokens, not at the bucket's 128
     assert all(0 < len(t) <= m for t, m in zip(answers[True], max_tokens, strict=True))
+
+
+def test_incremental_detokenization_equals_full_decode(embedded_model_dir: Path) -> None:
+    """Engine._detokenize (a short window per token) ends with exactly the full decode, never sends
+    text it later takes back, on multi-byte characters (CJK, emoji) and spacing-sensitive text."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    engine = Engine.__new__(Engine)  # only the tokenizer is needed
+    engine.tokenizer = tok
+    texts = ["Hello,  world!\n\n  Indented ünïcödé — 東京タワー 🚀🎉 done.", "  a  b\tc\n", "naïve café 你好吗？"]
+    rng = random.Random(0)
+    texts.append(tok.decode([rng.randrange(len(tok)) for _ in range(200)], skip_special_tokens=True))
+    for text in texts:
+        req = Request(adapter="x", input_ids=[], max_tokens=10)
+        seen = ""
+        for t in tok(text, add_special_tokens=False)["input_ids"]:
+            req.tokens.append(t)
+            now = engine._detokenize(req)
+            assert now.startswith(seen)  # only ever appended to
+            seen = now
+        full = tok.decode(req.tokens, skip_special_tokens=True)
+        assert full.startswith(seen) and len(full) - len(seen) <= 8  # at most a held-back tail

@@ -67,6 +67,10 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     sent: str = ""
     finish_reason: str | None = None
+    text: str = ""  # decoded so far (incrementally, see Engine._advance)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    outbox: list | None = None  # while set, events collect here and go to the loop in one call per step
 
     @property
     def group(self) -> tuple[Any, ...]:
@@ -76,9 +80,31 @@ class Request:
     def post(self, *event: Any) -> None:
         if self.loop is None or self.events is None:
             return
+        if self.outbox is not None:
+            self.outbox.append((self, event))
+            return
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: the client is gone
+            pass
+
+
+def _deliver(items: list) -> None:
+    for req, event in items:
+        req.events.put_nowait(event)
+
+
+def _flush(outbox: list) -> None:
+    """One call_soon_threadsafe per event loop for everything a decode step produced: waking the loop
+    (and taking the GIL from the generating thread) once per step instead of once per row."""
+    by_loop: dict[Any, list] = {}
+    for req, event in outbox:
+        by_loop.setdefault(req.loop, []).append((req, event))
+    outbox.clear()
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the loop is closed: the clients are gone
             pass
 
 
@@ -250,6 +276,8 @@ class Engine:
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
 
+        outbox: list = []
+
         class RowStreamer(BaseStreamer):
             def __init__(self) -> None:
                 self.prompt_seen = False
@@ -260,7 +288,10 @@ class Engine:
                     return
                 for req, token in zip(batch, value.reshape(-1).tolist()[:real], strict=True):
                     if req.finish_reason is None:
+                        req.outbox = outbox
                         engine._advance(req, token)
+                        req.outbox = None
+                _flush(outbox)
 
             def end(self) -> None:
                 for req in batch:
@@ -268,13 +299,18 @@ class Engine:
                         engine._finish(req, "length")
 
         class RowsDone(StoppingCriteria):
+            def __init__(self) -> None:
+                self.last: tuple[list[bool], torch.Tensor] | None = None
+
             def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
                 now = time.monotonic()
                 for req in batch:
                     if req.finish_reason is None and (req.cancelled or now > req.deadline):
                         engine._finish(req, "cancelled" if req.cancelled else "timeout")
                 done = [r.finish_reason is not None for r in batch] + [True] * (len(rows) - real)
-                return torch.tensor(done, device=input_ids.device)
+                if self.last is None or self.last[0] != done:  # a copy to the device only when a row ends
+                    self.last = (done, torch.tensor(done, device=input_ids.device))
+                return self.last[1]
 
         kwargs: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.pad_id,
                                       eos_token_id=sorted(self.eos_ids), streamer=RowStreamer(),
@@ -299,7 +335,7 @@ class Engine:
             self._finish(req, "stop")
             return
         req.tokens.append(token)
-        text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
+        text = self._detokenize(req)
         for s in req.stop:
             at = text.find(s)
             if at >= 0:
@@ -316,6 +352,27 @@ class Engine:
         # Hold back a tail that could be the start of a stop string, so no part of one is ever sent.
         hold = max((k for s in req.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         self._send(req, text[: len(text) - hold])
+
+    def _detokenize(self, req: Request) -> str:
+        """The text of req.tokens, decoding only a short window per new token.
+
+        Decoding the whole sequence at every step costs O(n) per token. Instead decode the tokens from
+        `prefix_offset` (a few tokens of left context, so a tokenizer that merges spaces or bytes across
+        tokens decodes them the same way) and append what they add beyond the text of the context alone;
+        a trailing U+FFFD (half a UTF-8 character) waits for the next token. `_finish` sends the full
+        decode at the end, so nothing held back is lost.
+        """
+        decode = self.tokenizer.decode
+        prefix = decode(req.tokens[req.prefix_offset:req.read_offset], skip_special_tokens=True)
+        new = decode(req.tokens[req.prefix_offset:], skip_special_tokens=True)
+        if len(new) > len(prefix) and not new.endswith("\ufffd") and new.startswith(prefix):
+            req.text += new[len(prefix):]
+            req.prefix_offset, req.read_offset = req.read_offset, len(req.tokens)
+        elif not new.startswith(prefix):  # the window re-tokenized its left context: decode in full
+            req.text = decode(req.tokens, skip_special_tokens=True)
+            req.prefix_offset = req.read_offset = len(req.tokens)
+            return req.text
+        return req.text  # tokens not yet committed (half a character, no text yet) wait for the next
 
     def _send(self, req: Request, text: str) -> None:
         if text.startswith(req.sent) and len(text) > len(req.sent):
