@@ -71,3 +71,27 @@ def test_incremental_detokenization_equals_full_decode(embedded_model_dir: Path)
             seen = now
         full = tok.decode(req.tokens, skip_special_tokens=True)
         assert full.startswith(seen) and len(full) - len(seen) <= 8  # at most a held-back tail
+
+
+def test_a_burst_arriving_over_several_milliseconds_is_one_batch(served_runs: list[Path]) -> None:
+    import threading
+
+    engine = Engine([served_runs[0]], max_batch=8, device="cpu", batch_wait_s=0.01, batch_wait_max_s=0.5)
+    try:
+        name = next(iter(engine.adapters))
+        reqs = [Request(adapter=name, input_ids=[5, 6, 7 + i], max_tokens=2, temperature=0.0) for i in range(6)]
+
+        def arrive():  # one request every 4 ms, as HTTP clients of a burst do
+            for r in reqs:
+                engine.submit(r)
+                time.sleep(0.004)
+
+        t = threading.Thread(target=arrive)
+        t.start()
+        t.join()
+        deadline = time.monotonic() + 60
+        while any(r.finish_reason is None for r in reqs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(engine.batch_sizes) == [6]
+    finally:
+        engine.close()
