@@ -264,7 +264,10 @@ class LLAMATrainer:
 
         from loraforge.data.collate import PadCollator
 
-        collate = PadCollator(self.tokenizer.pad_token_id, 8 if acc.device.type == "cuda" else None)
+        # CUDA graphs replay a captured shape: rows padded to a multiple of 128 give a few shapes that
+        # recur (packing gives exactly one); otherwise a multiple of 8 suits the tensor cores.
+        multiple = (128 if getattr(self, "_graphs", None) is not None else 8) if acc.device.type == "cuda" else None
+        collate = PadCollator(self.tokenizer.pad_token_id, multiple)
         train_set = self.data.train
         # A streamed (on-disk) training set knows its lengths; reading every example to get them would
         # defeat streaming.
