@@ -20,9 +20,7 @@ except Exception:  # pragma: no cover - depends on the install
     tl = None
     AVAILABLE = False
 
-# dequant_rows: the tiled NF4 kernel; correct (bit-exact) but measured slower than the flat one on an
-# H100 (13.3 vs 12.6 ms/step at 7B 4x512, bench/NOTES.md), so off by default.
-ENABLED: dict[str, bool] = {"dequant": True, "swiglu": True, "rmsnorm": True, "rope": True, "dequant_rows": False}
+ENABLED: dict[str, bool] = {"dequant": True, "swiglu": True, "rmsnorm": True, "rope": True}
 
 
 def enabled(name: str) -> bool:
@@ -53,30 +51,6 @@ if AVAILABLE:
         vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
         offs2 = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
         tl.store(out_ptr + offs2, vals, mask=offs2 < 2 * n_bytes)
-
-    @triton.jit
-    def _nf4_dequant_rows_kernel(q_ptr, a8_ptr, code2_ptr, absmax2_ptr, absmax_ptr, offset_ptr, table_ptr,
-                                 out_ptr, n_blocks, QB: tl.constexpr, ROWS: tl.constexpr, QBLOCK2: tl.constexpr,
-                                 NESTED: tl.constexpr):
-        # A tile of ROWS quantization blocks x QB packed bytes: each block's absmax is loaded (and, with
-        # double quant, expanded) once per row instead of once per byte. Same arithmetic, same rounding
-        # as _nf4_dequant_kernel.
-        pid = tl.program_id(0)
-        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        rmask = rows < n_blocks
-        cols = tl.arange(0, QB)
-        b = tl.load(q_ptr + rows[:, None] * QB + cols[None, :], mask=rmask[:, None], other=0).to(tl.int32)
-        if NESTED:
-            a8 = tl.load(a8_ptr + rows, mask=rmask, other=0).to(tl.int32)
-            am = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + rows // QBLOCK2, mask=rmask, other=0.0)
-            am = am + tl.load(offset_ptr)
-        else:
-            am = tl.load(absmax_ptr + rows, mask=rmask, other=0.0)
-        hi = tl.load(table_ptr + (b >> 4)) * am[:, None]
-        lo = tl.load(table_ptr + (b & 15)) * am[:, None]
-        vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
-        cols2 = tl.arange(0, 2 * QB)
-        tl.store(out_ptr + rows[:, None] * (2 * QB) + cols2[None, :], vals, mask=rmask[:, None])
 
     @triton.jit
     def _swiglu_fwd_kernel(e_ptr, g_ptr, h_ptr, n, BLOCK: tl.constexpr):
@@ -192,13 +166,6 @@ def nf4_dequant(weight: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
     else:
         args = (qs.absmax, table, table, qs.absmax, table)
         qb2 = 1
-    qb = qs.blocksize // 2  # packed bytes per quantization block
-    if ENABLED.get("dequant_rows", False) and qb >= 16 and qb & (qb - 1) == 0 and n_bytes % qb == 0:
-        n_blocks = n_bytes // qb
-        rows = max(1, 4096 // qb)  # 4 KiB of packed bytes (8K weights) per program
-        _nf4_dequant_rows_kernel[(triton.cdiv(n_blocks, rows),)](
-            q, *args, table, out, n_blocks, QB=qb, ROWS=rows, QBLOCK2=qb2, NESTED=bool(qs.nested), num_warps=8)
-        return out
     grid = (triton.cdiv(n_bytes, _DQ_BLOCK),)
     _nf4_dequant_kernel[grid](q, *args, table, out, n_bytes, BLOCK=_DQ_BLOCK, QBLOCK=qs.blocksize,
                               QBLOCK2=qb2, NESTED=bool(qs.nested), num_warps=4)

@@ -250,24 +250,13 @@ def self_check(device) -> dict[str, str]:
     def chk_dequant():
         import bitsandbytes.functional as bnbf
         w = rnd(384, 1024)
-
-        def err():
-            errs = []
-            for nested in (True, False):
-                q, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
-                ref = bnbf.dequantize_4bit(q, qs)
-                got = _triton.nf4_dequant(q, qs, torch.bfloat16)
-                errs.append(float((got.float() - ref.float()).abs().max()))
-            return max(errs)
-
-        try:  # the tiled kernel first; the flat one if the tiled one does not build or does not match
-            e = err()
-            if e == 0.0:
-                return e
-        except Exception:  # noqa: BLE001
-            pass
-        _triton.ENABLED["dequant_rows"] = False
-        return err()
+        errs = []
+        for nested in (True, False):
+            q, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+            ref = bnbf.dequantize_4bit(q, qs)
+            got = _triton.nf4_dequant(q, qs, torch.bfloat16)
+            errs.append(float((got.float() - ref.float()).abs().max()))
+        return max(errs)
 
     def chk_rope():
         from .rope import _rope_torch
