@@ -41,7 +41,14 @@ def main(argv=None):
     ap.add_argument("--simulate-limit", type=int, default=None, help="CPU only: longer counts as OOM")
     ap.add_argument("--fresh", action="store_true", help="ignore the saved search state")
     ap.add_argument("--root", default=None, help="where the random-weight checkpoint is written")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the result JSON from the saved state; run nothing")
     a = ap.parse_args(argv)
+    if a.report_only:
+        from loraforge.kernels.context import rebuild_report
+
+        print(rebuild_report(a.out, "tiny" if a.tiny else a.shape, a.device))
+        return
     shape = "tiny" if a.tiny else a.shape
     kw = {}
     if a.tiny:
@@ -57,4 +64,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from loraforge.errors import LoraforgeError
+
+    try:
+        main()
+    except LoraforgeError as e:  # what the user can fix: the message, no traceback
+        sys.exit(f"error: {e}")

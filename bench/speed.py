@@ -32,4 +32,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from loraforge.errors import LoraforgeError
+
+    try:
+        main()
+    except LoraforgeError as e:  # what the user can fix: the message, no traceback
+        sys.exit(f"error: {e}")

@@ -50,3 +50,14 @@ def test_config_command_lists_every_setting():
     out = run_cli("config")
     assert out.returncode == 0
     assert "training.learning_rate = 0.0002" in out.stdout and "lora.target_modules = 'qv'" in out.stdout
+
+
+def test_bench_without_a_gpu_or_with_an_unknown_case_is_a_clear_error(tmp_path: Path):
+    import torch
+
+    r = run_cli("bench", "--case", "llama-9000")
+    assert r.returncode == 2 and "unknown bench case" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if not torch.cuda.is_available():
+        for args in (("bench",), ("bench", "--max-context", "--out", str(tmp_path))):
+            r = run_cli(*args)
+            assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -185,3 +185,32 @@ def test_bench_cpu_smoke(tmp_path):
     again = run_max_context_bench(tmp_path / "out", "tiny", device="cpu", root=str(tmp_path / "ckpt"),
                                   log=lambda m: None)
     assert again["loraforge_trials"] == row["loraforge_trials"]
+    # the workers report their versions, and the stock side's memory at its maximum is broken down
+    assert saved["versions"]["torch"] == torch.__version__
+    mem = saved["stock_memory_at_max"]
+    assert "measured_peak" in mem and mem["model_peak"] > 0 and mem["peak_phase"] in ("layer", "loss")
+    # the report can be rebuilt from the state alone, to the same row
+    from loraforge.kernels.context import rebuild_report
+
+    files[0].unlink()
+    path = rebuild_report(tmp_path / "out", "tiny", "cpu")
+    rebuilt = json.loads(path.read_text())
+    assert {k: v for k, v in rebuilt.items() if k != "date"} == {k: v for k, v in saved.items() if k != "date"}
+
+
+def test_stock_memory_breakdown_adds_up_to_its_peak():
+    from loraforge.kernels.context import stock_memory_breakdown
+
+    a, b = stock_memory_breakdown("llama3-8b", 8192), stock_memory_breakdown("llama3-8b", 11264)
+    for m in (a, b):
+        parts = (m["weights"] + m["lora_grads_and_adam_states"] + m["dequant_workspace"] + m["activation_checkpoints"]
+                 + (m["layer_recompute_linear"] + m["attention_tokens_squared"] if m["peak_phase"] == "layer"
+                    else m["logits_and_loss"]))
+        assert parts == pytest.approx(m["model_peak"], abs=0.05)
+    # SDPA's math-kernel attention grows with tokens², the checkpoints linearly; the fixed part not at all
+    r = 11264 / 8192
+    assert b["attention_tokens_squared"] / a["attention_tokens_squared"] == pytest.approx(r * r, rel=1e-2)
+    assert b["activation_checkpoints"] / a["activation_checkpoints"] == pytest.approx(r, rel=1e-2)
+    assert a["weights"] == b["weights"]
+    # the calibration points of the stock stack's measurements (SPEC.md: 44 GiB at 8,192, 74.5 at 11,264)
+    assert a["model_peak"] == pytest.approx(44.0, rel=0.05) and b["model_peak"] == pytest.approx(74.5, rel=0.02)

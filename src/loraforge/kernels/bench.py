@@ -46,6 +46,16 @@ H100_BF16_PEAK = 989e12
 ROOT = os.environ.get("LORAFORGE_BENCH_CKPT", "/dev/shm/loraforge-ckpt")
 
 
+def require_cuda(what: str) -> None:
+    """The GPU benchmarks measure a GPU: say so plainly where there is none."""
+    from loraforge.errors import ResourceError
+
+    if not torch.cuda.is_available():
+        raise ResourceError(f"{what} needs a CUDA GPU and none is visible here (torch {torch.__version__}). "
+                            "Run it on a GPU machine; the CPU smoke runs are bench/context.py --tiny --device cpu "
+                            "and the tests.")
+
+
 def make_checkpoint(shape: str, root: str = ROOT, device: str = "cuda") -> str:
     """Random bf16 weights of the real shape, written once (the stock baseline does the same)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -219,10 +229,13 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
     from . import _triton
     from .patch import patch_model
 
+    from loraforge.errors import ConfigError
+
     cases = list(cases or CASES)
     unknown = [c for c in cases if c not in CASES]
     if unknown:
-        raise ValueError(f"unknown bench case(s) {unknown}; known: {sorted(CASES)}")
+        raise ConfigError(f"unknown bench case(s) {unknown}; known: {sorted(CASES)}")
+    require_cuda("the speed benchmark")
     device_name = torch.cuda.get_device_name(0)
     dev_tag = device_name.replace("NVIDIA ", "").split()[0].lower()
     date = _dt.date.today().isoformat()

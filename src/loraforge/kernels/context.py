@@ -342,7 +342,9 @@ def worker_main(argv: list[str]) -> None:
     if a.device == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     w = _Worker(a.side, a.shape, a.device, a.root or ROOT, a.probe_layers)
-    _emit({"op": "ready", **w.info})
+    from .bench import _versions
+
+    _emit({"op": "ready", **w.info, "versions": _versions()})
     for line in sys.stdin:
         req = json.loads(line)
         op = req.pop("op")
@@ -433,12 +435,11 @@ def _devtag(name: str) -> str:
     return "cpu" if name == "cpu" else name.replace("NVIDIA ", "").split()[0].lower()
 
 
-def predicted_max_lengths(shape: str, total_bytes: float, host_bytes: float | None) -> dict[str, int]:
-    """The memory model's prediction (model/context_memory.py) for both sides of the bench."""
+def _bench_setup(shape: str):
+    """(model config, run config) of the bench's case, for the memory model."""
     from transformers import LlamaConfig
 
     from loraforge.config import RunConfig
-    from loraforge.model.context_memory import max_trainable_length
 
     from .bench import SHAPES
 
@@ -448,10 +449,66 @@ def predicted_max_lengths(shape: str, total_bytes: float, host_bytes: float | No
     run.lora.target_modules = "all-linear"
     run.training.per_device_train_batch_size = 1
     run.training.optim = "paged_adamw_32bit"
+    return cfg, run
+
+
+def predicted_max_lengths(shape: str, total_bytes: float, host_bytes: float | None) -> dict[str, int]:
+    """The memory model's prediction (model/context_memory.py) for both sides of the bench."""
+    from loraforge.model.context_memory import max_trainable_length
+
+    cfg, run = _bench_setup(shape)
     stock = max_trainable_length(cfg, run, total_bytes, stack="stock")
     run.training.long_context = True
     lf = max_trainable_length(cfg, run, total_bytes, stack="loraforge", host_free_bytes=host_bytes)
     return {"stock": stock, "loraforge": lf}
+
+
+def stock_memory_breakdown(shape: str, tokens: int) -> dict[str, float]:
+    """Where the stock stack's memory goes at `tokens` (GiB), from the memory model whose total is
+    calibrated against the measured peaks: frozen weights (4-bit + fp32 upcasts), LoRA weights with
+    grads and Adam moments, the checkpointed layer inputs, one layer's recompute working set, the
+    tokens² attention copies of SDPA's math kernel, and the full-logits loss. The peak is the larger
+    of the layer phase and the loss phase on top of the fixed part and the checkpoints."""
+    from loraforge.model.context_memory import memory_model
+
+    cfg, run = _bench_setup(shape)
+    mm = memory_model(cfg, run, stack="stock")
+    g, s = 2**30, tokens
+    layer = mm["layer"] * s + mm["quadratic"] * s * s
+    loss = mm["loss"] * s
+    out = {"weights": mm["weights"] / g, "lora_grads_and_adam_states": mm["lora"] / g,
+           "dequant_workspace": mm["workspace"] / g, "activation_checkpoints": mm["checkpoints"] * s / g,
+           "layer_recompute_linear": mm["layer"] * s / g, "attention_tokens_squared": mm["quadratic"] * s * s / g,
+           "logits_and_loss": loss / g, "peak_phase": "layer" if layer >= loss else "loss"}
+    out["model_peak"] = (mm["fixed"] + mm["checkpoints"] * s + max(layer, loss)) / g
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def rebuild_report(out_dir: str | Path, shape: str = "llama3-8b", device: str = "cuda") -> Path | None:
+    """Rewrite context-<date>-<device>.json from the saved search state, running nothing (e.g. after the
+    report gained fields). A state from workers that did not report their versions takes them from the
+    same day's speed bench on the same device, and says so."""
+    out_dir = Path(out_dir)
+    state_path = out_dir / f"context-state-{device}-{shape}.json"
+    if not state_path.exists():
+        from loraforge.errors import LoraforgeError
+
+        raise LoraforgeError(f"no search state at {state_path}: run the search first (bench/context.py).")
+    state = json.loads(state_path.read_text())
+    row = _result_row(state, shape)
+    if row is None:
+        return None
+    if not row.get("versions") and row.get("device"):
+        speed = out_dir / f"speed-{row['date']}-{_devtag(row['device'])}.json"
+        if speed.exists():
+            cases = json.loads(speed.read_text())
+            if cases and cases[0].get("device") == row["device"]:
+                row["versions"] = cases[0].get("versions")
+                row["versions_source"] = (f"not recorded by this search; taken from {speed.name}, the speed "
+                                          "bench run the same day on the same device image")
+    path = out_dir / f"context-{row['date']}-{_devtag(row['device'])}.json"
+    path.write_text(json.dumps(row, indent=1))
+    return path
 
 
 def run_max_context_bench(out_dir: str | Path = "bench/results", shape: str = "llama3-8b", *,
@@ -471,6 +528,10 @@ def run_max_context_bench(out_dir: str | Path = "bench/results", shape: str = "l
     `simulate_limit` (CPU smoke tests only): lengths above it count as out of memory without running.
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    if device == "cuda":
+        from .bench import require_cuda
+
+        require_cuda("the max-context search")
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -681,7 +742,14 @@ def _result_row(state: dict, shape: str) -> dict | None:
                            "offloaded non-reentrant checkpointing, SDPA is_causal, PagedAdamW32bit, "
                            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
         "workers": {"stock": st.get("worker"), "loraforge": lf.get("worker")},
+        "versions": (st.get("worker") or {}).get("versions") or (lf.get("worker") or {}).get("versions"),
     }
+    if smax:
+        measured = next((t.get("peak_gib") for t in (st.get("search") or {}).get("trials", [])
+                         if t.get("len") == smax and t.get("ok")), None)
+        row["stock_memory_at_max"] = {**stock_memory_breakdown(shape, smax), "measured_peak": measured,
+                                      "source": "memory model (model/context_memory.py), total calibrated "
+                                                "against the measured peaks; measured_peak is the trial's"}
     return row
 
 
