@@ -226,10 +226,10 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
     """Times the stock stack and the fast path on each case; writes speed-<date>-<device>.{json,md}."""
     import bitsandbytes as bnb
 
+    from loraforge.errors import ConfigError
+
     from . import _triton
     from .patch import patch_model
-
-    from loraforge.errors import ConfigError
 
     cases = list(cases or CASES)
     unknown = [c for c in cases if c not in CASES]
