@@ -74,3 +74,17 @@ def alpaca_records(n: int = 24) -> list[dict[str, str]]:
     words = ["apple", "river", "cloud", "stone", "green", "music", "paper", "light"]
     return [{"instruction": f"Repeat the word {words[i % 8]}.", "input": "" if i % 2 else "twice",
              "output": f"{words[i % 8]} {words[i % 8]}"} for i in range(n)]
+
+
+def lm_batch(vocab: int, rows: int, seq: int, *, seed: int = 0, pad_from: int | None = None,
+             unlabeled_prefix: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A random causal-LM batch (labels = inputs). `pad_from`: the last row is padding from that column
+    on (mask 0, label -100); `unlabeled_prefix`: the first row's first tokens carry no label."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq), device=device, generator=g)
+    mask, labels = torch.ones_like(ids), ids.clone()
+    if pad_from is not None:
+        mask[-1, pad_from:] = 0
+        labels[-1, pad_from:] = -100
+    labels[0, :unlabeled_prefix] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tinymodels import lm_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -14,14 +15,7 @@ def ckpt(tmp_path_factory):
 
 
 def _batch(vocab, pad):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, vocab, (3, 96), device="cuda", generator=g)
-    mask, labels = torch.ones_like(ids), ids.clone()
-    if pad:
-        mask[2, 70:] = 0
-        labels[2, 70:] = -100
-        labels[0, :9] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return lm_batch(vocab, 3, 96, pad_from=70 if pad else None, unlabeled_prefix=9 if pad else 0, device="cuda")
 
 
 @pytest.mark.parametrize("r,targets,pad", [(16, "all", False), (8, "qv", True)])

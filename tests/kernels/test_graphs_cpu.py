@@ -11,6 +11,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
+from tinymodels import lm_batch  # noqa: E402
+
 from loraforge.kernels import patch_model  # noqa: E402
 from loraforge.kernels.bench import build_model, lora_params, make_checkpoint, sync_lora  # noqa: E402
 from loraforge.kernels.graphs import disable_graphed_layers, enable_graphed_layers  # noqa: E402
@@ -22,14 +24,7 @@ def ckpt(tmp_path_factory):
 
 
 def _batch(vocab, seed, seq=24, pad=False):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (2, seq), generator=g)
-    mask = torch.ones_like(ids)
-    labels = ids.clone()
-    if pad:
-        mask[1, seq - 6:] = 0
-        labels[1, seq - 6:] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return lm_batch(vocab, 2, seq, seed=seed, pad_from=seq - 6 if pad else None)
 
 
 def _pair(ckpt, min_repeats=1):
@@ -123,3 +118,10 @@ def test_falls_back_where_graphs_do_not_apply(ckpt):
     assert "replaced" in runner.stats.disabled
     disable_graphed_layers(graphed)
     assert not hasattr(graphed, "_loraforge_graphs")
+
+
+def test_needs_gradient_checkpointing(ckpt):
+    m = build_model(ckpt, 4, "all", stock=False, device="cpu")
+    m.gradient_checkpointing_disable()
+    with pytest.raises(ValueError, match="gradient checkpointing must be on"):
+        enable_graphed_layers(m, emulate=True)

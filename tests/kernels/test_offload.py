@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("peft")
 
+from tinymodels import lm_batch  # noqa: E402
+
 from loraforge.kernels.offload import (  # noqa: E402
     OffloadedCheckpoint,
     ProbeStop,
@@ -49,14 +51,7 @@ def _loss_grads(m, batch):
 
 
 def _batch(vocab, pad=False):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (2, 19), generator=g)
-    mask = torch.ones_like(ids)
-    labels = ids.clone()
-    if pad:
-        mask[1, 14:] = 0
-        labels[1, 14:] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return lm_batch(vocab, 2, 19, seed=1, pad_from=14 if pad else None)
 
 
 @pytest.mark.parametrize("dtype,reentrant,pad", [(torch.float64, False, False), (torch.float32, False, True),

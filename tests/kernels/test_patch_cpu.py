@@ -10,6 +10,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
+from tinymodels import lm_batch  # noqa: E402
+
 from loraforge.kernels import is_supported, patch_model  # noqa: E402
 from loraforge.kernels.bench import build_model, compare, lora_params, make_checkpoint, sync_lora  # noqa: E402
 
@@ -20,15 +22,7 @@ def ckpt(tmp_path_factory):
 
 
 def _batch(vocab, pad=False):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 24), generator=g)
-    mask = torch.ones_like(ids)
-    labels = ids.clone()
-    if pad:
-        mask[1, 18:] = 0
-        labels[1, 18:] = -100
-        labels[0, :5] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return lm_batch(vocab, 2, 24, pad_from=18 if pad else None, unlabeled_prefix=5 if pad else 0)
 
 
 @pytest.mark.parametrize("r,targets,pad", [(8, "all", False), (4, "qv", True)])

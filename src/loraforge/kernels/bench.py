@@ -410,52 +410,31 @@ def _diagnose(model, opt, batches, toks) -> dict:
 
 
 def _ablations(fast, opt, batches, warm, steps, other_bytes, toks) -> dict:
-    """Fast-path tokens/s with each Triton kernel switched off in turn (same model, same run)."""
-    from . import _triton
+    """The fast path's tokens/s with one part swapped at a time (same model, same run): the CUDA graphs
+    paused, and the optimizer replaced by torch's fused AdamW (unpaged states), by loraforge's one-sync
+    paged AdamW and by bitsandbytes' own (one launch, prefetch and device sync per parameter).
 
-    saved = dict(_triton.ENABLED)
-    out = {}
-    # (Per-kernel Triton ablations were measured before the graphs, bench/NOTES.md: graphs captured with
-    # a kernel on replay it whatever ENABLED says now, so they are not repeated here.)
-    variants = {"all_on": {}}
-    for name, off in variants.items():
-        _triton.ENABLED.update(saved)
-        _triton.ENABLED.update(off)
-        r = _time_steps(fast, opt, batches, warm, steps, other_bytes, False)
-        out[name] = {"tokens_per_s": round(toks / r["step_s"]), "event_s": round(r["event_s"], 4),
-                     "peak_gib": round(r["peak_gib"], 3)}
-    _triton.ENABLED.update(saved)
-    runner = getattr(fast, "_loraforge_graphs", None)
-    if runner is not None:  # the same kernels launched one by one: what the graphs buy
-        runner.paused = True
-        r = _time_steps(fast, opt, batches, warm, steps, other_bytes, False)
-        runner.paused = False
-        out["no_cuda_graphs"] = {"tokens_per_s": round(toks / r["step_s"]), "event_s": round(r["event_s"], 4),
-                                 "peak_gib": round(r["peak_gib"], 3)}
-    # Same fast path with torch's fused AdamW instead of bnb's paged AdamW (one kernel per step
-    # instead of one per parameter): how much of the step the optimizer's launches cost.
-    t_opt = torch.optim.AdamW(list(lora_params(fast).values()), lr=2e-4, fused=True)
-    r = _time_steps(fast, t_opt, batches, warm, steps, other_bytes, False)
-    out["torch_fused_adamw"] = {"tokens_per_s": round(toks / r["step_s"]),
-                                "event_s": round(r["event_s"], 4), "peak_gib": round(r["peak_gib"], 3)}
-    del t_opt
-    # bitsandbytes' own paged AdamW 32-bit (one launch, prefetch and device sync per parameter), and
-    # the same with one sync per step, instead of loraforge.kernels.optim's fused paged AdamW.
+    (Per-kernel Triton ablations were measured before the graphs, bench/NOTES.md: a captured graph
+    replays its kernels whatever `_triton.ENABLED` says later, so they are not repeated here.)"""
     import bitsandbytes as bnb
 
     from .optim import paged_adamw_32bit
 
-    o = paged_adamw_32bit(list(lora_params(fast).values()), lr=2e-4)
-    r = _time_steps(fast, o, batches, warm, steps, other_bytes, False)
-    out["one_sync_paged_adamw"] = {"tokens_per_s": round(toks / r["step_s"]),
-                                   "event_s": round(r["event_s"], 4), "peak_gib": round(r["peak_gib"], 3)}
-    del o
+    def timed(optimizer) -> dict:
+        r = _time_steps(fast, optimizer, batches, warm, steps, other_bytes, False)
+        return {"tokens_per_s": round(toks / r["step_s"]), "event_s": round(r["event_s"], 4),
+                "peak_gib": round(r["peak_gib"], 3)}
 
-    p_opt = bnb.optim.PagedAdamW32bit(list(lora_params(fast).values()), lr=2e-4)
-    r = _time_steps(fast, p_opt, batches, warm, steps, other_bytes, False)
-    out["bnb_paged_adamw"] = {"tokens_per_s": round(toks / r["step_s"]),
-                              "event_s": round(r["event_s"], 4), "peak_gib": round(r["peak_gib"], 3)}
-    del p_opt
+    out = {"all_on": timed(opt)}
+    runner = getattr(fast, "_loraforge_graphs", None)
+    if runner is not None:  # the same kernels launched one by one: what the graphs buy
+        runner.paused = True
+        out["no_cuda_graphs"] = timed(opt)
+        runner.paused = False
+    params = list(lora_params(fast).values())
+    out["torch_fused_adamw"] = timed(torch.optim.AdamW(params, lr=2e-4, fused=True))
+    out["one_sync_paged_adamw"] = timed(paged_adamw_32bit(params, lr=2e-4))
+    out["bnb_paged_adamw"] = timed(bnb.optim.PagedAdamW32bit(params, lr=2e-4))
     return out
 
 

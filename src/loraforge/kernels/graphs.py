@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from .lora import keeping_dense
-from .offload import decoder_layers
 
 
 def _signature(x: torch.Tensor, kwargs: dict) -> tuple | None:
@@ -352,17 +351,12 @@ def enable_graphed_layers(model, *, max_signatures: int = 3, min_repeats: int = 
     function is already wrapped by the activation offloader are left alone (offloading and graphs
     serve different lengths: graphs fixed short shapes, offloading very long ones).
     """
-    from .offload import OffloadedCheckpoint
+    from .offload import OffloadedCheckpoint, checkpointed_layers
 
-    layers = decoder_layers(model)
     existing = getattr(model, "_loraforge_graphs", None)
     if existing is not None:
         return existing
-    missing = [i for i, layer in enumerate(layers) if not callable(getattr(layer, "_gradient_checkpointing_func", None))
-               or not getattr(layer, "gradient_checkpointing", False)]
-    if missing:
-        raise ValueError("graphed layers need gradient checkpointing on every decoder layer "
-                         f"(not on layers {missing[:5]})")
+    layers = checkpointed_layers(model, "graphed layers")
     slots = [[(mod, name) for mod in layer.modules() for name, p in mod.named_parameters(recurse=False)
               if p.requires_grad] for layer in layers]
     runner = LayerGraphRunner(slots, max_signatures=max_signatures, min_repeats=min_repeats, emulate=emulate,
@@ -377,13 +371,10 @@ def enable_graphed_layers(model, *, max_signatures: int = 3, min_repeats: int = 
 
 
 def disable_graphed_layers(model) -> None:
-    for layer in decoder_layers(model):
-        f = getattr(layer, "_gradient_checkpointing_func", None)
-        if isinstance(f, GraphedCheckpoint):
-            layer._gradient_checkpointing_func = f.inner
-            f.runner.disable("switched off")
-    if hasattr(model, "_loraforge_graphs"):
-        del model._loraforge_graphs
+    from .offload import unwrap_checkpoint_funcs
+
+    for f in unwrap_checkpoint_funcs(model, GraphedCheckpoint, "_loraforge_graphs"):
+        f.runner.disable("switched off")
 
 
 def pool_reserved_bytes(runner: LayerGraphRunner) -> int:

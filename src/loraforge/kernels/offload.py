@@ -336,12 +336,7 @@ def enable_offloaded_checkpointing(model, **kwargs) -> ActivationOffloader:
     if existing is not None and all(isinstance(getattr(layer, "_gradient_checkpointing_func", None),
                                                OffloadedCheckpoint) for layer in layers):
         return existing
-    missing = [i for i, layer in enumerate(layers)
-               if not callable(getattr(layer, "_gradient_checkpointing_func", None))
-               or not getattr(layer, "gradient_checkpointing", False)]
-    if missing:
-        raise ValueError("offloaded checkpointing needs gradient checkpointing on every decoder layer "
-                         f"(not on layers {missing[:5]}...): enable training.gradient_checkpointing")
+    layers = checkpointed_layers(model, "offloaded checkpointing")
     off = ActivationOffloader(len(layers), **kwargs)
     for i, layer in enumerate(layers):
         inner = layer._gradient_checkpointing_func
@@ -352,11 +347,32 @@ def enable_offloaded_checkpointing(model, **kwargs) -> ActivationOffloader:
     return off
 
 
-def disable_offloaded_checkpointing(model) -> None:
+def checkpointed_layers(model, what: str):
+    """The decoder layers, each with gradient checkpointing on (what `what` wraps), or a ValueError."""
+    layers = decoder_layers(model)
+    missing = [i for i, layer in enumerate(layers)
+               if not callable(getattr(layer, "_gradient_checkpointing_func", None))
+               or not getattr(layer, "gradient_checkpointing", False)]
+    if missing:
+        raise ValueError(f"{what}: gradient checkpointing must be on in every decoder layer "
+                         f"(not on layers {missing[:5]}...): enable training.gradient_checkpointing")
+    return layers
+
+
+def unwrap_checkpoint_funcs(model, wrapper_cls, attr: str) -> list:
+    """Give each decoder layer back the checkpoint function a `wrapper_cls` wrapped; drop `model.<attr>`.
+    Returns the wrappers that were removed (their owners may have resources to release)."""
+    removed = []
     for layer in decoder_layers(model):
         f = getattr(layer, "_gradient_checkpointing_func", None)
-        if isinstance(f, OffloadedCheckpoint):
+        if isinstance(f, wrapper_cls):
             layer._gradient_checkpointing_func = f.inner
-            f.offloader.release_host_memory()
-    if hasattr(model, "_loraforge_offloader"):
-        del model._loraforge_offloader
+            removed.append(f)
+    if hasattr(model, attr):
+        delattr(model, attr)
+    return removed
+
+
+def disable_offloaded_checkpointing(model) -> None:
+    for f in unwrap_checkpoint_funcs(model, OffloadedCheckpoint, "_loraforge_offloader"):
+        f.offloader.release_host_memory()
