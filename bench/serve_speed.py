@@ -158,7 +158,9 @@ def main(argv=None) -> int:
     ]
     report = {"date": dt.date.today().isoformat(), "device": dev, "warmup_s": round(warm_s, 1),
               "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "results": rows}
-    tag = dev.replace("NVIDIA ", "").split()[0].lower()
+    from loraforge.kernels.bench import device_tag
+
+    tag = device_tag(dev)
     (out_dir / f"serve-{report['date']}-{tag}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0

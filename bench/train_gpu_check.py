@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     e, g = (r["tokens_per_s_median"] for r in rows)
     if e and g:
         res["graphs_speedup"] = round(g / e, 3)
-    tag = dev.replace("NVIDIA ", "").split()[0].lower()
+    from loraforge.kernels.bench import device_tag
+
+    tag = device_tag(dev)
     (out / f"train-gpu-{res['date']}-{tag}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return 0 if all(r["returncode"] == 0 for r in rows) else 1

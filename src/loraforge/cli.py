@@ -243,12 +243,22 @@ def bench(
     cases: Annotated[list[str] | None, typer.Option("--case", help="Benchmark case(s); default: all.")] = None,
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench/results"),
     max_context: Annotated[bool, typer.Option("--max-context", help="Search the longest trainable sequence.")] = False,
+    shape: Annotated[str, typer.Option(help="Model shape for --max-context (llama3-8b, llama2-7b).")] = "llama3-8b",
 ) -> None:
-    """GPU speed benchmark: the stock transformers+peft+bitsandbytes stack vs loraforge, same run."""
+    """GPU speed benchmark: the stock transformers+peft+bitsandbytes stack vs loraforge, same run.
+
+    With --max-context: the longest batch-1 sequence each stack can train (QLoRA r=16 all-linear), found
+    by search; the search state is saved, so a run stopped by its time budget continues where it stopped.
+    """
     if max_context:
+        from loraforge.errors import ConfigError
+        from loraforge.kernels.bench import SHAPES
         from loraforge.kernels.context import run_max_context_bench
 
-        run_max_context_bench(out_dir=out)
+        if shape not in SHAPES or shape == "tiny":
+            raise ConfigError(f"--shape {shape!r} is not a benchmark shape; choose one of "
+                              f"{sorted(k for k in SHAPES if k != 'tiny')}")
+        run_max_context_bench(out_dir=out, shape=shape)
         return
     from loraforge.kernels.bench import run_speed_bench
 

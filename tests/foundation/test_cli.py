@@ -55,6 +55,8 @@ def test_config_command_lists_every_setting():
 def test_bench_without_a_gpu_or_with_an_unknown_case_is_a_clear_error(tmp_path: Path):
     import torch
 
+    r = run_cli("bench", "--max-context", "--shape", "llama-9000")
+    assert r.returncode == 2 and "not a benchmark shape" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run_cli("bench", "--case", "llama-9000")
     assert r.returncode == 2 and "unknown bench case" in r.stderr and "Traceback" not in r.stderr, r.stderr
     if not torch.cuda.is_available():

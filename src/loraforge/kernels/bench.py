@@ -46,6 +46,11 @@ H100_BF16_PEAK = 989e12
 ROOT = os.environ.get("LORAFORGE_BENCH_CKPT", "/dev/shm/loraforge-ckpt")
 
 
+def device_tag(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100': the device part of a results file name."""
+    return "cpu" if name == "cpu" else name.replace("NVIDIA ", "").split()[0].lower()
+
+
 def require_cuda(what: str) -> None:
     """The GPU benchmarks measure a GPU: say so plainly where there is none."""
     from loraforge.errors import ResourceError
@@ -237,7 +242,7 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
         raise ConfigError(f"unknown bench case(s) {unknown}; known: {sorted(CASES)}")
     require_cuda("the speed benchmark")
     device_name = torch.cuda.get_device_name(0)
-    dev_tag = device_name.replace("NVIDIA ", "").split()[0].lower()
+    dev_tag = device_tag(device_name)
     date = _dt.date.today().isoformat()
     setups: dict[tuple, list[str]] = {}
     for c in cases:

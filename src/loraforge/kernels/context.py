@@ -432,7 +432,9 @@ PROBE_SHARE = 0.35  # a probe trial (forward + 2 layers of backward) against a f
 
 
 def _devtag(name: str) -> str:
-    return "cpu" if name == "cpu" else name.replace("NVIDIA ", "").split()[0].lower()
+    from .bench import device_tag
+
+    return device_tag(name)
 
 
 def _bench_setup(shape: str):
