@@ -156,7 +156,9 @@ def main(argv=None) -> int:
          "speedup": round((res1[0][1] / s1) / (a.new_tokens / t1), 2), "wall_s": round(s1, 3), "stock_s": round(t1, 3),
          "identical_greedy_rows": f"{same1}/1", "first_divergence_char": div1},
     ]
-    report = {"date": dt.date.today().isoformat(), "device": dev, "warmup_s": round(warm_s, 1),
+    from loraforge.kernels.bench import _versions
+
+    report = {"date": dt.date.today().isoformat(), "device": dev, "versions": _versions(), "warmup_s": round(warm_s, 1),
               "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "results": rows}
     from loraforge.kernels.bench import device_tag
 

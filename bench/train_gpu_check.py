@@ -112,8 +112,10 @@ def main(argv=None) -> int:
     data = make_data(Path("/tmp/train-gpu-check.json"))
     rows = [run(out, g, data, model, a.steps, a.skip) for g in (False, True)]
     dev = torch.cuda.get_device_name(0)
-    res = {"date": dt.date.today().isoformat(), "device": dev, "case": "llama2-7b-shape r16 all-linear 4x512 packed",
-           "runs": rows}
+    from loraforge.kernels.bench import _versions
+
+    res = {"date": dt.date.today().isoformat(), "device": dev, "versions": _versions(),
+           "case": "llama2-7b-shape r16 all-linear 4x512 packed", "runs": rows}
     e, g = (r["tokens_per_s_median"] for r in rows)
     if e and g:
         res["graphs_speedup"] = round(g / e, 3)
