@@ -8,13 +8,14 @@ Prompts: 128 random tokens each. Greedy.
 
 1. Stock: `model.generate` on the 16 prompts as one left-padded batch, and on one prompt alone (dynamic
    cache, eager), EOS disabled so every row makes exactly --new-tokens tokens.
-2. The server: `loraforge serve MODEL --max-concurrency 16` in a subprocess (fast decoding on: static
-   cache, CUDA-graph decode in shape buckets). One warm-up round compiles the buckets, then 16 clients
-   send `/v1/completions` at once (token-id prompts, max_tokens=--new-tokens, temperature 0); aggregate
-   tokens/s = completion tokens / wall time from first send to last answer. One client alone as well.
-3. Greedy equality: each server completion against the stock tokens of the same prompt.
+2. loraforge's decoder in-process (`loraforge.infer.fast_decode.FastDecoder`, what the server runs) on the
+   same prompts: tokens/s and the tokens themselves, compared with stock's token for token.
+3. The server: `loraforge serve MODEL --max-concurrency 16` in a subprocess (fast decoding on). One warm-up
+   round captures the graphs, then 16 clients send `/v1/completions` at once (text prompts, max_tokens=
+   --new-tokens, temperature 0); aggregate tokens/s = completion tokens / wall time from first send to
+   last answer. One client alone as well. Each completion's text against the stock text of its prompt.
 
-Writes serve-<date>-<device>.json with `case`, `stock_tokens_per_s`, `loraforge_tokens_per_s` per case.
+Writes generate-server-<date>-<device>.json with `case`, `stock_tokens_per_s`, `loraforge_tokens_per_s`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,40 @@ def stock_generate(model, prompts, new_tokens):
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     torch.cuda.synchronize()
     return time.perf_counter() - t, out[:, width:].tolist()
+
+
+def decoder_in_process(model, prompts, stock16, stock1, new_tokens) -> list[dict]:
+    """FastDecoder on the stock model object: decode speed without HTTP, and greedy tokens vs stock's."""
+    import torch
+
+    from loraforge.infer.fast_decode import FastDecoder
+
+    dec = FastDecoder(model, max_rows=len(prompts))
+    rows = []
+    for ps, ref in ((prompts, stock16), (prompts[:1], stock1)):
+        width = max(len(p) for p in ps)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        list(dec.stream(ids, mask, new_tokens))  # captures this row count's graphs
+        best, got = None, None
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            steps = list(dec.stream(ids, mask, new_tokens))
+            torch.cuda.synchronize()
+            dt_ = time.perf_counter() - t
+            if best is None or dt_ < best:
+                best, got = dt_, [list(c) for c in zip(*steps, strict=True)]
+        same = sum(g == r for g, r in zip(got, ref, strict=True))
+        first = [next((i for i, (x, y) in enumerate(zip(g, r, strict=True)) if x != y), None)
+                 for g, r in zip(got, ref, strict=True)]
+        rows.append({"case": f"fast-decoder-in-process-{len(ps)}-rows", "loraforge_tokens_per_s":
+                     round(len(ps) * new_tokens / best, 1), "wall_s": round(best, 4),
+                     "identical_greedy_rows": f"{same}/{len(ps)}", "first_divergent_token": first})
+        print(rows[-1], flush=True)
+    del dec
+    torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -84,6 +119,7 @@ def main(argv=None) -> int:
     stock_generate(model, prompts[:2], 8)  # warm-up
     t16, stock16 = min((stock_generate(model, prompts, a.new_tokens) for _ in range(2)), key=lambda r: r[0])
     t1, stock1 = min((stock_generate(model, prompts[:1], a.new_tokens) for _ in range(2)), key=lambda r: r[0])
+    in_process = decoder_in_process(model, prompts, stock16, stock1, a.new_tokens)
     del model
     torch.cuda.empty_cache()
 
@@ -156,6 +192,11 @@ def main(argv=None) -> int:
          "speedup": round((res1[0][1] / s1) / (a.new_tokens / t1), 2), "wall_s": round(s1, 3), "stock_s": round(t1, 3),
          "identical_greedy_rows": f"{same1}/1", "first_divergence_char": div1},
     ]
+    for r in in_process:
+        stock = rows[0] if r["case"].endswith(f"-{a.streams}-rows") else rows[1]
+        r.update(device=dev, stock_tokens_per_s=stock["stock_tokens_per_s"],
+                 speedup=round(r["loraforge_tokens_per_s"] / stock["stock_tokens_per_s"], 2))
+    rows += in_process
     from loraforge.kernels.bench import _versions
 
     report = {"date": dt.date.today().isoformat(), "device": dev, "versions": _versions(), "warmup_s": round(warm_s, 1),
@@ -163,7 +204,7 @@ def main(argv=None) -> int:
     from loraforge.kernels.bench import device_tag
 
     tag = device_tag(dev)
-    (out_dir / f"serve-{report['date']}-{tag}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / f"generate-server-{report['date']}-{tag}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0
 

@@ -1,9 +1,9 @@
-"""The engine's fast decoding (static cache, shape buckets, filler rows) answers what plain batching answers.
+"""The engine's fast decoding (FastDecoder: prefill by generate, static cache, graphed step pieces)
+answers what plain batching through `generate` answers, each request stopping at its own max_tokens.
 
-On a CPU there is no CUDA graph to record, but everything around it runs: the static cache, rows rounded
-up to a power of two with filler rows, prompts left-padded to a multiple of 64 and max_new_tokens to a
-multiple of 128 while each request still stops at its own max_tokens. bench/serve_speed.py runs the
-compiled path on a GPU.
+On a CPU there is no CUDA graph to record; the decoder runs the same pieces eagerly
+(tests/infer/test_fast_decode.py compares it with `generate` token for token). bench/serve_speed.py runs
+the graphed path on a GPU.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from loraforge.serve.engine import Engine, Request, _bucket_rows
+from loraforge.serve.engine import Engine, Request, _merged
 
 
 def _run(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> list[Request]:
     reqs = [Request(adapter=next(iter(engine.adapters)), input_ids=p, max_tokens=m, temperature=0.0)
             for p, m in zip(prompts, max_tokens, strict=True)]
-    for r in reqs:  # submitted together: one batch of 3 (bucket 4 with one filler row)
+    for r in reqs:  # submitted together: one batch of 3
         engine.submit(r)
     deadline = time.monotonic() + 120
     while any(r.finish_reason is None for r in reqs) and time.monotonic() < deadline:
@@ -25,9 +25,12 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> lis
     return reqs
 
 
-def test_bucket_rows() -> None:
-    assert [_bucket_rows(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
-    assert _bucket_rows(6, 4) == 6  # past the cap: the batch as it is
+def test_streamed_text_of_one_request_is_merged_between_flushes() -> None:
+    a, b = Request(adapter="x", input_ids=[], max_tokens=1), Request(adapter="x", input_ids=[], max_tokens=1)
+    items = [(a, ("text", "He")), (b, ("text", "1")), (a, ("text", "llo")), (b, ("done", "stop")),
+             (a, ("text", "!")), (a, ("done", "length")), (b, ("text", "late"))]
+    assert _merged(items) == [(a, ("text", "Hello!")), (b, ("text", "1")), (b, ("done", "stop")),
+                              (a, ("done", "length")), (b, ("text", "late"))]
 
 
 def test_fast_decode_matches_plain_batching(served_runs: list[Path]) -> None:
@@ -40,11 +43,12 @@ def test_fast_decode_matches_plain_batching(served_runs: list[Path]) -> None:
             reqs = _run(engine, prompts, max_tokens)
             assert all(r.finish_reason in ("length", "stop") for r in reqs), [r.finish_reason for r in reqs]
             answers[fast] = [r.tokens for r in reqs]
-            assert list(engine.batch_sizes) == [3]  # one batch, the filler row not counted
+            assert list(engine.batch_sizes) == [3]
+            assert (engine.decoder is not None) == fast
         finally:
             engine.close()
     assert answers[True] == answers[False]
-    # each request stops at its own max_tokens, not at the bucket's 128
+    # each request stops at its own max_tokens
     assert all(0 < len(t) <= m for t, m in zip(answers[True], max_tokens, strict=True))
 
 

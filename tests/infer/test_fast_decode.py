@@ -1,0 +1,136 @@
+"""FastDecoder against stock `generate`: the same greedy tokens, row for row.
+
+On a CPU the decoder runs its step pieces eagerly (no CUDA graph to record), through the same code that the
+GPU captures: prefill by `generate`, the static cache filled from it, per-layer pieces, attention over
+`cache[:, :, :t]` with the padding mask, tokens read back `lag` steps late. bench/serve_speed.py checks the
+graphed path against stock on an H100.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraforge.infer.fast_decode import FastDecoder, supported
+
+
+def _tiny(kv_heads: int = 2, lora: bool = False, seed: int = 0, attn: str = "sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                      initializer_range=0.25)  # peaked attention: output sensitive to every position and key
+    cfg._attn_implementation = attn
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # every row runs its full length in stock generate too
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+        with torch.no_grad():  # B starts at zero: make the adapter change the output
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+        model.eval()
+    return model
+
+
+def _batch(lengths: list[int], vocab: int = 211, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+def _stock(model, ids, mask, new):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def _fast(dec, ids, mask, new, **kw):
+    steps = list(dec.stream(ids, mask, new, **kw))
+    assert len(steps) == new
+    return [list(col) for col in zip(*steps, strict=True)]
+
+
+@pytest.mark.parametrize("kv_heads,lora,lengths,attn", [
+    (4, False, [9], "sdpa"),                 # one stream, multi-head attention
+    (2, False, [12, 5, 9], "sdpa"),          # GQA, left padding (a mask on every step)
+    (2, True, [7, 7], "sdpa"),               # a LoRA adapter in the projections, no padding
+    (2, True, [10, 3, 6, 10], "eager"),      # eager attention (float mask)
+])
+def test_greedy_tokens_equal_stock_generate(kv_heads, lora, lengths, attn) -> None:
+    model = _tiny(kv_heads, lora, attn=attn)
+    ids, mask = _batch(lengths)
+    new = 24
+    ref = _stock(model, ids, mask, new)
+    dec = FastDecoder(model, max_rows=4)
+    assert not dec.graphs  # CPU: pieces run eagerly
+    got = _fast(dec, ids, mask, new, key="a")
+    assert got == ref
+    # A second batch of another shape reuses the decoder; the first shape again reuses its step set.
+    ids2, mask2 = _batch([4, 8], seed=7)
+    assert _fast(dec, ids2, mask2, 10, key="a") == _stock(model, ids2, mask2, 10)
+    assert _fast(dec, ids, mask, new, key="a") == ref
+
+
+def test_cache_grows_past_its_first_size() -> None:
+    model = _tiny()
+    dec = FastDecoder(model, max_rows=2)
+    ids, mask = _batch([6, 3])
+    _fast(dec, ids, mask, 5)
+    assert dec.cache_len == 256
+    ids, mask = _batch([200, 150])
+    assert _fast(dec, ids, mask, 80) == _stock(model, ids, mask, 80)
+    assert dec.cache_len == 512
+
+
+def test_sampling_with_tiny_top_p_is_greedy_and_otherwise_draws_valid_tokens() -> None:
+    model = _tiny()
+    ids, mask = _batch([8, 5])
+    dec = FastDecoder(model, max_rows=2)
+    ref = _stock(model, ids, mask, 12)
+    # top_p that keeps only the most likely token: the draw is forced, whatever the temperature
+    assert _fast(dec, ids, mask, 12, temperature=0.7, top_p=1e-6) == ref
+    torch.manual_seed(0)
+    drawn = _fast(dec, ids, mask, 40, temperature=1.5, top_p=0.95)
+    flat = [t for row in drawn for t in row]
+    assert all(0 <= t < 211 for t in flat)
+    assert drawn != _fast(dec, ids, mask, 40)  # sampling at T=1.5 does not follow the greedy path
+
+
+def test_sampler_follows_the_softmax() -> None:
+    """The exponential race picks index i with probability softmax(logits / T)_i (after top-p)."""
+    model = _tiny()
+    dec = FastDecoder(model, max_rows=2)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(20000, 1)
+    dec.temperature.fill_(1.0)
+    dec.top_p.fill_(1.0)
+    torch.manual_seed(0)
+    freq = torch.bincount(dec._sample(logits), minlength=5).float() / logits.shape[0]
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.015), freq
+    dec.top_p.fill_(0.8)  # 2.0 and 1.0 carry 0.64 + 0.24: {0, 1} survive, 2.. are cut
+    freq = torch.bincount(dec._sample(logits), minlength=5).float() / logits.shape[0]
+    assert freq[2:].sum() == 0 and abs(freq[0] - 0.64 / 0.88) < 0.015
+
+
+def test_unsupported_models_are_named() -> None:
+    model = _tiny()
+    model.generation_config.repetition_penalty = 1.3
+    ok, why = supported(model)
+    assert not ok and "repetition_penalty" in why
+    from transformers import MistralConfig, MistralForCausalLM
+
+    m = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ok, why = supported(m)
+    assert not ok and "mistral" in why
+    with pytest.raises(ValueError, match="not available"):
+        FastDecoder(m)
