@@ -50,7 +50,36 @@ def stock_generate(model, prompts, new_tokens):
     return time.perf_counter() - t, out[:, width:].tolist()
 
 
-def decoder_in_process(model, prompts, stock16, stock1, new_tokens) -> list[dict]:
+def exact_length_prompts(tok, n: int, length: int, bad: set, g) -> tuple[list[str], list[list[int]]]:
+    """n text prompts that encode to exactly `length` tokens, the same ids the server will encode them to.
+
+    The API takes text, so the prompts must survive decode → encode. Random ids do not (BPE re-merges them,
+    giving rows of different lengths, hence left padding — and with a padding mask stock `generate` itself
+    may not be bit-reproducible run to run: `padded_stock_reproducible_rows` in the report checks). Words of
+    the form " abc" that are single tokens concatenate back into the same ids."""
+    import re
+
+    import torch
+
+    words = [i for i in range(len(tok)) if i not in bad and re.fullmatch(r" [a-z]{3,9}", tok.decode([i]))]
+    texts, prompts = [], []
+    while len(prompts) < n:
+        row = [words[int(j)] for j in torch.randint(0, len(words), (length,), generator=g)]
+        text = tok.decode(row, skip_special_tokens=True)
+        ids = tok(text)["input_ids"]
+        if len(ids) == length:
+            texts.append(text)
+            prompts.append(ids)
+    return texts, prompts
+
+
+def until_eos(ids: list[int], eos: set) -> list[int]:
+    """The tokens a server returns: up to (not including) the first EOS. Stock is timed with EOS suppressed
+    (min_new_tokens) so that every row makes all its tokens; equality is judged on what both produce."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in eos), ids)
+
+
+def decoder_in_process(model, prompts, stock16, stock1, new_tokens, eos: set) -> list[dict]:
     """FastDecoder on the stock model object: decode speed without HTTP, and greedy tokens vs stock's."""
     import torch
 
@@ -72,9 +101,11 @@ def decoder_in_process(model, prompts, stock16, stock1, new_tokens) -> list[dict
             dt_ = time.perf_counter() - t
             if best is None or dt_ < best:
                 best, got = dt_, [list(c) for c in zip(*steps, strict=True)]
-        same = sum(g == r for g, r in zip(got, ref, strict=True))
-        first = [next((i for i, (x, y) in enumerate(zip(g, r, strict=True)) if x != y), None)
-                 for g, r in zip(got, ref, strict=True)]
+        got = [until_eos(x, eos) for x in got]
+        ref = [r[: len(x)] for x, r in zip(got, ref, strict=True)]
+        same = sum(x == r for x, r in zip(got, ref, strict=True))
+        first = [next((i for i, (x, y) in enumerate(zip(gg, r, strict=True)) if x != y), None)
+                 for gg, r in zip(got, ref, strict=True)]
         rows.append({"case": f"fast-decoder-in-process-{len(ps)}-rows", "loraforge_tokens_per_s":
                      round(len(ps) * new_tokens / best, 1), "wall_s": round(best, 4),
                      "identical_greedy_rows": f"{same}/{len(ps)}", "first_divergent_token": first})
@@ -102,24 +133,23 @@ def main(argv=None) -> int:
     path = make_model()
     g = torch.Generator().manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}).eval()
-    vocab = model.config.vocab_size
     eos = model.generation_config.eos_token_id
     bad = set(eos if isinstance(eos, list) else [eos]) | {0}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    # Text prompts (the API takes text): random tokens decoded, then encoded as the server encodes them,
-    # so that stock and the server start from the same ids.
-    texts, prompts = [], []
-    for _ in range(a.streams):
-        row = [int(x) for x in torch.randint(3, vocab, (a.prompt_len,), generator=g)]
-        text = tok.decode([x if x not in bad else 5 for x in row], skip_special_tokens=True)
-        texts.append(text)
-        prompts.append(tok(text)["input_ids"])
+    texts, prompts = exact_length_prompts(tok, a.streams, a.prompt_len, bad, g)
     stock_generate(model, prompts[:2], 8)  # warm-up
-    t16, stock16 = min((stock_generate(model, prompts, a.new_tokens) for _ in range(2)), key=lambda r: r[0])
+    # Is stock generate itself reproducible on a left-padded batch (rows of 100..128 tokens)?
+    padded = [p[: a.prompt_len - (i * 7) % 29] for i, p in enumerate(prompts)]
+    padded_runs = [stock_generate(model, padded, 48)[1] for _ in range(2)]
+    padded_same = sum(x == y for x, y in zip(*padded_runs, strict=True))
+    runs16 = [stock_generate(model, prompts, a.new_tokens) for _ in range(2)]
+    stock16_same = sum(x == y for x, y in zip(runs16[0][1], runs16[1][1], strict=True))
+    t16, stock16 = min(runs16, key=lambda r: r[0])
     t1, stock1 = min((stock_generate(model, prompts[:1], a.new_tokens) for _ in range(2)), key=lambda r: r[0])
-    in_process = decoder_in_process(model, prompts, stock16, stock1, a.new_tokens)
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    in_process = decoder_in_process(model, prompts, stock16, stock1, a.new_tokens, eos_ids)
     del model
     torch.cuda.empty_cache()
 
@@ -158,7 +188,9 @@ def main(argv=None) -> int:
         round_(texts)  # compiles the 16-row bucket
         round_(texts[:1])  # and the 1-row bucket
         warm_s = time.perf_counter() - warm_t
+        batches0 = httpx.get(url + "/health").json()["batches"]
         s16, res16 = min((round_(texts) for _ in range(2)), key=lambda r: r[0])
+        batches16 = (httpx.get(url + "/health").json()["batches"] - batches0) / 2  # per round of 16
         s1, res1 = min((round_(texts[:1]) for _ in range(2)), key=lambda r: r[0])
     finally:
         proc.terminate()
@@ -169,8 +201,8 @@ def main(argv=None) -> int:
 
     def match(stock_rows, served):
         same, first_div = 0, []
-        for ids, (text, _) in zip(stock_rows, served, strict=True):
-            ref = tok.decode(ids, skip_special_tokens=True)
+        for ids, (text, n) in zip(stock_rows, served, strict=True):
+            ref = tok.decode(ids[:n], skip_special_tokens=True)  # n < new_tokens only if the server hit EOS
             same += ref == text
             k = next((i for i, (x, y) in enumerate(zip(ref, text, strict=False)) if x != y), min(len(ref), len(text)))
             first_div.append(k if ref != text else None)
@@ -186,6 +218,7 @@ def main(argv=None) -> int:
          "loraforge_tokens_per_s": round(tokens16 / s16, 1),
          "speedup": round((tokens16 / s16) / (a.streams * a.new_tokens / t16), 2),
          "completion_tokens": tokens16, "wall_s": round(s16, 3), "stock_s": round(t16, 3),
+         "server_batches_per_round": batches16,
          "identical_greedy_rows": f"{same16}/{a.streams}", "first_divergence_char": div16},
         {"case": "server-1-stream-vs-stock-batch-1", "device": dev,
          "stock_tokens_per_s": round(a.new_tokens / t1, 1), "loraforge_tokens_per_s": round(res1[0][1] / s1, 1),
@@ -200,6 +233,8 @@ def main(argv=None) -> int:
     from loraforge.kernels.bench import _versions
 
     report = {"date": dt.date.today().isoformat(), "device": dev, "versions": _versions(), "warmup_s": round(warm_s, 1),
+              "padded_stock_reproducible_rows": f"{padded_same}/{len(padded)}",
+              "stock_batch_reproducible_rows": f"{stock16_same}/{len(prompts)}",
               "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "results": rows}
     from loraforge.kernels.bench import device_tag
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from loraforge.serve.engine import Engine, Request, _merged
+from loraforge.serve.engine import Engine, Request, _bucket_rows, _merged
 
 
 def _run(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> list[Request]:
@@ -23,6 +23,11 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> lis
     while any(r.finish_reason is None for r in reqs) and time.monotonic() < deadline:
         time.sleep(0.05)
     return reqs
+
+
+def test_bucket_rows() -> None:
+    assert [_bucket_rows(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert _bucket_rows(6, 4) == 6  # past the cap: the batch as it is
 
 
 def test_streamed_text_of_one_request_is_merged_between_flushes() -> None:

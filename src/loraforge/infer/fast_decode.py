@@ -131,6 +131,11 @@ class FastDecoder:
         self.top_p = torch.ones(1, dtype=torch.float32, device=dev)
         self._sets: OrderedDict[tuple, _Step] = OrderedDict()
         self.captures = 0
+        # Diagnostics (bench/decode_diag.py): keep each step's fp32 logits; copy K/V or the mask to
+        # contiguous memory before attention, to see whether a kernel choice depends on their layout.
+        self.keep_logits = False
+        self.logits: torch.Tensor | None = None
+        self.contiguous_kv = self.contiguous_mask = False
 
     # ---------------------------------------------------------------------------------------------------
     # The pieces of one decode step (the model's own modules, in the order its forward calls them)
@@ -168,6 +173,8 @@ class FastDecoder:
             st.q[i] = self._pre_attention(st, i, h)
             return
         logits = self.lm.lm_head(self.inner.norm(h))[:, -1, :].to(torch.float32)  # as generate() takes them
+        if self.keep_logits:
+            self.logits = logits
         nxt = self._sample(logits) if sample else torch.argmax(logits, dim=-1)
         self.next[: st.rows].copy_(nxt)
         self.tok[: st.rows, 0].copy_(nxt)
@@ -190,6 +197,10 @@ class FastDecoder:
     def _attention(self, st: _Step, i: int, t: int, mask: torch.Tensor | None) -> None:
         attn = self.layers[i].self_attn
         k, v = self.k[i][: st.rows, :, :t], self.v[i][: st.rows, :, :t]
+        if self.contiguous_kv:
+            k, v = k.contiguous(), v.contiguous()
+        if self.contiguous_mask and mask is not None:
+            mask = mask.contiguous()
         out, _ = self._attn(attn, st.q[i], k, v, mask, dropout=0.0, scaling=attn.scaling)
         st.a[i].copy_(out)
 
@@ -302,8 +313,10 @@ class FastDecoder:
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         pad = getattr(self.lm.generation_config, "pad_token_id", None)
         out = self.model.generate(input_ids=ids, attention_mask=mask2d, max_new_tokens=1, past_key_values=cache,
-                                  return_dict_in_generate=True, pad_token_id=0 if pad is None else pad, **gen)
+                                  return_dict_in_generate=True, pad_token_id=0 if pad is None else pad,
+                                  output_logits=self.keep_logits, **gen)
         first = out.sequences[:, -1]
+        self.trace = [out.logits[0].float()] if self.keep_logits else []
         yield first.tolist()
         if max_new_tokens <= 1:
             return
@@ -334,6 +347,8 @@ class FastDecoder:
             m = None if full_mask is None else self._mask(full_mask, t)
             self._replay_step(st, t, m, sample)
             host[s].copy_(self.next[:rows], non_blocking=True)
+            if self.keep_logits:
+                self.trace.append(self.logits[:rows].clone())
             if self.device.type == "cuda":
                 ev = torch.cuda.Event()
                 ev.record()

@@ -11,8 +11,9 @@ batch go into the next one (dynamic batching, not token-level continuous batchin
 Fast decoding (on by default on a GPU): `loraforge.infer.fast_decode.FastDecoder` — stock `generate`
 prefills the batch, then each decode step replays the model's own kernels as CUDA graphs with a static KV
 cache, attention running eagerly between graph pieces over exactly the keys stock would see. Greedy output
-equals stock `generate`'s; no shape rounding is needed (graphs are per row count, the cache grows in powers
-of two). Models it does not cover (non-Llama, extra logits processors) use `generate` as before.
+equals stock `generate`'s for one row (batched rows: see docs/serving.md). Graphs are per row count, rows
+rounded up to a power of two with filler rows; the cache grows in powers of two. Models it does not
+cover (non-Llama, extra logits processors) use `generate` as before.
 
 Streaming: a decode step makes one token per row; text is handed to the event loop at most every
 `stream_interval_s` (and at once for a first token or an ending), several tokens of a row merged into one
@@ -131,6 +132,14 @@ def _flush(outbox: list) -> None:
             pass
 
 
+def _bucket_rows(n: int, cap: int) -> int:
+    """The power of two at or above n (at most cap, or n itself past it)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return max(n, min(b, cap))
+
+
 def _adapter_name(path: Path) -> str:
     path = Path(path).resolve()
     return path.parent.name if path.name == "adapter" and (path.parent / "config.yaml").is_file() else path.name
@@ -140,7 +149,7 @@ class Engine:
     """Loads the base once with every adapter of `runs`, then generates for submitted requests."""
 
     def __init__(self, runs: list[str | Path], *, max_batch: int = 8, max_waiting: int = 32,
-                 batch_wait_s: float = 0.005, batch_wait_max_s: float = 0.05, device: str = "auto",
+                 batch_wait_s: float = 0.02, batch_wait_max_s: float = 0.1, device: str = "auto",
                  fast_decode: bool | None = None, stream_interval_s: float = 0.02) -> None:
         from loraforge.data.templates import load_user_template, prompt_formatter
         from loraforge.infer.load import load, locate
@@ -319,6 +328,12 @@ class Engine:
 
     def _generate_fast(self, batch: list[Request], adapter: str) -> None:
         ids, mask = self._left_padded(batch)
+        # Graphs are captured per row count: round up to a power of two with copies of row 0 (their tokens
+        # are dropped), so a few captures serve every batch size instead of one per size met.
+        fill = _bucket_rows(len(batch), self.max_batch) - len(batch)
+        if fill:
+            ids = torch.cat([ids, ids[:1].expand(fill, -1)])
+            mask = torch.cat([mask, mask[:1].expand(fill, -1)])
         first = batch[0]
         outbox: list = []
         for req in batch:  # every event of the batch goes through the outbox, so none overtakes another
@@ -330,7 +345,7 @@ class Engine:
             for tokens in steps:
                 now = time.monotonic()
                 ended = False
-                for req, token in zip(batch, tokens, strict=True):
+                for req, token in zip(batch, tokens[: len(batch)], strict=True):
                     if req.finish_reason is not None:
                         continue
                     if req.cancelled or now > req.deadline:
