@@ -49,13 +49,14 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--padded", action="store_true", help="rows of 110..128 tokens (left padding)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from loraforge.infer.fast_decode import FastDecoder
 
     model = build(a.layers, a.vocab)
     g = torch.Generator().manual_seed(1)
-    lengths = [128 - (i * 7) % 19 for i in range(a.rows)]
+    lengths = [128 - (i * 7) % 19 if a.padded else 128 for i in range(a.rows)]
     width = max(lengths)
     ids = torch.zeros(a.rows, width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -68,17 +69,20 @@ def main(argv=None):
         out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=a.new,
                              do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     ref_tok = out.sequences[:, width:]
+    with torch.no_grad():
+        again = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=a.new,
+                               do_sample=False, pad_token_id=0)[:, width:]
+    report["stock_vs_stock_first_divergent_token"] = first_diff(again.cpu(), ref_tok.cpu())
+    print("stock vs stock", report["stock_vs_stock_first_divergent_token"], flush=True)
     ref_logits = [x.float() for x in out.logits]
     ids1, mask1 = ids[:1, width - lengths[0]:], mask[:1, width - lengths[0]:]
     with torch.no_grad():
         ref1 = model.generate(input_ids=ids1.cuda(), attention_mask=mask1.cuda(), max_new_tokens=a.new,
                               do_sample=False, pad_token_id=0)[:, ids1.shape[1]:]
-    variants = {"graphs": dict(graphs=True), "eager": dict(graphs=False),
-                "graphs+contiguous_kv": dict(graphs=True, contiguous_kv=True),
-                "graphs+contiguous_mask": dict(graphs=True, contiguous_mask=True),
-                "eager+contiguous_kv+mask": dict(graphs=False, contiguous_kv=True, contiguous_mask=True)}
+    variants = {"graphs+fused": dict(graphs=True), "graphs": dict(graphs=True, fused_kernels=False),
+                "eager": dict(graphs=False, fused_kernels=False)}
     for name, kw in variants.items():
-        dec = FastDecoder(model, max_rows=a.rows, graphs=kw.pop("graphs"))
+        dec = FastDecoder(model, max_rows=a.rows, graphs=kw.pop("graphs"), fused_kernels=kw.pop("fused_kernels", True))
         for k, v in kw.items():
             setattr(dec, k, v)
         dec.keep_logits = True
@@ -88,7 +92,7 @@ def main(argv=None):
                            if not torch.equal(x, y)), None)
         max_abs = [float((x - y).abs().max()) for x, y in zip(dec.trace[:6], ref_logits[:6], strict=False)]
         one = torch.tensor(list(dec.stream(ids1, mask1, a.new))).t()
-        row = {"first_step_logits_differ": first_step, "max_abs_logit_diff_first_steps": max_abs,
+        row = {"fused": dec.fused, "first_step_logits_differ": first_step, "max_abs_logit_diff_first_steps": max_abs,
                "first_divergent_token": first_diff(toks.cpu(), ref_tok.cpu()),
                "one_row_unpadded_first_divergent_token": first_diff(one.cpu(), ref1.cpu())}
         report["variants"][name] = row
@@ -99,8 +103,8 @@ def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
     report["profile"] = {}
-    dec = FastDecoder(model, max_rows=a.rows)
-    for rows in (1, a.rows):
+    for fused, rows in ((True, 1), (True, a.rows), (False, 1)):
+        dec = FastDecoder(model, max_rows=a.rows, fused_kernels=fused)
         i_, m_ = (ids1, mask1) if rows == 1 else (ids, mask)
         list(dec.stream(i_, m_, 40))  # capture
         torch.cuda.synchronize()
@@ -117,10 +121,12 @@ def main(argv=None):
         count = sum(e.count for e in evs) / steps
         top = [(e.key[:70], round(e.self_device_time_total / steps / 1e3, 3), round(e.count / steps, 1))
                for e in sorted(evs, key=lambda e: -e.self_device_time_total)[:25]]
-        report["profile"][rows] = {"wall_ms_per_step_128": round(wall * 1e3, 3),
-                                   "kernel_ms_per_step_incl_prefill_share": round(kern, 3),
-                                   "kernels_per_step": count, "top": top}
-        print(rows, json.dumps(report["profile"][rows], indent=0), flush=True)
+        prof = {"wall_ms_per_step_128": round(wall * 1e3, 3), "kernel_ms_per_step_incl_prefill_share": round(kern, 3),
+                "kernels_per_step": count}
+        print(rows, "fused" if fused else "eager ops", json.dumps(prof), flush=True)
+        report["profile"][f"{rows}-rows-{'fused' if fused else 'eager-ops'}"] = dict(prof, top=top)
+        del dec
+        torch.cuda.empty_cache()
     if a.out:
         Path(a.out, "decode-diag.json").write_text(json.dumps(report, indent=1))
 

@@ -87,6 +87,7 @@ class _Step:
     a: list = field(default_factory=list)  # per layer: the attention output [B, 1, H, D] (static, eager-filled)
     graphs: list | None = None
     pool: object = None
+    q_layout: tuple = ()  # (shape, strides) of eager RoPE's query output, which the fused kernel writes
 
 
 class FastDecoder:
@@ -96,7 +97,8 @@ class FastDecoder:
     `max_rows` bounds the batch; the cache grows (in powers of two) to the longest prompt + new tokens
     seen, and graphs are kept for up to `max_graph_sets` (adapter, rows, sampling) combinations."""
 
-    def __init__(self, model, *, max_rows: int = 16, graphs: bool | None = None, max_graph_sets: int = 24):
+    def __init__(self, model, *, max_rows: int = 16, graphs: bool | None = None, max_graph_sets: int = 24,
+                 fused_kernels: bool = True):
         ok, why = supported(model)
         if not ok:
             raise ValueError(f"fast decoding is not available for this model: {why}")
@@ -133,46 +135,110 @@ class FastDecoder:
         self.captures = 0
         # Diagnostics (bench/decode_diag.py): keep each step's fp32 logits; copy K/V or the mask to
         # contiguous memory before attention, to see whether a kernel choice depends on their layout.
+        self.fused: dict[str, int | None] = {"norm": None, "rope": None, "silu_mul": None}
+        if self.device.type == "cuda" and fused_kernels:
+            self.fused = self._check_fused()
         self.keep_logits = False
         self.logits: torch.Tensor | None = None
         self.contiguous_kv = self.contiguous_mask = False
 
+    def _check_fused(self) -> dict[str, int | None]:
+        """kernels/decode.py's self-check, then each kernel once more against this model's own modules
+        (its RMSNorm, its RoPE function, its MLP activation). A kernel is used only where both are exact."""
+        from loraforge.kernels import decode
+
+        found = decode.self_check(self.device, self.dtype)
+        layer = self.layers[0]
+        g = torch.Generator(device=self.device).manual_seed(1)
+        with torch.no_grad():
+            h = (torch.randn(4, 1, self.cfg.hidden_size, generator=g, device=self.device) * 2).to(self.dtype)
+            d = torch.randn(4, 1, self.cfg.hidden_size, generator=g, device=self.device).to(self.dtype)
+            norm = layer.input_layernorm
+            if found["norm"] is not None and not (hasattr(norm, "variance_epsilon") and torch.equal(
+                    decode.rms_norm(h, d, norm.weight, norm.variance_epsilon, found["norm"])[1], norm(h + d))):
+                found["norm"] = None
+            act = getattr(layer.mlp, "act_fn", None)
+            if found["silu_mul"] is not None and not (
+                    all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and act is not None
+                    and torch.equal(decode.silu_mul(h, d, found["silu_mul"]), act(h) * d)):
+                found["silu_mul"] = None
+            if found["rope"] is not None:
+                rows, hd = 4, self.head_dim
+                q = torch.randn(rows, 1, self.heads * hd, generator=g, device=self.device).to(self.dtype)
+                k = torch.randn(rows, 1, self.kv_heads * hd, generator=g, device=self.device).to(self.dtype)
+                pos = torch.randint(0, 4000, (rows, 1), generator=g, device=self.device)
+                cos, sin = self.inner.rotary_emb(q, pos)
+                shape = (rows, 1, -1, hd)
+                ref_q, ref_k = self._rope(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
+                kc = torch.zeros(rows, self.kv_heads, 4, hd, dtype=self.dtype, device=self.device)
+                out = torch.empty_strided(ref_q.shape, ref_q.stride(), dtype=self.dtype, device=self.device)
+                decode.rope_cache(q, k, k, cos, sin, out, kc, torch.zeros_like(kc),
+                                  torch.tensor([2], device=self.device))
+                if not (torch.equal(out, ref_q) and torch.equal(kc[:, :, 2:3], ref_k)):
+                    found["rope"] = None
+        log.info("fast decode kernels (None: eager ops): %s", found)
+        return found
+
     # ---------------------------------------------------------------------------------------------------
     # The pieces of one decode step (the model's own modules, in the order its forward calls them)
 
-    def _pre_attention(self, st: _Step, i: int, h: torch.Tensor) -> torch.Tensor:
+    def _norm(self, module, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, module(h + delta)): the residual add and the RMSNorm after it, as the decoder layer
+        does them — in 3 kernels instead of 9 when kernels/decode.py reproduces them exactly here."""
+        if self.fused["norm"] is not None:
+            from loraforge.kernels import decode
+
+            return decode.rms_norm(h, delta, module.weight, module.variance_epsilon, self.fused["norm"])
+        if delta is not None:
+            h = h + delta
+        return h, module(h)
+
+    def _pre_attention(self, st: _Step, i: int, h: torch.Tensor, delta: torch.Tensor | None) -> None:
+        """Residual add (the previous layer's MLP output), input norm, q/k/v, RoPE, cache write."""
         layer = self.layers[i]
         attn = layer.self_attn
-        x = layer.input_layernorm(h)
+        st.h, x = self._norm(layer.input_layernorm, h, delta)
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if self.fused["rope"] is not None:
+            from loraforge.kernels import decode
+
+            out = torch.empty_strided(*st.q_layout, dtype=q.dtype, device=q.device)
+            st.q[i] = decode.rope_cache(q, k, v, st.cos, st.sin, out, self.k[i], self.v[i], self.slot)
+            return
         shape = (st.rows, 1, -1, self.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         q, k = self._rope(q, k, st.cos, st.sin)
         self.k[i][: st.rows].index_copy_(2, self.slot, k)
         self.v[i][: st.rows].index_copy_(2, self.slot, v)
-        return q
+        st.q[i] = q
 
-    def _post_attention(self, st: _Step, i: int, h: torch.Tensor) -> torch.Tensor:
+    def _post_attention(self, st: _Step, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_proj, residual add, post-attention norm, MLP. Returns (residual, MLP output): the second
+        residual add is left to the next norm, which fuses it."""
         layer = self.layers[i]
         a = st.a[i].reshape(st.rows, 1, -1).contiguous()
-        h = h + layer.self_attn.o_proj(a)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        h, x = self._norm(layer.post_attention_layernorm, h, layer.self_attn.o_proj(a))
+        mlp = layer.mlp
+        if self.fused["silu_mul"] is not None:
+            from loraforge.kernels import decode
+
+            act = decode.silu_mul(mlp.gate_proj(x), mlp.up_proj(x), self.fused["silu_mul"])
+            return h, mlp.down_proj(act)
+        return h, mlp(x)
 
     def _first_piece(self, st: _Step) -> None:
         h = self.inner.embed_tokens(self.tok[: st.rows])
         st.cos, st.sin = self.inner.rotary_emb(h, self.pos[: st.rows])
-        st.h = h
-        st.q[0] = self._pre_attention(st, 0, h)
+        self._pre_attention(st, 0, h, None)
 
     def _piece(self, st: _Step, i: int, sample: bool) -> None:
         """Layer i-1's attention output → layer i's query (or, after the last layer, the next tokens)."""
-        h = self._post_attention(st, i - 1, st.h)
-        st.h = h
+        h, m = self._post_attention(st, i - 1, st.h)
         if i < len(self.layers):
-            st.q[i] = self._pre_attention(st, i, h)
+            self._pre_attention(st, i, h, m)
             return
-        logits = self.lm.lm_head(self.inner.norm(h))[:, -1, :].to(torch.float32)  # as generate() takes them
+        st.h, x = self._norm(self.inner.norm, h, m)
+        logits = self.lm.lm_head(x)[:, -1, :].to(torch.float32)  # as generate() takes them
         if self.keep_logits:
             self.logits = logits
         nxt = self._sample(logits) if sample else torch.argmax(logits, dim=-1)
@@ -223,6 +289,14 @@ class FastDecoder:
     def _new_step(self, rows: int) -> _Step:
         n = len(self.layers)
         st = _Step(rows, q=[None] * n)
+        # The layout eager RoPE gives the query (TensorIterator's choice for a transposed view): the fused
+        # kernel writes the same strides, so attention sees the same tensor (on a CPU twin of the shapes).
+        hd, heads = self.head_dim, self.heads
+        q = torch.empty(rows, 1, heads * hd).view(rows, 1, heads, hd).transpose(1, 2)
+        k = torch.empty(rows, 1, self.kv_heads * hd).view(rows, 1, self.kv_heads, hd).transpose(1, 2)
+        cs = torch.empty(rows, 1, hd)
+        q_ref = self._rope(q, k, cs, cs)[0]
+        st.q_layout = (tuple(q_ref.shape), q_ref.stride())
         st.a = [torch.zeros(rows, 1, self.heads, self.head_dim, dtype=self.dtype, device=self.device)
                 for _ in range(n)]
         return st
