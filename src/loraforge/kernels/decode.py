@@ -178,6 +178,9 @@ def eager_rope(q, cos, sin):
     return (q * c) + (_rotate_half(q) * s)
 
 
+DETAIL: dict = {}  # what the last self_check saw, for a failing kernel's report
+
+
 def self_check(device, dtype=torch.bfloat16) -> dict[str, int | None]:
     """Which kernels reproduce eager bit for bit on this GPU, and with which math variant (None: none)."""
     if not (_triton.AVAILABLE and libdevice is not None and torch.device(device).type == "cuda"):
@@ -215,10 +218,15 @@ def self_check(device, dtype=torch.bfloat16) -> dict[str, int | None]:
     out = torch.empty_strided(ref_q.shape, ref_q.stride(), dtype=dtype, device=device)
     try:
         rope_cache(q, k, v, cos, sin, out, kc, vc, slot)
-        ok = (torch.equal(out, ref_q) and torch.equal(kc[:, :, 5:6], ref_k)
-              and torch.equal(vc[:, :, 5:6], v.view(rows, 1, kv, hd).transpose(1, 2)) and not kc[:, :, :5].any())
-    except Exception:  # noqa: BLE001
+        checks = {"q": torch.equal(out, ref_q), "k": torch.equal(kc[:, :, 5:6], ref_k),
+                  "v": torch.equal(vc[:, :, 5:6], v.view(rows, 1, kv, hd).transpose(1, 2)),
+                  "rest": not kc[:, :, :5].any()}
+        ok = all(checks.values())
+        DETAIL["rope"] = dict(checks, q_max_diff=float((out.float() - ref_q.float()).abs().max()),
+                              k_max_diff=float((kc[:, :, 5:6].float() - ref_k.float()).abs().max()))
+    except Exception as e:  # noqa: BLE001
         ok = False
+        DETAIL["rope"] = f"{type(e).__name__}: {e}"[:500]
     found["rope"] = 0 if ok else None
     gate = (torch.randn(rows, 1, 11008, generator=g, device=device) * 4).to(dtype)
     up = torch.randn(rows, 1, 11008, generator=g, device=device).to(dtype)
