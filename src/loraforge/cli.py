@@ -173,7 +173,7 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds before a generation is abandoned.")] = 120.0,
     fast_decode: Annotated[bool | None, typer.Option(
         "--fast-decode/--no-fast-decode",
-        help="Static KV cache + CUDA-graph decode in shape buckets (default: on a GPU).")] = None,
+        help="Static KV cache + CUDA-graph decode with stock's kernels (default: on a GPU).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
     from loraforge.serve.app import run_server
