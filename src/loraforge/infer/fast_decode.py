@@ -37,12 +37,13 @@ import torch
 log = logging.getLogger(__name__)
 
 _SUPPORTED = ("llama",)
-# Generation-config settings that add logits processors the graphed step does not apply.
+# Generation-config settings that add logits processors the graphed step does not apply (temperature,
+# top_p and top_k are set per request by the server, so the model's defaults for them do not matter).
 _UNSUPPORTED_GEN = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
                     "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
                     "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                     "min_length": 0, "min_new_tokens": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-                    "eta_cutoff": 0.0, "top_k": None}
+                    "eta_cutoff": 0.0}
 
 
 def _causal_lm(model):
@@ -69,7 +70,7 @@ def supported(model) -> tuple[bool, str]:
     gen = getattr(lm, "generation_config", None)
     for key, neutral in _UNSUPPORTED_GEN.items():
         v = getattr(gen, key, None)
-        if v is not None and v != neutral and not (key == "top_k" and v in (0, 50)):
+        if v is not None and v != neutral:
             return False, f"generation_config.{key}={v!r} needs a logits processor"
     return True, "ok"
 
