@@ -1,6 +1,6 @@
 """FastDecoder with CUDA graphs on a GPU: bf16 greedy tokens equal stock `generate`'s, row for row.
 
-The CPU tests (tests/infer/test_fast_decode.py) run the same pieces eagerly; here they are captured and
+The CPU tests (tests/infer/test_fast_decoder.py) run the same pieces eagerly; here they are captured and
 replayed, with attention run eagerly between the graphs. bf16 makes any change of kernel or reduction
 order visible in a few dozen tokens of a random model with peaked attention, so equality here means the
 graphs replay exactly stock's kernels.

@@ -2,7 +2,7 @@
 answers what plain batching through `generate` answers, each request stopping at its own max_tokens.
 
 On a CPU there is no CUDA graph to record; the decoder runs the same pieces eagerly
-(tests/infer/test_fast_decode.py compares it with `generate` token for token). bench/serve_speed.py runs
+(tests/infer/test_fast_decoder.py compares it with `generate` token for token). bench/serve_speed.py runs
 the graphed path on a GPU.
 """
 
