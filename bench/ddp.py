@@ -39,8 +39,9 @@ SHAPES = {
 }
 
 
-def make_shape(name: str, root: Path, cpu: bool) -> Path:
-    """Random bf16 weights of `name` with the embedded tokenizer, saved once under `root`."""
+def make_shape(name: str, root: Path, cpu: bool, tokenizer: str | None = None) -> Path:
+    """Random bf16 weights of `name` with the embedded tokenizer (or the tokenizer folder given), saved once
+    under `root`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -49,7 +50,7 @@ def make_shape(name: str, root: Path, cpu: bool) -> Path:
     path = root / name
     if (path / "config.json").is_file():
         return path
-    tok = AutoTokenizer.from_pretrained(resolve_embedded("smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(tokenizer or resolve_embedded("smollm2-135m-instruct"))
     cfg = LlamaConfig(**SHAPES[name], vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     t = time.time()
@@ -79,7 +80,10 @@ def run_case(case: str, shape_dir: Path, data: Path, out: Path, gpus: int, strat
                  "lora.lora_dropout=0.0", f"training.output_dir={run_dir}", f"training.max_steps={a.warm + a.steps}",
                  f"training.per_device_train_batch_size={a.batch}", "training.gradient_accumulation_steps=1",
                  "training.logging_steps=1", "training.save_steps=0", "training.warmup_ratio=0.0",
-                 f"training.distributed_strategy={strategy}", "training.gradient_checkpointing=true"]
+                 f"training.distributed_strategy={strategy}", "training.gradient_checkpointing=true",
+                 # CUDA-graphed layers run in single-process training only: off in every arm, so that the
+                 # 1-GPU and N-GPU figures time the same code
+                 "model.cuda_graphs=false"]
     if a.cpu:
         overrides += ["model.use_4bit=false", "model.device=cpu", "model.dtype=float32", "data.max_length=64"]
     env = {**os.environ, "LORAFORGE_BENCH_PEAK_DIR": str(run_dir), "HF_HUB_OFFLINE": "1",
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shm", default="/dev/shm/loraforge-bench")
     ap.add_argument("--case-timeout", type=int, default=240)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer folder instead of the embedded model's")
     a = ap.parse_args(argv)
     import torch
 
@@ -142,10 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     fsdp = "ddp" if a.cpu else "fsdp"
     rows = []
     if "ddp-7b" in a.cases:
-        path = make_shape(small, root, a.cpu)
+        path = make_shape(small, root, a.cpu, a.tokenizer)
         rows += [run_case("ddp-7b", path, data, work, g, "ddp", a) for g in (1, a.gpus)]
     if "13b" in a.cases:
-        path = make_shape(large, root, a.cpu)
+        path = make_shape(large, root, a.cpu, a.tokenizer)
         rows += [run_case("13b-single", path, data, work, 1, "ddp", a),
                  run_case("fsdp-13b", path, data, work, a.gpus, fsdp, a)]
     one = next((r["tokens_per_s"] for r in rows if r["case"] == "ddp-7b" and r["gpus"] == 1), None)
