@@ -64,3 +64,41 @@ def test_decode_kernels_reproduce_eager_bit_for_bit():
 
     found = self_check("cuda")
     assert all(v is not None for v in found.values()), (found, DETAIL)
+
+
+def test_graphed_greedy_equals_stock_generate_on_a_4bit_base(tmp_path):
+    """A QLoRA run served as trained: NF4 base (bitsandbytes) + LoRA. The graphs must capture bitsandbytes'
+    kernels, or the decoder must fall back to eager pieces; either way the tokens are stock's."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from loraforge.infer.fast_decode import FastDecoder
+
+    _model(False).save_pretrained(tmp_path / "m")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": 0}).eval()
+    model.generation_config.eos_token_id = None
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    for lengths in ([30], [30, 12, 30]):
+        width = max(lengths)
+        g = torch.Generator().manual_seed(5)
+        ids = torch.zeros(len(lengths), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, n in enumerate(lengths):
+            ids[i, width - n:] = torch.randint(3, 1024, (n,), generator=g)
+            mask[i, width - n:] = 1
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=32,
+                                 do_sample=False, pad_token_id=0)[:, width:].tolist()
+        dec = FastDecoder(model, max_rows=4)
+        got = [list(c) for c in zip(*dec.stream(ids, mask, 32), strict=True)]
+        assert got == ref, (lengths, dec.graphs)

@@ -315,7 +315,15 @@ class FastDecoder:
             return st
         st = self._new_step(rows)
         if self.graphs:
-            self._capture(st, sample)
+            try:
+                self._capture(st, sample)
+            except Exception as e:  # noqa: BLE001 - e.g. a quantized layer whose kernels cannot be captured
+                # The same pieces still run eagerly (the ops of the model's forward): slower, never wrong.
+                log.warning("CUDA graph capture of the decode step failed (%s: %s); decoding without graphs",
+                            type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                torch.cuda.synchronize()
+                self.graphs = False
+                st = self._new_step(rows)
         self._sets[key] = st
         if len(self._sets) > self.max_graph_sets:
             self._sets.popitem(last=False)
