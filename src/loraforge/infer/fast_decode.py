@@ -134,11 +134,12 @@ class FastDecoder:
         self.top_p = torch.ones(1, dtype=torch.float32, device=dev)
         self._sets: OrderedDict[tuple, _Step] = OrderedDict()
         self.captures = 0
-        # Diagnostics (bench/decode_diag.py): keep each step's fp32 logits; copy K/V or the mask to
-        # contiguous memory before attention, to see whether a kernel choice depends on their layout.
+        # Which exact fused kernels (kernels/decode.py) this GPU may use; None: the model's eager ops.
         self.fused: dict[str, int | None] = {"norm": None, "rope": None, "silu_mul": None}
         if self.device.type == "cuda" and fused_kernels:
             self.fused = self._check_fused()
+        # Diagnostics (bench/decode_diag.py): keep each step's fp32 logits; copy K/V or the mask to
+        # contiguous memory before attention, to see whether a kernel choice depends on their layout.
         self.keep_logits = False
         self.logits: torch.Tensor | None = None
         self.contiguous_kv = self.contiguous_mask = False
