@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraforge.errors import DataError
 from loraforge.infer.chat import ChatSession, chat_loop
-from loraforge.infer.generate import generate_cli, generate_texts, read_prompts
+from loraforge.infer.generate import generate_cli, generate_texts, read_prompts, render
 from loraforge.infer.load import load
 
 
@@ -35,6 +36,32 @@ def test_generate_cli_writes_jsonl_in_prompt_order_and_batching_does_not_change_
     one_by_one = generate_texts(loaded, [r["prompt"] for r in lines], max_new_tokens=6, batch_size=1)
     assert [r["output"] for r in lines] == one_by_one
     assert all(o for o in one_by_one)
+
+
+def test_fast_decoder_answers_what_generate_answers(loaded) -> None:
+    """`loraforge generate` on a GPU decodes through FastDecoder; on the CPU its pieces run eagerly and must
+    give generate()'s greedy answers, batched with left padding, each row ending at its own EOS."""
+    prompts = ["Say apple.", "Hello there, how are you today? Tell me about rivers.", "Hi", "Say stone."]
+    for batch in (1, 3):
+        slow = generate_texts(loaded, prompts, max_new_tokens=40, batch_size=batch, fast=False)
+        assert generate_texts(loaded, prompts, max_new_tokens=40, batch_size=batch, fast=True) == slow
+    assert generate_texts(loaded, prompts[:1], max_new_tokens=40, fast=None) == slow[:1]  # CPU: the plain path
+    # Rows end at EOS as generate's do: make a token this model emits early the EOS, for both paths.
+    from loraforge.eval.qualitative import QualitativeEvaluator
+
+    ids = QualitativeEvaluator(loaded.model, loaded.tokenizer, template=lambda t: t).encode_prompt(
+        render(loaded, prompts[1]))
+    with torch.no_grad():
+        new = loaded.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):]
+    gc = loaded.model.generation_config
+    saved, free = gc.eos_token_id, slow
+    gc.eos_token_id = int(new[3])
+    try:
+        stopped = generate_texts(loaded, prompts, max_new_tokens=40, batch_size=4, fast=False)
+        assert generate_texts(loaded, prompts, max_new_tokens=40, batch_size=4, fast=True) == stopped
+        assert len(stopped[1]) < len(free[1])  # row 1 did end early
+    finally:
+        gc.eos_token_id = saved
 
 
 def test_read_prompts_names_the_bad_line(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """`loraforge generate`: prompts (or a file of prompts) in, answers out as JSONL, generated in batches.
 
 Prompts are rendered the way the run was trained (`Loaded.formatter`), then generated through
-`QualitativeEvaluator.generate_batch` — the same left-padded batched generation the evaluation uses.
+`QualitativeEvaluator.generate_batch` — the same left-padded batched generation the evaluation uses. On a
+GPU, greedy and sampled decoding go through `FastDecoder` instead (stock's kernels replayed as CUDA graphs,
+docs/serving.md): the same tokens as `generate` for greedy, ~3× faster for a 7B model.
 """
 
 from __future__ import annotations
@@ -80,13 +82,58 @@ def decoding_kwargs(decoding: str, temperature: float, top_p: float) -> dict[str
 
 
 def generate_texts(loaded: Loaded, prompts: list[Prompt], *, max_new_tokens: int = 256, decoding: str = "greedy",
-                   temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 8) -> list[str]:
-    """Answers to `prompts` (strings or message lists), in order."""
+                   temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 8,
+                   fast: bool | None = None) -> list[str]:
+    """Answers to `prompts` (strings or message lists), in order. `fast`: decode with FastDecoder (None: on a
+    GPU, for greedy and sampling, when the model is one it covers)."""
     texts = [render(loaded, p) for p in prompts]
     # The texts are already in the training format, so the evaluator must not template them again.
     evaluator = QualitativeEvaluator(loaded.model, loaded.tokenizer, template=lambda text: text)
-    return evaluator.generate_batch(texts, max_length=max_new_tokens, batch_size=batch_size,
-                                    **decoding_kwargs(decoding, temperature, top_p))
+    kwargs = decoding_kwargs(decoding, temperature, top_p)
+    if fast is None:
+        from loraforge.infer.fast_decode import supported
+
+        fast = (decoding != "beam" and next(loaded.model.parameters()).device.type == "cuda"
+                and supported(loaded.model)[0])
+    if not fast or decoding == "beam":
+        return evaluator.generate_batch(texts, max_length=max_new_tokens, batch_size=batch_size, **kwargs)
+    return _fast_texts(loaded, [evaluator.encode_prompt(t) for t in texts], max_new_tokens, batch_size,
+                       temperature if decoding == "sample" else 0.0, top_p)
+
+
+def _fast_texts(loaded: Loaded, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
+                temperature: float, top_p: float) -> list[str]:
+    """What `QualitativeEvaluator.generate_batch` answers, through FastDecoder: the same left-padded
+    batches, each row ending at the EOS `generate` would stop at, decoded the same way."""
+    import torch
+
+    from loraforge.infer.fast_decode import FastDecoder
+
+    tok = loaded.tokenizer
+    decoder = FastDecoder(loaded.model, max_rows=batch_size)
+    eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+    eos = tok.eos_token_id if eos is None else eos
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
+    answers: list[str] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
+        rows: list[list[int]] = [[] for _ in chunk]
+        ended = [False] * len(chunk)
+        steps = decoder.stream(ids, mask, max_new_tokens, temperature=temperature, top_p=top_p)
+        for tokens in steps:
+            for i, t in enumerate(tokens):
+                if not ended[i]:
+                    ended[i] = t in eos_ids
+                    rows[i].append(t)
+            if all(ended):
+                break
+        steps.close()
+        answers += [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
+    return answers
 
 
 def generate_cli(run: str | Path, *, prompts: list[str], file: str | Path | None = None, out: str | Path | None = None,
