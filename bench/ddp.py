@@ -102,24 +102,62 @@ def run_case(case: str, shape_dir: Path, data: Path, out: Path, gpus: int, strat
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "loss" in r and r["step"] > a.warm - 1]
     tokens = sum(r["tokens_per_s"] * (r["elapsed_s"] - p["elapsed_s"]) for p, r in zip(recs, recs[1:], strict=False))
-    peaks = [json.loads(p.read_text())["peak_gib"] for p in run_dir.glob("peak-rank*.json")]
+    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("peak-rank*.json"))]
+    peaks = [r["peak_gib"] for r in ranks]
+    if any(r.get("phases_ms_median") for r in ranks):
+        row["phases_ms_median_per_rank"] = [r["phases_ms_median"] for r in ranks]
     row.update(tokens_per_s=round(tokens / (recs[-1]["elapsed_s"] - recs[0]["elapsed_s"]), 1),
                peak_gib=round(max(peaks), 2) if peaks else None, peak_gib_per_rank=peaks,
                final_loss=recs[-1]["loss"])
     return row
 
 
+def _time_phases() -> dict[str, list[float]]:
+    """--phases: wrap the training loop's parts (forward, backward, the cross-rank reduces, clipping, the
+    optimizer step) in device syncs and timers. It perturbs overlap, so it says where time goes, not how
+    fast a step is."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from loraforge.train.trainer import LLAMATrainer
+
+    phases: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            phases.setdefault(name, []).append(time.perf_counter() - t)
+            return out
+        return wrapper
+
+    LLAMATrainer._micro_step_loss = timed("forward", LLAMATrainer._micro_step_loss)
+    Accelerator.backward = timed("backward", Accelerator.backward)
+    Accelerator.reduce = timed("reduce", Accelerator.reduce)
+    Accelerator.clip_grad_norm_ = timed("clip", Accelerator.clip_grad_norm_)
+    AcceleratedOptimizer.step = timed("optimizer", AcceleratedOptimizer.step)
+    return phases
+
+
 def worker(overrides: list[str]) -> None:
     """One torchrun process: the same code as `loraforge train`, plus this rank's peak memory."""
+    import statistics
+
     import torch
 
     from loraforge.config import load_config
     from loraforge.train.trainer import LLAMATrainer
 
+    phases = _time_phases() if os.environ.get("LORAFORGE_BENCH_PHASES") and torch.cuda.is_available() else {}
     LLAMATrainer.from_config(load_config(None, overrides), log=lambda m: None).train()
     rank = int(os.environ.get("RANK", "0"))
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    Path(os.environ["LORAFORGE_BENCH_PEAK_DIR"], f"peak-rank{rank}.json").write_text(json.dumps({"peak_gib": peak}))
+    record = {"peak_gib": peak, "phases_ms_median": {k: round(statistics.median(v[3:] or v) * 1e3, 1)
+                                                     for k, v in phases.items()}}
+    Path(os.environ["LORAFORGE_BENCH_PEAK_DIR"], f"peak-rank{rank}.json").write_text(json.dumps(record))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,8 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--case-timeout", type=int, default=240)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--tokenizer", default=None, help="a tokenizer folder instead of the embedded model's")
+    ap.add_argument("--phases", action="store_true", help="time forward/backward/reduce/clip/optimizer per rank")
     a = ap.parse_args(argv)
     import torch
+
+    if a.phases:
+        os.environ["LORAFORGE_BENCH_PHASES"] = "1"
 
     root, work = Path(a.shm), Path(a.shm) / "runs"
     work.mkdir(parents=True, exist_ok=True)
