@@ -22,16 +22,19 @@ def _model(lora: bool):
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     model.generation_config.eos_token_id = None
-    if lora:
-        from peft import LoraConfig, get_peft_model
+    return _with_lora(model) if lora else model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-        model.eval()
-    return model
+
+def _with_lora(model):
+    """A LoRA adapter on every linear layer, with B non-zero so that it changes the output."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model.eval()
 
 
 @pytest.mark.parametrize("lora,lengths", [(False, [40]), (False, [40, 17, 33, 40]), (True, [25, 25, 9])])
@@ -80,14 +83,7 @@ def test_graphed_greedy_equals_stock_generate_on_a_4bit_base(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q, dtype=torch.bfloat16,
                                                  device_map={"": 0}).eval()
     model.generation_config.eos_token_id = None
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.eval()
+    model = _with_lora(model)
     for lengths in ([30], [30, 12, 30]):
         width = max(lengths)
         g = torch.Generator().manual_seed(5)
