@@ -46,6 +46,15 @@ _UNSUPPORTED_GEN = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encod
                     "eta_cutoff": 0.0}
 
 
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows padded on the left: every prompt ends in the last column,
+    where generation continues."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
 def _causal_lm(model):
     """The transformers CausalLM inside a peft model (adapters injected), or the model itself."""
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):

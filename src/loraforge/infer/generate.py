@@ -105,9 +105,7 @@ def _fast_texts(loaded: Loaded, encoded: list[list[int]], max_new_tokens: int, b
                 temperature: float, top_p: float) -> list[str]:
     """What `QualitativeEvaluator.generate_batch` answers, through FastDecoder: the same left-padded
     batches, each row ending at the EOS `generate` would stop at, decoded the same way."""
-    import torch
-
-    from loraforge.infer.fast_decode import FastDecoder
+    from loraforge.infer.fast_decode import FastDecoder, left_padded
 
     tok = loaded.tokenizer
     decoder = FastDecoder(loaded.model, max_rows=batch_size)
@@ -118,9 +116,7 @@ def _fast_texts(loaded: Loaded, encoded: list[list[int]], max_new_tokens: int, b
     answers: list[str] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
+        ids, mask = left_padded(chunk, pad)
         rows: list[list[int]] = [[] for _ in chunk]
         ended = [False] * len(chunk)
         steps = decoder.stream(ids, mask, max_new_tokens, temperature=temperature, top_p=top_p)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from loraforge.errors import ModelLoadError
+from loraforge.infer.fast_decode import left_padded
 
 log = logging.getLogger(__name__)
 
@@ -309,13 +310,6 @@ class Engine:
                 return
             seen = now
 
-    def _left_padded(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left padding: every prompt ends in the last column, where generation continues."""
-        width = max(len(r.input_ids) for r in batch)
-        ids = torch.tensor([[self.pad_id] * (width - len(r.input_ids)) + r.input_ids for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.input_ids)) + [1] * len(r.input_ids) for r in batch])
-        return ids, mask
-
     def _generate(self, batch: list[Request]) -> None:
         adapter = self.adapters[batch[0].adapter]
         if adapter.peft_name is not None:
@@ -327,7 +321,7 @@ class Engine:
             self._generate_plain(batch)
 
     def _generate_fast(self, batch: list[Request], adapter: str) -> None:
-        ids, mask = self._left_padded(batch)
+        ids, mask = left_padded([r.input_ids for r in batch], self.pad_id)
         # Graphs are captured per row count: round up to a power of two with copies of row 0 (their tokens
         # are dropped), so a few captures serve every batch size instead of one per size met.
         fill = _bucket_rows(len(batch), self.max_batch) - len(batch)
@@ -374,7 +368,7 @@ class Engine:
         from transformers.generation.streamers import BaseStreamer
 
         engine = self
-        ids, mask = self._left_padded(batch)
+        ids, mask = left_padded([r.input_ids for r in batch], self.pad_id)
         max_new = max(r.max_tokens for r in batch)
         outbox: list = []
 
