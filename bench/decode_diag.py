@@ -3,11 +3,13 @@ graphed decode step spend its time?
 
     python bench/decode_diag.py [--layers 32] [--rows 16] [--out DIR]
 
-1. Stock `generate` (output_logits) on left-padded random prompts vs FastDecoder variants — graphs on/off,
-   K/V or mask copied contiguous before attention — step by step: the first step whose fp32 logits are
-   not bit-equal, and the first divergent token per row.
-2. torch.profiler over 8 graphed decode steps at 1 and `--rows` rows: kernels per step, kernel time per
-   step, the top kernels; and the wall time per step.
+1. Stock `generate` (output_logits) on random prompts (`--padded`: left-padded) run twice — is stock
+   reproducible? — and against FastDecoder variants (graphs + fused kernels, graphs, eager) step by step:
+   the first step whose fp32 logits are not bit-equal, and the first divergent token per row. (An earlier
+   version also tried K/V and the mask copied contiguous before attention: no change,
+   bench/results/decode-diag-2026-11-22-h100-padded.json.)
+2. torch.profiler over 8 graphed decode steps at 1 and `--rows` rows (fused kernels on, and off for 1
+   row): kernels per step, kernel time per step, the top kernels; and the wall time per step.
 """
 
 import argparse

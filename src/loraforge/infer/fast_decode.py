@@ -147,11 +147,10 @@ class FastDecoder:
         self.fused: dict[str, int | None] = {"norm": None, "rope": None, "silu_mul": None}
         if self.device.type == "cuda" and fused_kernels:
             self.fused = self._check_fused()
-        # Diagnostics (bench/decode_diag.py): keep each step's fp32 logits; copy K/V or the mask to
-        # contiguous memory before attention, to see whether a kernel choice depends on their layout.
+        # Diagnostics (bench/decode_diag.py): keep each step's fp32 logits, to find the first step that
+        # differs from stock's.
         self.keep_logits = False
         self.logits: torch.Tensor | None = None
-        self.contiguous_kv = self.contiguous_mask = False
 
     def _check_fused(self) -> dict[str, int | None]:
         """kernels/decode.py's self-check, then each kernel once more against this model's own modules
@@ -274,10 +273,6 @@ class FastDecoder:
     def _attention(self, st: _Step, i: int, t: int, mask: torch.Tensor | None) -> None:
         attn = self.layers[i].self_attn
         k, v = self.k[i][: st.rows, :, :t], self.v[i][: st.rows, :, :t]
-        if self.contiguous_kv:
-            k, v = k.contiguous(), v.contiguous()
-        if self.contiguous_mask and mask is not None:
-            mask = mask.contiguous()
         out, _ = self._attn(attn, st.q[i], k, v, mask, dropout=0.0, scaling=attn.scaling)
         st.a[i].copy_(out)
 
