@@ -6,6 +6,16 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 
+def _step_both(o1, ps1, o2, ps2, steps: int) -> None:
+    """`steps` optimizer steps of both optimizers, each step with the same random gradients."""
+    for _ in range(steps):
+        for a, b in zip(ps1, ps2, strict=True):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_one_sync_paged_adamw_matches_bitsandbytes(device):
     from loraforge.kernels.optim import paged_adamw_32bit
@@ -16,12 +26,7 @@ def test_one_sync_paged_adamw_matches_bitsandbytes(device):
     o1 = bnb.optim.PagedAdamW32bit(ps1, lr=1e-2, weight_decay=0.01)
     o2 = paged_adamw_32bit(ps2, lr=1e-2, weight_decay=0.01)
     start = ps1[0].detach().clone()
-    for _ in range(3):
-        for a, b in zip(ps1, ps2, strict=True):
-            g = torch.randn_like(a)
-            a.grad, b.grad = g.clone(), g.clone()
-        o1.step()
-        o2.step()
+    _step_both(o1, ps1, o2, ps2, steps=3)
     assert not torch.equal(ps1[0].detach(), start)
     for a, b in zip(ps1, ps2, strict=True):
         assert torch.equal(a.detach(), b.detach())
@@ -40,12 +45,7 @@ def test_fused_paged_adamw_follows_bitsandbytes(device):
     o1 = bnb.optim.PagedAdamW32bit(groups(ps1), lr=1e-2)
     o2 = fused_paged_adamw_32bit(groups(ps2), lr=1e-2)
     start = [p.detach().clone() for p in ps1]
-    for _ in range(5):
-        for a, b in zip(ps1, ps2, strict=True):
-            g = torch.randn_like(a)
-            a.grad, b.grad = g.clone(), g.clone()
-        o1.step()
-        o2.step()
+    _step_both(o1, ps1, o2, ps2, steps=5)
     for a, b, a0 in zip(ps1, ps2, start, strict=True):
         # a wrong rule (no bias correction, coupled decay) moves weights by ~lr = 1e-2 per step; the two
         # kernels differ by rounding and eps handling where the second moment is tiny (measured on an
