@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from loraforge.errors import ModelLoadError
-from loraforge.infer.fast_decode import left_padded
+from loraforge.infer.fast_decode import FastDecoder, left_padded, supported
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,6 @@ class Engine:
         self.fast_decode = self.device.type == "cuda" if fast_decode is None else fast_decode
         self.decoder = None
         if self.fast_decode:
-            from loraforge.infer.fast_decode import FastDecoder, supported
-
             ok, why = supported(self.model)
             if ok:
                 self.decoder = FastDecoder(self.model, max_rows=max_batch)
@@ -338,7 +336,7 @@ class Engine:
         try:
             for tokens in steps:
                 now = time.monotonic()
-                ended = False
+                flush_now = False  # a first text or an ending goes out at once
                 for req, token in zip(batch, tokens[: len(batch)], strict=True):
                     if req.finish_reason is not None:
                         continue
@@ -347,11 +345,11 @@ class Engine:
                     else:
                         fresh = not req.sent
                         self._advance(req, token)
-                        ended |= fresh and bool(req.sent)
-                    ended |= req.finish_reason is not None
+                        flush_now |= fresh and bool(req.sent)
+                    flush_now |= req.finish_reason is not None
                 if all(r.finish_reason is not None for r in batch):
                     break
-                if ended or now - last_flush >= self.stream_interval_s:
+                if flush_now or now - last_flush >= self.stream_interval_s:
                     _flush(outbox)
                     last_flush = now
         finally:
