@@ -88,3 +88,28 @@ def lm_batch(vocab: int, rows: int, seq: int, *, seed: int = 0, pad_from: int | 
         labels[-1, pad_from:] = -100
     labels[0, :unlabeled_prefix] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run_rows(dec, plan: dict[int, list[tuple[str, list[int], int]]], steps: int) -> dict[str, list[int]]:
+    """Steps the decoder `steps` times; before step s the rows in plan[s] (name, prompt, max_new) join.
+    Each row leaves once it has its tokens. Returns every row's tokens."""
+    got: dict[str, list[int]] = {}
+    want: dict[str, int] = {}
+
+    def take(done):
+        for step in done:
+            for name, tok in step:
+                if len(got[name]) < want[name]:
+                    got[name].append(tok)
+        for name in list(want):
+            if len(got[name]) == want[name] and any(r is not None and r.owner == name for r in dec.rows):
+                dec.leave(name)
+
+    for s in range(steps):
+        for name, prompt, new in plan.get(s, []):
+            ids = torch.tensor([prompt])
+            got[name], want[name] = [], new
+            got[name] += dec.join(ids, torch.ones_like(ids), [name], [new], key="a")
+        take(dec.step())
+    take(dec.drain())
+    return got

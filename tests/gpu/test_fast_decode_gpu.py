@@ -98,3 +98,36 @@ def test_graphed_greedy_equals_stock_generate_on_a_4bit_base(tmp_path):
         dec = FastDecoder(model, max_rows=4)
         got = [list(c) for c in zip(*dec.stream(ids, mask, 32), strict=True)]
         assert got == ref, (lengths, dec.graphs)
+
+
+@pytest.mark.parametrize("attention", ["stock", "no-plans"])
+def test_rows_joining_mid_flight_replay_what_eager_pieces_compute(attention):
+    """Continuous batching with graphs: rows join while others decode (the row count crosses the 1, 2 and
+    4 buckets, so sets are captured mid-flight, which must leave the live rows' cache untouched), a long
+    prompt shifts the rows right, a full cache drops its oldest columns. Replayed graphs and the same
+    pieces run eagerly give the same tokens, row for row; each row's first token is stock's."""
+    from tinymodels import run_rows
+
+    from loraforge.infer.fast_decode import FastDecoder
+
+    model = _model(False)
+    g = torch.Generator().manual_seed(9)
+
+    def prompt(n):
+        return torch.randint(3, 1024, (n,), generator=g).tolist()
+
+    plan = {0: [("a", prompt(20), 24)], 3: [("b", prompt(9), 40)], 6: [("c", prompt(70), 12)],
+            9: [("d", prompt(5), 30)], 30: [("e", prompt(11), 20)], 34: [("f", prompt(40), 30)]}
+    runs = {}
+    for graphs in (True, False):
+        dec = FastDecoder(model, max_rows=4, graphs=graphs, min_cache=128, bucket_rows=True, attention=attention)
+        runs[graphs] = run_rows(dec, plan, steps=70)
+        assert dec.active() == 0
+    assert runs[True] == runs[False]
+    assert dec.cache_len == 128
+    for name, p, new in [r for rows in plan.values() for r in rows]:
+        assert len(runs[True][name]) == new
+        with torch.no_grad():
+            first = model.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=1, do_sample=False,
+                                   pad_token_id=0)[0, -1].item()
+        assert runs[True][name][0] == first

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import run_rows
 
-from loraforge.infer.fast_decode import FastDecoder, supported
+from loraforge.infer.fast_decode import FastDecoder, _sample, supported
 
 
 def _tiny(kv_heads: int = 2, lora: bool = False, seed: int = 0, attn: str = "sdpa"):
@@ -108,17 +109,19 @@ def test_sampling_with_tiny_top_p_is_greedy_and_otherwise_draws_valid_tokens() -
 
 def test_sampler_follows_the_softmax() -> None:
     """The exponential race picks index i with probability softmax(logits / T)_i (after top-p)."""
-    model = _tiny()
-    dec = FastDecoder(model, max_rows=2)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(20000, 1)
-    dec.temperature.fill_(1.0)
-    dec.top_p.fill_(1.0)
+    one = torch.ones(1, 1)
     torch.manual_seed(0)
-    freq = torch.bincount(dec._sample(logits), minlength=5).float() / logits.shape[0]
+    freq = torch.bincount(_sample(logits, one, one), minlength=5).float() / logits.shape[0]
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.015), freq
-    dec.top_p.fill_(0.8)  # 2.0 and 1.0 carry 0.64 + 0.24: {0, 1} survive, 2.. are cut
-    freq = torch.bincount(dec._sample(logits), minlength=5).float() / logits.shape[0]
+    # 2.0 and 1.0 carry 0.64 + 0.24: with top_p 0.8 {0, 1} survive, 2.. are cut
+    freq = torch.bincount(_sample(logits, one, one * 0.8), minlength=5).float() / logits.shape[0]
     assert freq[2:].sum() == 0 and abs(freq[0] - 0.64 / 0.88) < 0.015
+    # per row: the first half at T=1, the second at T=0.25 (sharper), each row its own setting
+    temps = torch.cat([torch.ones(10000, 1), torch.full((10000, 1), 0.25)])
+    drawn = _sample(logits, temps, one)
+    cold = torch.bincount(drawn[10000:], minlength=5).float() / 10000
+    assert torch.allclose(cold, (logits[0] / 0.25).softmax(-1), atol=0.015), cold
 
 
 def test_unsupported_models_are_named() -> None:
@@ -134,3 +137,63 @@ def test_unsupported_models_are_named() -> None:
     assert not ok and "mistral" in why
     with pytest.raises(ValueError, match="not available"):
         FastDecoder(m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Continuous batching: rows join and leave between steps
+
+
+def _alone(model, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    return _stock(model, ids, torch.ones_like(ids), new)[0]
+
+
+def test_rows_joining_and_leaving_mid_batch_decode_as_they_would_alone() -> None:
+    """A row that joins a running batch (its prompt shorter, then longer than the columns written so far,
+    which shifts the others right), and a row that takes the place of one that left, each get the tokens
+    stock `generate` gives its prompt alone."""
+    model = _tiny()
+    g = torch.Generator().manual_seed(3)
+    p = {n: torch.randint(3, 211, (n,), generator=g).tolist() for n in (6, 9, 30, 4)}
+    dec = FastDecoder(model, max_rows=3)
+    plan = {0: [("a", p[6], 12)], 3: [("b", p[9], 20)], 5: [("c", p[30], 8)], 16: [("d", p[4], 10)]}
+    got = run_rows(dec, plan, steps=30)
+    for name, prompt, new in [row for rows in plan.values() for row in rows]:
+        assert got[name] == _alone(model, prompt, new), name
+    assert dec.active() == 0
+
+
+def test_a_full_cache_drops_the_columns_no_row_needs_before_it_grows() -> None:
+    """Rows joining one after another move the write column on; when a newcomer would not fit, the
+    columns before the oldest live row's start are dropped (no new buffers) and its tokens stay right."""
+    model = _tiny()
+    g = torch.Generator().manual_seed(5)
+    dec = FastDecoder(model, max_rows=2, min_cache=32)
+    # a: columns 0-9, leaves at step ~9; b joins at column 14 (its prompt in 9-13) and is live when c,
+    # at column 26, needs 7 + 9 + lag columns more than 32 holds: columns 0-8 go, nothing grows.
+    plan = {0: [("a", torch.randint(3, 211, (10,), generator=g).tolist(), 8)],
+            4: [("b", torch.randint(3, 211, (5,), generator=g).tolist(), 14)],
+            12: [("c", torch.randint(3, 211, (7,), generator=g).tolist(), 9)]}
+    got = run_rows(dec, plan, steps=26)
+    for name, prompt, new in [row for rows in plan.values() for row in rows]:
+        assert got[name] == _alone(model, prompt, new), name
+    assert dec.cache_len == 32  # compacted, never grown
+
+
+def test_greedy_and_sampling_rows_share_steps() -> None:
+    model = _tiny()
+    g = torch.Generator().manual_seed(4)
+    greedy_prompt = torch.randint(3, 211, (7,), generator=g).tolist()
+    dec = FastDecoder(model, max_rows=2)
+    ids = torch.tensor([greedy_prompt])
+    out = {"g": dec.join(ids, torch.ones_like(ids), ["g"], [15], key="a")}
+    hot = torch.randint(3, 211, (1, 5), generator=g)
+    out["s"] = dec.join(hot, torch.ones_like(hot), ["s"], [15], temperature=1.5, top_p=1.0, key="a")
+    for _ in range(16):
+        for step in dec.step() + ([] if _ < 15 else dec.drain()):
+            for name, tok in step:
+                out[name].append(tok)
+    assert out["g"][:15] == _alone(model, greedy_prompt, 15)
+    assert out["s"][:15] != _alone(model, hot[0].tolist(), 15)  # the sampled row does not follow greedy
+    with pytest.raises(ValueError, match="cannot join"):
+        dec.join(ids, torch.ones_like(ids), ["x"], [3], key="another adapter")

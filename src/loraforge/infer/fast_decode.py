@@ -15,9 +15,14 @@ What this module does instead, per decode step of a batch of B rows:
   function over `cache[:, :, :t]`, so it sees exactly the keys, values and mask the stock dynamic cache
   would give it (a graph would bake in the length t). Per token that is ~33 graph launches and 32
   attention calls instead of ~600 kernel launches and a Python `generate` loop.
-- Sampling happens in the last piece (temperature, top-p, exponential-race sampling); the next tokens
-  go to pinned host memory asynchronously and the host reads a step's tokens two steps later, so the
-  GPU never waits for the Python that streams, stops and detokenizes.
+- Sampling happens in the last piece (temperature, top-p, exponential-race sampling, per row); the next
+  tokens go to pinned host memory asynchronously and the host reads a step's tokens two steps later, so
+  the GPU never waits for the Python that streams, stops and detokenizes.
+
+Rows come and go between steps (continuous batching): `join()` prefills new prompts and places their
+keys right-aligned at the current column, so every row writes the same column each step; a prompt longer
+than that column shifts the others right; `leave()` frees a row; the cache is compacted (columns no row
+needs any more are dropped) or grown only when a new row would not fit. `stream()` is the one-batch form.
 
 Greedy decoding is therefore bit-identical to stock `generate` for the rows and masks it handles (tested
 on CPU against `generate`; measured on the GPU by bench/serve_speed.py). On a CPU, or with `graphs=False`,
@@ -26,9 +31,10 @@ the same pieces run eagerly, which is how the tests exercise this module without
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -100,15 +106,40 @@ class _Step:
     q_layout: tuple = ()  # (shape, strides) of eager RoPE's query output, which the fused kernel writes
 
 
-class FastDecoder:
-    """Decodes batches of left-padded prompts with a static KV cache and graphed layer pieces.
+@dataclass
+class _Row:
+    """A row of the batch: who it belongs to, and which cache columns it uses."""
 
-    One instance per model; `stream()` is not re-entrant (the server's single worker thread calls it).
-    `max_rows` bounds the batch; the cache grows (in powers of two) to the longest prompt + new tokens
-    seen, and graphs are kept for up to `max_graph_sets` (adapter, rows, sampling) combinations."""
+    owner: object
+    start: int  # its first valid column (columns before it are another row's history, masked out)
+    end: int  # the column after the last one it can write (prompt + max_new_tokens + lag)
+    sample: bool
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class FastDecoder:
+    """Decodes a changing batch of prompts with a static KV cache and graphed layer pieces.
+
+    One instance per model, driven by one thread: `join()` rows, `step()` until their tokens are in,
+    `leave()` them — or `stream()` for one fixed batch. `max_rows` bounds the batch; graphs are captured
+    per (adapter, rows, sampling) — with `bucket_rows`, rows rounded up to a power of two, so that a
+    server whose batch changes every few steps captures a handful of sets, not one per row count — and
+    kept for up to `max_graph_sets` combinations. The cache grows in powers of two (at least `min_cache`
+    columns) when the rows need it.
+
+    `attention`: "stock" runs attention through whatever SDPA kernel stock picks — on an H100 that is
+    cuDNN, which builds an execution plan for every new (rows, length) pair, ~30 ms a step until the plan
+    exists. "no-plans" keeps stock's choice for one row without a mask, the case where greedy output is
+    stock's bit for bit, and gives batches FlashAttention / memory-efficient attention, which need no plan:
+    a server whose batch and length change every step would otherwise pay the plan on almost every step
+    (bench/results/generate-server-*-continuous*.json)."""
 
     def __init__(self, model, *, max_rows: int = 16, graphs: bool | None = None, max_graph_sets: int = 24,
-                 fused_kernels: bool = True):
+                 fused_kernels: bool = True, min_cache: int = 256, lag: int = 2, bucket_rows: bool = False,
+                 attention: str = "stock"):
         ok, why = supported(model)
         if not ok:
             raise ValueError(f"fast decoding is not available for this model: {why}")
@@ -120,7 +151,11 @@ class FastDecoder:
         self.device = next(self.lm.parameters()).device
         self.dtype = self.inner.embed_tokens.weight.dtype
         self.graphs = (self.device.type == "cuda") if graphs is None else (graphs and self.device.type == "cuda")
-        self.max_rows, self.max_graph_sets = max_rows, max_graph_sets
+        self.max_rows, self.max_graph_sets, self.min_cache = max_rows, max_graph_sets, min_cache
+        self.lag, self.bucket_rows = lag, bucket_rows
+        if attention not in ("stock", "no-plans"):
+            raise ValueError(f"attention={attention!r}: 'stock' or 'no-plans'")
+        self.attention = attention
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.kv_heads = self.cfg.num_key_value_heads
@@ -134,13 +169,23 @@ class FastDecoder:
         self.cache_len = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.valid: torch.Tensor | None = None  # [max_rows, cache_len] bool: which columns a row attends to
         dev = self.device
         self.tok = torch.zeros(max_rows, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(max_rows, 1, dtype=torch.long, device=dev)
-        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)  # the column this step writes (= self.t)
         self.next = torch.zeros(max_rows, dtype=torch.long, device=dev)
-        self.temperature = torch.ones(1, dtype=torch.float32, device=dev)
-        self.top_p = torch.ones(1, dtype=torch.float32, device=dev)
+        self.temperature = torch.ones(max_rows, 1, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(max_rows, 1, dtype=torch.float32, device=dev)
+        self.greedy = torch.ones(max_rows, dtype=torch.bool, device=dev)
+        self.rows: list[_Row | None] = [None] * max_rows
+        self.clean = [True] * max_rows  # no masked column in [0, t): lets a batch run without a mask
+        self.t = 0  # columns written so far; the next step writes column t
+        self.key: object = None  # the adapter the current rows decode with
+        pinned = self.device.type == "cuda"
+        self._host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=pinned) for _ in range(lag + 2)]
+        self._launched = 0
+        self._pending: deque = deque()  # (event, host buffer, owners) of steps launched, not yet read
         self._sets: OrderedDict[tuple, _Step] = OrderedDict()
         self.captures = 0
         # Which exact fused kernels (kernels/decode.py) this GPU may use; None: the model's eager ops.
@@ -151,6 +196,7 @@ class FastDecoder:
         # differs from stock's.
         self.keep_logits = False
         self.logits: torch.Tensor | None = None
+        self.trace: list[torch.Tensor] = []
 
     def _check_fused(self) -> dict[str, int | None]:
         """kernels/decode.py's self-check, then each kernel once more against this model's own modules
@@ -251,24 +297,14 @@ class FastDecoder:
         logits = self.lm.lm_head(x)[:, -1, :].to(torch.float32)  # as generate() takes them
         if self.keep_logits:
             self.logits = logits
-        nxt = self._sample(logits) if sample else torch.argmax(logits, dim=-1)
+        nxt = torch.argmax(logits, dim=-1)
+        if sample:  # rows that decode greedily keep the argmax; the others draw
+            r = st.rows
+            nxt = torch.where(self.greedy[:r], nxt, _sample(logits, self.temperature[:r], self.top_p[:r]))
         self.next[: st.rows].copy_(nxt)
         self.tok[: st.rows, 0].copy_(nxt)
         self.pos[: st.rows].add_(1)
         self.slot.add_(1)
-
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """Temperature, then top-p as transformers' TopPLogitsWarper cuts, then a draw by the exponential
-        race (argmax of p / Exp(1), which picks index i with probability p_i) — no host sync, graph-safe."""
-        scores = logits / self.temperature
-        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum <= (1 - self.top_p)
-        drop[..., -1:] = False  # keep at least the most likely token
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        probs = scores.softmax(dim=-1)
-        race = torch.empty_like(probs).exponential_(1)
-        return (probs / race).argmax(dim=-1)
 
     def _attention(self, st: _Step, i: int, t: int, mask: torch.Tensor | None) -> None:
         attn = self.layers[i].self_attn
@@ -279,18 +315,67 @@ class FastDecoder:
     # ---------------------------------------------------------------------------------------------------
     # Static state: cache buffers and captured step sets
 
-    def _ensure_cache(self, length: int) -> None:
-        if length <= self.cache_len:
+    def _resize(self, length: int, keep: bool) -> None:
+        """Cache buffers of at least `length` columns (a power of two, at least `min_cache`), keeping the
+        columns written so far when `keep`. New buffers void every captured graph (graphs hold addresses)."""
+        new_len = max(self.min_cache, _pow2(length))
+        if new_len <= self.cache_len:
             return
-        new_len = max(256, 1 << (length - 1).bit_length())
-        self._sets.clear()  # graphs captured against the old buffers are no longer valid
+        old_k, old_v, old_valid = self.k, self.v, self.valid
+        self._sets.clear()
         self.k = self.v = []
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if not keep:
+            old_k = old_v = old_valid = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         shape = (self.max_rows, self.kv_heads, new_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.valid = torch.ones(self.max_rows, new_len, dtype=torch.bool, device=self.device)
+        if old_k is not None:
+            for new, old in zip((*self.k, *self.v), (*old_k, *old_v), strict=True):
+                new[:, :, : self.t].copy_(old[:, :, : self.t])
+            self.valid[:, : old_valid.shape[1]].copy_(old_valid)
         self.cache_len = new_len
+
+    def _shift(self, d: int) -> None:
+        """Moves every row's columns [0, t) by d: right (d > 0) to make room for a longer prompt, or left
+        (d < 0) to drop the -d first columns, which no row attends to any more."""
+        t, lo = self.t, max(0, -d)
+        for buf in (*self.k, *self.v):
+            buf[:, :, lo + d: t + d].copy_(buf[:, :, lo:t].clone())
+        self.valid[:, lo + d: t + d] = self.valid[:, lo:t].clone()
+        if d > 0:
+            self.valid[:, :d] = False
+        self.t = t + d
+        self.valid[:, self.t:] = True  # columns the next steps write, for every row
+        for r in self.rows:
+            if r is not None:
+                r.start += d
+                r.end += d
+        self.slot.fill_(self.t)
+
+    def _make_room(self, width: int, budget: int) -> None:
+        """Columns for rows with `width` prompt columns joining at column t, each writing up to `budget`
+        more. The rows in the batch move right when the prompt is longer than t; when the cache would
+        have to grow, the columns before every row's start are dropped first."""
+        live = [r for r in self.rows if r is not None]
+        if not live:
+            self.t = width
+            self._resize(width + budget, keep=False)
+            self.valid.fill_(True)
+            self.slot.fill_(width)
+            return
+
+        def need() -> int:
+            return max(0, width - self.t) + max(max(r.end for r in live), self.t + budget)
+
+        if need() > self.cache_len and (m := min(r.start for r in live)) > 0:
+            self._shift(-m)
+        if need() > self.cache_len:
+            self._resize(need(), keep=True)
+        if width > self.t:
+            self._shift(width - self.t)
 
     def _new_step(self, rows: int) -> _Step:
         n = len(self.layers)
@@ -336,9 +421,10 @@ class FastDecoder:
 
     def _capture(self, st: _Step, sample: bool) -> None:
         """33 graphs for a 32-layer model, one memory pool, captured in replay order. A warm-up step on a
-        side stream first (lazy cuBLAS/cuDNN set-up must not happen inside a capture); it writes cache
-        slot 0, which the prefill copy overwrites."""
+        side stream first (lazy cuBLAS/cuDNN set-up must not happen inside a capture). It writes cache
+        column 0 and the step inputs, which rows already decoding still need: they are put back after."""
         saved = (self.tok.clone(), self.pos.clone(), self.slot.clone())
+        column0 = [buf[:, :, 0].clone() for buf in (*self.k, *self.v)]
         self.slot.zero_()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -363,7 +449,27 @@ class FastDecoder:
         self.tok.copy_(saved[0])
         self.pos.copy_(saved[1])
         self.slot.copy_(saved[2])
+        for buf, col in zip((*self.k, *self.v), column0, strict=True):
+            buf[:, :, 0].copy_(col)
         self.captures += 1
+
+    def _backends(self, rows: int, mask):
+        """The SDPA kernels attention may use this step (see `attention`)."""
+        if self.attention == "stock" or self.device.type != "cuda" or (rows == 1 and mask is None):
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+    def warm_up(self, rows: list[int], key: object = None, length: int | None = None) -> None:
+        """Captures the greedy step sets for these row counts ahead of traffic (a capture takes a second or
+        two on a 7B model: a server would otherwise spend it on a request's time)."""
+        if self.active() or not self.graphs:
+            return
+        self._resize(length or self.min_cache, keep=False)
+        self.key = key
+        for r in sorted(set(rows)):
+            self._step_set((key, r, False), r, False)
 
     def _replay_step(self, st: _Step, t: int, mask, sample: bool) -> None:
         if st.graphs is None:
@@ -375,84 +481,187 @@ class FastDecoder:
             st.graphs[i + 1].replay()
 
     # ---------------------------------------------------------------------------------------------------
-    # Decoding
+    # Rows: join, step, leave
 
-    @torch.no_grad()
-    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-               temperature: float = 0.0, top_p: float = 1.0, key: object = None,
-               lag: int = 2) -> Iterator[list[int]]:
-        """Yields, per generated position, the B rows' tokens (the first from the prefill). Left-padded
-        input. Rows are never stopped early here: the caller reads each row up to its own end and
-        closes the generator (or breaks) once every row is done. `key` names the active adapter, whose
-        graphs differ from another adapter's."""
-        rows, width = input_ids.shape
-        if rows > self.max_rows:
-            raise ValueError(f"{rows} rows > max_rows={self.max_rows}")
-        sample = temperature > 0
-        ids = input_ids.to(self.device)
-        mask2d = attention_mask.to(self.device)
+    def active(self) -> int:
+        """How many rows are decoding."""
+        return sum(r is not None for r in self.rows)
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, temperature: float, top_p: float):
+        """Stock `generate(max_new_tokens=1)`: the first token and the prompt's keys and values, exactly as
+        stock decoding would start."""
         from transformers import DynamicCache
 
         try:
             cache = DynamicCache(config=self.cfg)
         except TypeError:  # older signature
             cache = DynamicCache()
-        gen = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else \
+        gen = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         pad = getattr(self.lm.generation_config, "pad_token_id", None)
-        out = self.model.generate(input_ids=ids, attention_mask=mask2d, max_new_tokens=1, past_key_values=cache,
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, past_key_values=cache,
                                   return_dict_in_generate=True, pad_token_id=0 if pad is None else pad,
                                   output_logits=self.keep_logits, **gen)
-        first = out.sequences[:, -1]
-        self.trace = [out.logits[0].float()] if self.keep_logits else []
-        yield first.tolist()
-        if max_new_tokens <= 1:
-            return
-        self._ensure_cache(width + max_new_tokens)
-        st = self._step_set((key, rows, sample), rows, sample)
-        for i, layer_cache in enumerate(_cache_layers(cache)):
-            k, v = layer_cache
-            self.k[i][:rows, :, :width].copy_(k)
-            self.v[i][:rows, :, :width].copy_(v)
-        del cache, out
-        self.tok[:rows, 0].copy_(first)
-        self.pos[:rows, 0].copy_(mask2d.long().sum(-1))  # generate(): cumsum(mask) - 1 for the next token
-        self.slot.fill_(width)
-        if sample:
-            self.temperature.fill_(temperature)
-            self.top_p.fill_(top_p)
-        padded = bool((mask2d == 0).any())
-        full_mask = None
-        if padded:  # the bool [B, 1, 1, t] mask transformers builds for SDPA/eager from the padding mask
-            full_mask = torch.ones(rows, self.cache_len, dtype=torch.bool, device=self.device)
-            full_mask[:, :width] = mask2d.bool()
-        host = torch.empty(max_new_tokens, rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        events: list = []
-        steps = max_new_tokens - 1
-        done_upto = 0
-        for s in range(steps):
-            t = width + s + 1
-            m = None if full_mask is None else self._mask(full_mask, t)
-            self._replay_step(st, t, m, sample)
-            host[s].copy_(self.next[:rows], non_blocking=True)
-            if self.keep_logits:
-                self.trace.append(self.logits[:rows].clone())
-            if self.device.type == "cuda":
-                ev = torch.cuda.Event()
-                ev.record()
-                events.append(ev)
-            while done_upto <= s - lag or (s == steps - 1 and done_upto <= s):
-                if events:
-                    events[done_upto].synchronize()
-                yield host[done_upto].tolist()
-                done_upto += 1
+        if self.keep_logits:
+            self.trace = [out.logits[0].float()]
+        return out.sequences[:, -1], list(_cache_layers(cache))
 
-    def _mask(self, full_mask: torch.Tensor, t: int) -> torch.Tensor:
-        m = full_mask[:, None, None, :t]
-        if self.cfg._attn_implementation == "eager":  # eager attention adds a float mask
+    @torch.no_grad()
+    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, owners: list, max_new_tokens: list[int],
+             *, temperature: float = 0.0, top_p: float = 1.0, key: object = None) -> list[int]:
+        """Prefills these left-padded prompts (one sampling setting) and adds them to the batch; returns
+        their first tokens. `owners` name the rows in what `step()` returns; a row may make up to its
+        `max_new_tokens` (the cache is sized for that). `key` names the adapter the model has active: rows
+        of one adapter decode together, so a different key can join only an empty batch."""
+        n, width = input_ids.shape
+        if len(owners) != n or len(max_new_tokens) != n:
+            raise ValueError(f"{n} prompts, {len(owners)} owners, {len(max_new_tokens)} max_new_tokens")
+        if not self.active():
+            self._reset(key)
+        elif key != self.key:
+            raise ValueError(f"rows for {key!r} cannot join rows decoding with {self.key!r}")
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        if n > len(free):
+            raise ValueError(f"{n} rows do not fit: {len(free)} of max_rows={self.max_rows} are free")
+        slots = free[:n]
+        sample = temperature > 0
+        mask = attention_mask.to(self.device)
+        first, layers = self._prefill(input_ids.to(self.device), mask, temperature, top_p)
+        self._make_room(width, max(max_new_tokens) + self.lag)
+        t, lo = self.t, self.t - width
+        idx = torch.tensor(slots, device=self.device)
+        for i, (k, v) in enumerate(layers):
+            self.k[i][:, :, lo:t].index_copy_(0, idx, k)
+            self.v[i][:, :, lo:t].index_copy_(0, idx, v)
+        valid = torch.ones(n, self.cache_len, dtype=torch.bool, device=self.device)
+        valid[:, :lo] = False
+        valid[:, lo:t] = mask.bool()
+        self.valid.index_copy_(0, idx, valid)
+        self.tok[:, 0].index_copy_(0, idx, first)
+        self.pos[:, 0].index_copy_(0, idx, mask.long().sum(-1))  # generate(): cumsum(mask) - 1, next token
+        self.greedy.index_fill_(0, idx, not sample)
+        self.temperature.index_fill_(0, idx, temperature if sample else 1.0)
+        self.top_p.index_fill_(0, idx, top_p if sample else 1.0)
+        pads = (mask == 0).sum(-1).tolist()
+        for j, slot in enumerate(slots):
+            self.rows[slot] = _Row(owners[j], lo + pads[j], t + max_new_tokens[j] + self.lag, sample)
+        # A batch whose rows all see every column [0, t) runs attention without a mask, as stock does
+        self.clean = self.valid[:, :t].all(-1).tolist()
+        return first.tolist()
+
+    def leave(self, owner: object) -> None:
+        """Frees the row of `owner` (its tokens still in flight are returned by later steps, and ignored)."""
+        for i, r in enumerate(self.rows):
+            if r is not None and r.owner is owner:
+                self.rows[i] = None
+
+    @torch.no_grad()
+    def step(self) -> list[list[tuple[object, int]]]:
+        """Launches one decode step of the batch and returns the steps whose tokens are in by now, those
+        launched `lag` steps ago: per step, the (owner, token) of each row it decoded."""
+        used = [i for i, r in enumerate(self.rows) if r is not None]
+        if not used:
+            return self.drain()
+        rows = used[-1] + 1  # rows up to the last in use (a row that left below it computes, unread)
+        if self.bucket_rows and self.graphs:
+            rows = min(_pow2(rows), self.max_rows)
+        sample = any(self.rows[i].sample for i in used)
+        if self.t >= self.cache_len:  # a row kept past the end it joined with
+            self._make_room(0, 1)
+        st = self._step_set((self.key, rows, sample), rows, sample)
+        mask = None if all(self.clean[:rows]) else self._mask(self.valid[:rows], self.t + 1)
+        with self._backends(rows, mask):
+            self._replay_step(st, self.t + 1, mask, sample)
+        self.t += 1
+        host = self._host[self._launched % len(self._host)]
+        self._launched += 1
+        host[:rows].copy_(self.next[:rows], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        if self.keep_logits:
+            self.trace.append(self.logits[:rows].clone())
+        self._pending.append((event, host, rows, [r.owner if r is not None else None for r in self.rows[:rows]]))
+        done = []
+        while len(self._pending) > self.lag:
+            done.append(self._read(self._pending.popleft()))
+        return done
+
+    def drain(self) -> list[list[tuple[object, int]]]:
+        """The tokens of every step launched and not yet returned (waits for them)."""
+        done = [self._read(p) for p in self._pending]
+        self._pending.clear()
+        return done
+
+    @staticmethod
+    def _read(pending: tuple) -> list[tuple[object, int]]:
+        event, host, rows, owners = pending
+        if event is not None:
+            event.synchronize()
+        return [(o, tok) for o, tok in zip(owners, host[:rows].tolist(), strict=True) if o is not None]
+
+    def _reset(self, key: object) -> None:
+        self.key = key
+        self.t = 0
+        self.clean = [True] * self.max_rows
+        self._pending.clear()
+        self.greedy.fill_(True)
+        self.temperature.fill_(1.0)
+        self.top_p.fill_(1.0)
+
+    def _mask(self, valid: torch.Tensor, t: int) -> torch.Tensor:
+        """The [B, 1, 1, t] mask transformers builds for SDPA (bool) or eager attention (additive)."""
+        m = valid[:, None, None, :t]
+        if self.cfg._attn_implementation == "eager":
             return torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(
                 ~m, torch.finfo(self.dtype).min)
         return m
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+               temperature: float = 0.0, top_p: float = 1.0, key: object = None) -> Iterator[list[int]]:
+        """One fixed batch: yields, per generated position, the B rows' tokens (the first from the
+        prefill). Rows are never stopped early here: the caller reads each row up to its own end and
+        closes the generator (or breaks) once every row is done."""
+        if self.active():
+            raise RuntimeError("stream() needs the decoder to itself, and rows are decoding")
+        rows = input_ids.shape[0]
+        if rows > self.max_rows:
+            raise ValueError(f"{rows} rows > max_rows={self.max_rows}")
+        owners = list(range(rows))
+        yield self.join(input_ids, attention_mask, owners, [max_new_tokens] * rows, temperature=temperature,
+                        top_p=top_p, key=key)
+        launched, emitted = 0, 1
+        try:
+            while emitted < max_new_tokens:
+                last = launched >= max_new_tokens - 1
+                done = self.drain() if last else self.step()
+                launched += not last
+                for step in done:
+                    yield [tok for _, tok in step]
+                    emitted += 1
+                if last:
+                    break
+        finally:
+            for o in owners:
+                self.leave(o)
+            self._pending.clear()
+
+
+def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row: temperature, then top-p as transformers' TopPLogitsWarper cuts, then a draw by the
+    exponential race (argmax of p / Exp(1), which picks index i with probability p_i) — no host sync,
+    graph-safe. `temperature` and `top_p` are [rows, 1] (or broadcast to it)."""
+    scores = logits / temperature
+    sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - top_p)
+    drop[..., -1:] = False  # keep at least the most likely token
+    scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1)
+    return (probs / race).argmax(dim=-1)
 
 
 def _cache_layers(cache) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
