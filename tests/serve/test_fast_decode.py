@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from loraforge.serve.engine import Engine, Request, _bucket_rows, _merged
+from loraforge.serve.engine import Engine, Request, _merged
 
 
 def _run(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> list[Request]:
@@ -23,11 +23,6 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> lis
     while any(r.finish_reason is None for r in reqs) and time.monotonic() < deadline:
         time.sleep(0.05)
     return reqs
-
-
-def test_bucket_rows() -> None:
-    assert [_bucket_rows(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
-    assert _bucket_rows(6, 4) == 6  # past the cap: the batch as it is
 
 
 def test_streamed_text_of_one_request_is_merged_between_flushes() -> None:
@@ -55,6 +50,38 @@ def test_fast_decode_matches_plain_batching(served_runs: list[Path]) -> None:
     assert answers[True] == answers[False]
     # each request stops at its own max_tokens
     assert all(0 < len(t) <= m for t, m in zip(answers[True], max_tokens, strict=True))
+
+
+def test_a_request_arriving_mid_batch_joins_it_and_ends_first(served_runs: list[Path]) -> None:
+    """Continuous batching: a short request submitted while a long one decodes starts at the next step
+    (it does not wait for the long one to end), finishes first, and both answer what each would alone."""
+    name = None
+    alone = {}
+    long_prompt, short_prompt = [5, 17, 42, 7, 99, 3, 11, 12], [8, 8, 101, 12]
+    engine = Engine([served_runs[0]], max_batch=4, fast_decode=True, device="cpu", batch_wait_s=0.01)
+    try:
+        name = next(iter(engine.adapters))
+        engine.model.generation_config.eos_token_id = None  # both run to max_tokens
+        engine.eos_ids = set()
+        for prompt, n in ((long_prompt, 60), (short_prompt, 6)):
+            (r,) = _run(engine, [prompt], [n])
+            alone[len(prompt)] = r.tokens
+        long = Request(adapter=name, input_ids=long_prompt, max_tokens=60, temperature=0.0)
+        short = Request(adapter=name, input_ids=short_prompt, max_tokens=6, temperature=0.0)
+        engine.submit(long)
+        deadline = time.monotonic() + 60
+        while len(long.tokens) < 5 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.submit(short)
+        while short.finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert short.finish_reason == "length" and long.finish_reason is None  # it did not wait for long
+        while long.finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(engine.batch_sizes)[-2:] == [1, 2]  # long alone, then both rows decoding
+        assert long.tokens == alone[len(long_prompt)] and short.tokens == alone[len(short_prompt)]
+    finally:
+        engine.close()
 
 
 def test_incremental_detokenization_equals_full_decode(embedded_model_dir: Path) -> None:

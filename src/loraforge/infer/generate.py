@@ -108,7 +108,9 @@ def _fast_texts(loaded: Loaded, encoded: list[list[int]], max_new_tokens: int, b
     from loraforge.infer.fast_decode import FastDecoder, left_padded
 
     tok = loaded.tokenizer
-    decoder = FastDecoder(loaded.model, max_rows=batch_size)
+    # Each batch brings new lengths: without per-shape attention plans (see FastDecoder's `attention`); a
+    # lone unpadded prompt still runs stock's kernels.
+    decoder = FastDecoder(loaded.model, max_rows=batch_size, attention="no-plans")
     eos = getattr(loaded.model.generation_config, "eos_token_id", None)
     eos = tok.eos_token_id if eos is None else eos
     eos_ids = set(eos if isinstance(eos, list) else [eos])

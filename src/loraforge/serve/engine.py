@@ -1,19 +1,21 @@
 """The generation engine behind the server: one base model, several adapters, batched requests.
 
 One worker thread owns the model (switching adapters is global state on a PeftModel, and a GPU runs one
-generate at a time anyway). Requests wait in a bounded queue; the worker waits a few milliseconds for
-more to arrive, takes the oldest request and every waiting request with the same adapter and sampling
-settings (up to `max_batch`), and runs ONE left-padded batched `generate` for them. Each row is streamed
-back to its request as text deltas as soon as its tokens decode cleanly, and ends on its own EOS, stop
-string, `max_tokens`, cancellation or deadline while the other rows go on. Requests that arrive during a
-batch go into the next one (dynamic batching, not token-level continuous batching).
+decode step at a time anyway). Requests wait in a bounded queue.
 
-Fast decoding (on by default on a GPU): `loraforge.infer.fast_decode.FastDecoder` — stock `generate`
-prefills the batch, then each decode step replays the model's own kernels as CUDA graphs with a static KV
-cache, attention running eagerly between graph pieces over exactly the keys stock would see. Greedy output
-equals stock `generate`'s for one row (batched rows: see docs/serving.md). Graphs are per row count, rows
-rounded up to a power of two with filler rows; the cache grows in powers of two. Models it does not
-cover (non-Llama, extra logits processors) use `generate` as before.
+With fast decoding (on by default on a GPU; `loraforge.infer.fast_decode.FastDecoder`) batching is
+continuous: between two decode steps the worker admits waiting requests of the adapter in use (stock
+`generate` prefills them, their keys join the static cache) and drops rows that ended (EOS, stop string,
+`max_tokens`, cancellation, deadline), so a request that arrives mid-batch starts within a step instead of
+waiting for the batch to finish. Each step replays the model's own kernels as CUDA graphs, attention
+running eagerly between graph pieces over exactly the keys stock would see; greedy output equals stock
+`generate`'s for one row (batched rows: see docs/serving.md). Requests of another adapter wait until the
+rows in flight are done, then go first: admission is first come, first served per adapter. An idle engine
+waits a few milliseconds for a burst of requests, so that they share one prefill.
+
+Models the decoder does not cover (non-Llama, extra logits processors) are batched through `generate`:
+the oldest request and every waiting request with the same adapter and sampling settings run as one
+left-padded batch, and requests that arrive meanwhile wait for the next one.
 
 Streaming: a decode step makes one token per row; text is handed to the event loop at most every
 `stream_interval_s` (and at once for a first token or an ending), several tokens of a row merged into one
@@ -82,8 +84,12 @@ class Request:
 
     @property
     def group(self) -> tuple[Any, ...]:
-        """Requests with equal groups can share one `generate` call."""
+        """Requests with equal groups can share one `generate` call (or one prefill)."""
         return (self.adapter, self.temperature > 0, round(self.temperature, 4), round(self.top_p, 4))
+
+    @property
+    def stopped(self) -> bool:
+        return self.cancelled or time.monotonic() > self.deadline
 
     def post(self, *event: Any) -> None:
         if self.loop is None or self.events is None:
@@ -131,14 +137,6 @@ def _flush(outbox: list) -> None:
             loop.call_soon_threadsafe(_deliver, items)
         except RuntimeError:  # the loop is closed: the clients are gone
             pass
-
-
-def _bucket_rows(n: int, cap: int) -> int:
-    """The power of two at or above n (at most cap, or n itself past it)."""
-    b = 1
-    while b < n:
-        b *= 2
-    return max(n, min(b, cap))
 
 
 def _adapter_name(path: Path) -> str:
@@ -200,7 +198,9 @@ class Engine:
         if self.fast_decode:
             ok, why = supported(self.model)
             if ok:
-                self.decoder = FastDecoder(self.model, max_rows=max_batch)
+                self.decoder = FastDecoder(self.model, max_rows=max_batch, bucket_rows=True, attention="no-plans")
+                buckets = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
+                self.decoder.warm_up(buckets, key=next(iter(self.adapters)))
             else:
                 log.warning("fast decoding off (%s): batches run through generate()", why)
                 self.fast_decode = False
@@ -211,7 +211,8 @@ class Engine:
         self._running: list[Request] = []
         self._cv = threading.Condition()
         self._stopping = False
-        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent generate() batch sizes, for /health
+        # recent batch sizes, for /health: rows decoding after each admission (fast), or generate() batches
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
         self._thread = threading.Thread(target=self._work, name="loraforge-generate", daemon=True)
         self._thread.start()
 
@@ -263,12 +264,111 @@ class Engine:
     # Worker
 
     def _work(self) -> None:
-        while True:
+        if self.decoder is not None:
+            self._work_rows()
+        else:
+            self._work_batches()
+
+    def _wait_for_work(self, busy: bool) -> bool:
+        """Blocks until there is something to do; False when the worker should end."""
+        with self._cv:
+            while not self._waiting and not busy and not self._stopping:
+                self._cv.wait()
+            return busy or not self._stopping
+
+    def _work_rows(self) -> None:
+        """Continuous batching on the fast decoder: admit, step, deliver, drop ended rows; repeat."""
+        running: list[Request] = []
+        outbox: list = []
+        last_flush = 0.0
+        while self._wait_for_work(bool(running)):
+            if not running:
+                with self._cv:
+                    few = 0 < len(self._waiting) < self.max_batch
+                if few:  # an idle engine gives a burst a moment, so it shares one prefill
+                    self._gather()
+            flush_now = False
+            for req in self._admit(running):
+                req.outbox = outbox
+                running.append(req)
+            if running:
+                try:
+                    done = self.decoder.step()
+                except Exception as e:  # noqa: BLE001 - reported to the clients; the worker keeps serving
+                    self._fail(running, e)
+                    done = []
+                for step in done:
+                    for req, token in step:
+                        if req.finish_reason is None and not req.stopped:
+                            fresh = not req.sent
+                            self._advance(req, token)
+                            flush_now |= fresh and bool(req.sent)
+            ended = []
+            for req in running:
+                if req.finish_reason is None and req.stopped:
+                    self._finish(req, "cancelled" if req.cancelled else "timeout")
+                if req.finish_reason is not None:
+                    ended.append(req)
+            now = time.monotonic()
+            if ended or flush_now or now - last_flush >= self.stream_interval_s:
+                _flush(outbox)
+                last_flush = now
+            for req in ended:
+                self.decoder.leave(req)
+                running.remove(req)
+                req.outbox = None
+            self._running = list(running)
+
+    def _admit(self, running: list[Request]) -> list[Request]:
+        """Prefills waiting requests into free rows: those of the adapter in use (or, with no rows
+        decoding, of the oldest request's), in arrival order up to the first request of another adapter —
+        so that one waits only for the rows ahead of it. Returns the requests that joined."""
+        with self._cv:
+            live = [r for r in self._waiting if not r.cancelled]
+            adapter = running[0].adapter if running else (live[0].adapter if live else None)
+            take: list[Request] = []
+            for req in live:
+                if req.adapter != adapter or len(running) + len(take) >= self.max_batch:
+                    break
+                take.append(req)
+            taken = set(map(id, take))
+            self._waiting = deque(r for r in live if id(r) not in taken)
+            self._running = running + take
+        if not take:
+            return []
+        if not running and self.adapters[adapter].peft_name is not None:
+            self.model.set_adapter(self.adapters[adapter].peft_name)
+        joined: list[Request] = []
+        groups: dict[tuple, list[Request]] = {}
+        for req in take:
+            groups.setdefault(req.group, []).append(req)
+        for group in groups.values():  # one prefill per sampling setting
+            ids, mask = left_padded([r.input_ids for r in group], self.pad_id)
+            first = group[0]
+            try:
+                tokens = self.decoder.join(ids, mask, group, [r.max_tokens for r in group],
+                                           temperature=first.temperature, top_p=first.top_p, key=adapter)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory for a long prompt: these requests fail
+                self._fail(group, e)
+                continue
+            for req, token in zip(group, tokens, strict=True):
+                req.outbox = None  # the first token goes out at once
+                self._advance(req, token)
+            joined += group
+        self.batch_sizes.append(len(running) + len(joined))
+        return joined
+
+    def _fail(self, reqs: list[Request], error: Exception) -> None:
+        for req in reqs:
+            if req.finish_reason is None:
+                req.finish_reason = "error"
+                req.post("error", f"generation failed: {type(error).__name__}: {str(error)[:300]}")
+            self.decoder.leave(req)
+
+    def _work_batches(self) -> None:
+        """Batches through `generate` (models the fast decoder does not cover)."""
+        while self._wait_for_work(False):
             with self._cv:
-                while not self._waiting and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
                 few = len(self._waiting) < self.max_batch
             if few:  # give concurrent requests a moment to join this batch
                 self._gather()
@@ -282,8 +382,12 @@ class Engine:
                 taken = set(map(id, batch))
                 self._waiting = deque(r for r in live if id(r) not in taken)
                 self._running = batch
+            adapter = self.adapters[batch[0].adapter]
+            if adapter.peft_name is not None:
+                self.model.set_adapter(adapter.peft_name)
+            self.batch_sizes.append(len(batch))
             try:
-                self._generate(batch)
+                self._generate_plain(batch)
             except Exception as e:  # noqa: BLE001 - reported to the clients; the worker keeps serving
                 for req in batch:
                     if req.finish_reason is None:
@@ -307,58 +411,6 @@ class Engine:
             if now >= self.max_batch or now == seen or time.monotonic() >= deadline:
                 return
             seen = now
-
-    def _generate(self, batch: list[Request]) -> None:
-        adapter = self.adapters[batch[0].adapter]
-        if adapter.peft_name is not None:
-            self.model.set_adapter(adapter.peft_name)
-        self.batch_sizes.append(len(batch))
-        if self.decoder is not None:
-            self._generate_fast(batch, adapter.name)
-        else:
-            self._generate_plain(batch)
-
-    def _generate_fast(self, batch: list[Request], adapter: str) -> None:
-        ids, mask = left_padded([r.input_ids for r in batch], self.pad_id)
-        # Graphs are captured per row count: round up to a power of two with copies of row 0 (their tokens
-        # are dropped), so a few captures serve every batch size instead of one per size met.
-        fill = _bucket_rows(len(batch), self.max_batch) - len(batch)
-        if fill:
-            ids = torch.cat([ids, ids[:1].expand(fill, -1)])
-            mask = torch.cat([mask, mask[:1].expand(fill, -1)])
-        first = batch[0]
-        outbox: list = []
-        for req in batch:  # every event of the batch goes through the outbox, so none overtakes another
-            req.outbox = outbox
-        steps = self.decoder.stream(ids, mask, max(r.max_tokens for r in batch), temperature=first.temperature,
-                                    top_p=first.top_p, key=adapter)
-        last_flush = 0.0
-        try:
-            for tokens in steps:
-                now = time.monotonic()
-                flush_now = False  # a first text or an ending goes out at once
-                for req, token in zip(batch, tokens[: len(batch)], strict=True):
-                    if req.finish_reason is not None:
-                        continue
-                    if req.cancelled or now > req.deadline:
-                        self._finish(req, "cancelled" if req.cancelled else "timeout")
-                    else:
-                        fresh = not req.sent
-                        self._advance(req, token)
-                        flush_now |= fresh and bool(req.sent)
-                    flush_now |= req.finish_reason is not None
-                if all(r.finish_reason is not None for r in batch):
-                    break
-                if flush_now or now - last_flush >= self.stream_interval_s:
-                    _flush(outbox)
-                    last_flush = now
-        finally:
-            steps.close()
-            for req in batch:
-                if req.finish_reason is None:
-                    self._finish(req, "length")
-                req.outbox = None
-            _flush(outbox)
 
     def _generate_plain(self, batch: list[Request]) -> None:
         """transformers' `generate` with a streamer: every model, any device."""
