@@ -44,6 +44,10 @@ def test_completions_streaming_and_not(client: openai.OpenAI) -> None:
     parts = list(client.completions.create(model="tiny-chat", prompt="The river", max_tokens=6, temperature=0,
                                            stream=True))
     assert "".join(p.choices[0].text for p in parts) == full.choices[0].text
+    counted = list(client.completions.create(model="tiny-chat", prompt="The river", max_tokens=6, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert "".join(p.choices[0].text for p in counted[:-1]) == full.choices[0].text
     sampled = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=4, temperature=0.8,
                                         top_p=0.9)
     assert sampled.usage.completion_tokens >= 1

@@ -52,6 +52,11 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False  # a last chunk with no choices and the request's token counts
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, seed, ...)
     model: str
@@ -60,6 +65,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
 
     def stops(self) -> list[str]:
@@ -212,7 +218,8 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
             raise APIError(503, "The server is shutting down.", "server_error", code="shutting_down") from e
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(stream(req, rid, model, chat), media_type="text/event-stream",
+            with_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(stream(req, rid, model, chat, with_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         pieces: list[str] = []
         try:
@@ -250,7 +257,7 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
             if kind == "error":
                 return
 
-    async def stream(req: GenRequest, rid: str, model: str, chat: bool) -> AsyncIterator[str]:
+    async def stream(req: GenRequest, rid: str, model: str, chat: bool, with_usage: bool) -> AsyncIterator[str]:
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
                 d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
@@ -258,8 +265,11 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
                 choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            return frame([choice])
+
+        def frame(choices: list, **extra: Any) -> str:
             obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                   "created": int(time.time()), "model": model, "choices": [choice]}
+                   "created": int(time.time()), "model": model, "choices": choices, **extra}
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         try:
@@ -273,6 +283,8 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
                     break
             else:
                 yield chunk(None, req.finish_reason)
+                if with_usage:  # as OpenAI sends it: no choices, the whole request's counts
+                    yield frame([], usage=usage(req))
             yield "data: [DONE]\n\n"
         finally:
             req.cancelled = True  # client disconnected (generator closed) or done: free the batch row
