@@ -14,6 +14,9 @@ Prompts: 128 random tokens each. Greedy.
    round captures the graphs, then 16 clients send `/v1/completions` at once (text prompts, max_tokens=
    --new-tokens, temperature 0); aggregate tokens/s = completion tokens / wall time from first send to
    last answer. One client alone as well. Each completion's text against the stock text of its prompt.
+4. Staggered arrivals (continuous batching): --staggered requests, one every --gap-s seconds, max_tokens
+   cycling through 16/64/128, streamed; time to first token, latency and throughput, and the most rows
+   that decoded together (/health's largest_batch).
 
 Writes generate-server-<date>-<device>.json with `case`, `stock_tokens_per_s`, `loraforge_tokens_per_s`.
 """
@@ -115,6 +118,60 @@ def decoder_in_process(model, prompts, stock16, stock1, new_tokens, eos: set) ->
     return rows
 
 
+def staggered(client, url: str, model_name: str, texts: list[str], n: int, gap_s: float) -> dict:
+    """n streamed requests, one every gap_s seconds, max_tokens cycling 16/64/128: with continuous
+    batching a request starts decoding at the next step, whatever the rows ahead of it still have to do."""
+    import threading
+
+    results: list[dict] = [{} for _ in range(n)]
+    start = time.perf_counter()
+
+    def one(i: int) -> None:
+        body = {"model": model_name, "prompt": texts[i % len(texts)], "max_tokens": (16, 64, 128)[i % 3],
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        with client.stream("POST", url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        results[i] = {"ttft_s": first, "latency_s": time.perf_counter() - t0, "tokens": tokens}
+
+    threads = []
+    for i in range(n):
+        time.sleep(max(0.0, start + i * gap_s - time.perf_counter()))
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
+
+    ttft = [r["ttft_s"] for r in results if r.get("ttft_s") is not None]
+    lat = [r["latency_s"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": n, "gap_s": gap_s, "max_tokens_cycle": [16, 64, 128], "wall_s": round(wall, 2),
+            "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_max_s": pct(ttft, 1.0),
+            "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
+            "largest_batch": httpx_get_json(url + "/health")["largest_batch"]}
+
+
+def httpx_get_json(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url, timeout=10).json()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -122,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--staggered", type=int, default=48, help="requests of the staggered-arrival phase (0: skip)")
+    ap.add_argument("--gap-s", type=float, default=0.1, help="seconds between two staggered arrivals")
     a = ap.parse_args(argv)
     import httpx
     import torch
@@ -196,6 +255,7 @@ def main(argv=None) -> int:
         s16, res16 = min((round_(texts) for _ in range(2)), key=lambda r: r[0])
         batches16 = (httpx.get(url + "/health").json()["batches"] - batches0) / 2  # per round of 16
         s1, res1 = min((round_(texts[:1]) for _ in range(2)), key=lambda r: r[0])
+        stagger = staggered(client, url, model_name, texts, a.staggered, a.gap_s) if a.staggered else None
     finally:
         proc.terminate()
         try:
@@ -222,7 +282,7 @@ def main(argv=None) -> int:
          "loraforge_tokens_per_s": round(tokens16 / s16, 1),
          "speedup": round((tokens16 / s16) / (a.streams * a.new_tokens / t16), 2),
          "completion_tokens": tokens16, "wall_s": round(s16, 3), "stock_s": round(t16, 3),
-         "server_batches_per_round": batches16,
+         "server_admissions_per_round": batches16,
          "identical_greedy_rows": f"{same16}/{a.streams}", "first_divergence_char": div16},
         {"case": "server-1-stream-vs-stock-batch-1", "device": dev,
          "stock_tokens_per_s": round(a.new_tokens / t1, 1), "loraforge_tokens_per_s": round(res1[0][1] / s1, 1),
@@ -239,7 +299,8 @@ def main(argv=None) -> int:
     report = {"date": dt.date.today().isoformat(), "device": dev, "versions": _versions(), "warmup_s": round(warm_s, 1),
               "padded_stock_reproducible_rows": f"{padded_same}/{len(padded)}",
               "stock_batch_reproducible_rows": f"{stock16_same}/{len(prompts)}",
-              "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "results": rows}
+              "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "results": rows,
+              "staggered_arrivals": stagger}
     from loraforge.kernels.bench import device_tag
 
     tag = device_tag(dev)
