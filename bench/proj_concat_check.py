@@ -59,7 +59,10 @@ def main(argv=None) -> int:
                    "concatenated_ms": round(t_one, 4), "saved_per_layer_us": round(1000 * (t_sep - t_one), 1)}
             rows_out.append(row)
             print(row, flush=True)
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": rows_out}
+    import datetime as dt
+
+    report = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "results": rows_out}
     if a.out:
         Path(a.out, "proj-concat-check.json").write_text(json.dumps(report, indent=1))
     return 0

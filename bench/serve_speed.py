@@ -163,13 +163,7 @@ def staggered(client, url: str, model_name: str, texts: list[str], n: int, gap_s
             "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95), "ttft_max_s": pct(ttft, 1.0),
             "latency_p50_s": pct(lat, 0.5), "latency_p95_s": pct(lat, 0.95),
-            "largest_batch": httpx_get_json(url + "/health")["largest_batch"]}
-
-
-def httpx_get_json(url: str) -> dict:
-    import httpx
-
-    return httpx.get(url, timeout=10).json()
+            "largest_batch": client.get(url + "/health").json()["largest_batch"]}
 
 
 def main(argv=None) -> int:

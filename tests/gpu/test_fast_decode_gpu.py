@@ -125,6 +125,12 @@ def test_rows_joining_mid_flight_replay_what_eager_pieces_compute(attention):
         assert dec.active() == 0
     assert runs[True] == runs[False]
     assert dec.cache_len == 128
+    # Sets captured ahead of traffic (what the server does at start) are the ones the steps then use.
+    warm = FastDecoder(model, max_rows=4, min_cache=128, bucket_rows=True, attention=attention)
+    warm.warm_up(key="a")
+    assert warm.captures == 3  # 1, 2 and 4 rows
+    assert run_rows(warm, plan, steps=70) == runs[True]
+    assert warm.captures == 3
     for name, p, new in [r for rows in plan.values() for r in rows]:
         assert len(runs[True][name]) == new
         with torch.no_grad():

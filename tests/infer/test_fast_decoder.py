@@ -189,8 +189,8 @@ def test_greedy_and_sampling_rows_share_steps() -> None:
     out = {"g": dec.join(ids, torch.ones_like(ids), ["g"], [15], key="a")}
     hot = torch.randint(3, 211, (1, 5), generator=g)
     out["s"] = dec.join(hot, torch.ones_like(hot), ["s"], [15], temperature=1.5, top_p=1.0, key="a")
-    for _ in range(16):
-        for step in dec.step() + ([] if _ < 15 else dec.drain()):
+    for i in range(16):
+        for step in dec.step() + ([] if i < 15 else dec.drain()):
             for name, tok in step:
                 out[name].append(tok)
     assert out["g"][:15] == _alone(model, greedy_prompt, 15)

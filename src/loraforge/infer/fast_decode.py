@@ -461,15 +461,20 @@ class FastDecoder:
 
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
-    def warm_up(self, rows: list[int], key: object = None, length: int | None = None) -> None:
-        """Captures the greedy step sets for these row counts ahead of traffic (a capture takes a second or
-        two on a 7B model: a server would otherwise spend it on a request's time)."""
+    def warm_up(self, key: object = None, length: int | None = None) -> None:
+        """Captures the greedy step set of every row count `step()` can use, ahead of traffic (a capture
+        takes a second or two on a 7B model: a server would otherwise spend it on a request's time)."""
         if self.active() or not self.graphs:
             return
         self._resize(length or self.min_cache, keep=False)
         self.key = key
-        for r in sorted(set(rows)):
+        for r in sorted({self._rows_for(n) for n in range(1, self.max_rows + 1)}):
             self._step_set((key, r, False), r, False)
+
+    def _rows_for(self, top: int) -> int:
+        """The rows a step computes when row `top - 1` is the last in use (rows that left below it compute,
+        unread): with `bucket_rows` and graphs, rounded up to a power of two (at most max_rows)."""
+        return min(_pow2(top), self.max_rows) if self.bucket_rows and self.graphs else top
 
     def _replay_step(self, st: _Step, t: int, mask, sample: bool) -> None:
         if st.graphs is None:
@@ -545,9 +550,12 @@ class FastDecoder:
         pads = (mask == 0).sum(-1).tolist()
         for j, slot in enumerate(slots):
             self.rows[slot] = _Row(owners[j], lo + pads[j], t + max_new_tokens[j] + self.lag, sample)
-        # A batch whose rows all see every column [0, t) runs attention without a mask, as stock does
-        self.clean = self.valid[:, :t].all(-1).tolist()
+        self._refresh_clean()
         return first.tolist()
+
+    def _refresh_clean(self) -> None:
+        # A batch whose rows all see every column [0, t) runs attention without a mask, as stock does
+        self.clean = self.valid[:, : self.t].all(-1).tolist()
 
     def leave(self, owner: object) -> None:
         """Frees the row of `owner` (its tokens still in flight are returned by later steps, and ignored)."""
@@ -562,12 +570,11 @@ class FastDecoder:
         used = [i for i, r in enumerate(self.rows) if r is not None]
         if not used:
             return self.drain()
-        rows = used[-1] + 1  # rows up to the last in use (a row that left below it computes, unread)
-        if self.bucket_rows and self.graphs:
-            rows = min(_pow2(rows), self.max_rows)
+        rows = self._rows_for(used[-1] + 1)
         sample = any(self.rows[i].sample for i in used)
         if self.t >= self.cache_len:  # a row kept past the end it joined with
             self._make_room(0, 1)
+            self._refresh_clean()
         st = self._step_set((self.key, rows, sample), rows, sample)
         mask = None if all(self.clean[:rows]) else self._mask(self.valid[:rows], self.t + 1)
         with self._backends(rows, mask):

@@ -199,8 +199,7 @@ class Engine:
             ok, why = supported(self.model)
             if ok:
                 self.decoder = FastDecoder(self.model, max_rows=max_batch, bucket_rows=True, attention="no-plans")
-                buckets = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
-                self.decoder.warm_up(buckets, key=next(iter(self.adapters)))
+                self.decoder.warm_up(key=next(iter(self.adapters)))
             else:
                 log.warning("fast decoding off (%s): batches run through generate()", why)
                 self.fast_decode = False
@@ -359,11 +358,13 @@ class Engine:
         return joined
 
     def _fail(self, reqs: list[Request], error: Exception) -> None:
+        """Ends these requests with an error event (the worker keeps serving the others)."""
         for req in reqs:
             if req.finish_reason is None:
                 req.finish_reason = "error"
                 req.post("error", f"generation failed: {type(error).__name__}: {str(error)[:300]}")
-            self.decoder.leave(req)
+            if self.decoder is not None:
+                self.decoder.leave(req)
 
     def _work_batches(self) -> None:
         """Batches through `generate` (models the fast decoder does not cover)."""
@@ -389,10 +390,7 @@ class Engine:
             try:
                 self._generate_plain(batch)
             except Exception as e:  # noqa: BLE001 - reported to the clients; the worker keeps serving
-                for req in batch:
-                    if req.finish_reason is None:
-                        req.finish_reason = "error"
-                        req.post("error", f"generation failed: {type(e).__name__}: {str(e)[:300]}")
+                self._fail(batch, e)
             finally:
                 self._running = []
 
