@@ -7,6 +7,7 @@ exits with 143/130, the conventional codes, so a scheduler can requeue it and `-
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -36,6 +37,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # On CPUs with AVX512-BF16, bitsandbytes 0.50 looks for an optional hub-downloaded kernel on import and
+    # warns that `kernels` is missing; its own kernel is used instead, so the warning only alarms users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -267,17 +271,34 @@ def bench(
 
 @data_app.command("preview")
 def data_preview(
-    source: Annotated[str, typer.Argument(help="A file, a dataset id/folder, or 'chitchat'.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="auto, alpaca, dialogue, chat, oasst, text.")] = "auto",
+    source: Annotated[str | None, typer.Argument(
+        help="A file, a dataset id/folder, or 'chitchat'. Default: the config's data.dataset.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c",
+        help="A run's YAML config: its data settings (template, column_mapping, max_length, ...) and tokenizer.")]
+        = None,
+    format: Annotated[str | None, typer.Option("--format", "-f",
+        help="auto, alpaca, dialogue, chat, oasst, text.")] = None,
     n: Annotated[int, typer.Option("-n", help="Examples to show.")] = 3,
-    max_length: Annotated[int, typer.Option(help="Truncation length used for the statistics.")] = 512,
-    model: Annotated[str,
-        typer.Option(help="Model whose tokenizer and chat template to use.")] = "smollm2-135m-instruct",
+    max_length: Annotated[int | None, typer.Option(help="Truncation length (default: the config's, else 512).")]
+        = None,
+    model: Annotated[str | None, typer.Option(
+        help="Model whose tokenizer and chat template to use (default: the config's, else the embedded model).")]
+        = None,
+    whole: Annotated[bool, typer.Option("--all", help="Measure every record (tokenizes the whole source and "
+                                        "caches it), not the first 200.")] = False,
 ) -> None:
     """Show examples as the model will see them, trained-on tokens highlighted, with length statistics."""
+    from loraforge.config import load_config
     from loraforge.data.preview import preview
 
-    preview(source, fmt=format, n=n, max_length=max_length, model=model)
+    overrides = [f"data.dataset={source}"] if source else []
+    overrides += [f"data.format={format}"] if format else []
+    overrides += [f"data.max_length={max_length}"] if max_length else []
+    overrides += [f"model.model_name={model}"] if model else []
+    run = load_config(config, overrides)
+    if run.data.sources and not source:
+        raise typer.BadParameter("the config mixes several data.sources: name the one to preview.")
+    preview(run.data, run.model, n=n, whole=whole)
 
 
 def main() -> None:

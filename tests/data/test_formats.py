@@ -174,3 +174,21 @@ def test_unregistered_custom_loader_is_a_clear_error(tokenizer) -> None:
 
     with pytest.raises(DataError, match="no loader registered as 'custom:nope'"):
         build_datasets(DataConfig(dataset="custom:nope"), tokenizer)
+
+
+def test_jsonl_is_one_record_a_line_even_when_a_line_is_an_array(tmp_path: Path, tokenizer) -> None:
+    # Found by the fuzz suite: a .jsonl holding `["0", null]` was read as a JSON array of two records.
+    path = tmp_path / "a.jsonl"
+    path.write_text('["0", null]\n' + json.dumps(alpaca_records(1)[0]) + "\n")
+    s = build(tokenizer, path, skip_invalid=True).stats["train"]
+    assert (s.read, s.used, s.skipped_invalid) == (2, 1, 1)
+    assert "line 1" in s.first_errors[0] and "got list" in s.first_errors[0]
+
+
+def test_a_pretty_printed_array_named_jsonl_is_told_to_be_json(tmp_path: Path, tokenizer) -> None:
+    from loraforge.errors import DataError
+
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(alpaca_records(2), indent=2))
+    with pytest.raises(DataError, match=r"a\.jsonl: .*looks like one JSON array.*Rename it to \.json"):
+        build(tokenizer, path)

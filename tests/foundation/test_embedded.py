@@ -65,3 +65,32 @@ def test_chitchat_split_is_fixed_and_seeded(embedded_model_dir: Path):
     assert other.validation != a.validation
     # no conversation is in both splits
     assert not {tuple(x["input_ids"]) for x in a.train} & {tuple(x["input_ids"]) for x in a.validation}
+
+
+def test_a_read_only_or_missing_home_cache_falls_back_to_the_temp_folder(tmp_path: Path, monkeypatch):
+    import tempfile
+
+    from loraforge.model import embedded
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # mkdir under a file fails, for root too (a chmod-ed folder would not stop root)
+    monkeypatch.delenv("LORAFORGE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    root = embedded.cache_root()
+    assert root.parent == Path(tempfile.gettempdir()) and root.name.startswith("loraforge-cache-")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    assert embedded.cache_root() == tmp_path / "home-cache" / "loraforge"
+    assert embedded.cache_root("/explicit") == Path("/explicit")
+
+
+def test_the_tokenizer_alone_comes_without_dequantizing_the_model(tmp_path: Path, embedded_model_dir: Path):
+    from loraforge.model import embedded
+
+    gguf = embedded.embedded_gguf_path("smollm2-135m-instruct")
+    folder = embedded.materialize_gguf_tokenizer(gguf, str(tmp_path))
+    assert not (tmp_path / "models").exists() and embedded.materialized(gguf, str(tmp_path)) is None
+    alone, full = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(embedded_model_dir)
+    text = "<|im_start|>user\nHi there, how's it going?<|im_end|>\n"
+    assert alone(text)["input_ids"] == full(text)["input_ids"]
+    assert (alone.bos_token, alone.eos_token, alone.pad_token) == (full.bos_token, full.eos_token, full.pad_token)
+    assert alone.chat_template == full.chat_template

@@ -12,14 +12,21 @@ from model_helpers import eval_logits, fixed_batch, stock_reload, train_steps
 from loraforge.config import LoRAConfig, ModelConfig
 from loraforge.model.load import load_base
 from loraforge.model.lora import attach_lora
+from loraforge.model.quant import cpu_packing_available, set_cpu_packing
+
+# 4-bit on the CPU runs one of two bitsandbytes kernels: the packed AVX512-BF16 one (inference only, some
+# shapes) or the plain one. Both are forced here, so a CPU of either kind cannot surprise CI.
+QUANTS = ["nf4-plain", pytest.param("nf4-packed", marks=pytest.mark.skipif(
+    not cpu_packing_available(), reason="this CPU has no AVX512-BF16: the packed kernel cannot run")), "none"]
 
 
 @pytest.mark.parametrize("arch", ["llama2", "llama3", "mistral"])
-@pytest.mark.parametrize("quant", ["nf4", "none"])
+@pytest.mark.parametrize("quant", QUANTS)
 def test_load_step_save_reload(arch: str, quant: str, arch_dirs: dict[str, Path], tmp_path: Path) -> None:
     path = arch_dirs[arch]
     # On the CPU on any machine: nf4 goes through bitsandbytes' CPU backend, and the trained logits are
-    # compared at 1e-4 with a stock reload on the CPU (stock_reload).
+    # compared at 1e-4 with a stock reload on the CPU (stock_reload) running the same kernel.
+    quant, _, kernel = quant.partition("-")
     model, tok = load_base(ModelConfig(model_name=str(path), use_4bit=quant == "nf4", dtype="float32", device="cpu"))
     cfg = model.config
     if arch == "llama3":
@@ -31,9 +38,11 @@ def test_load_step_save_reload(arch: str, quant: str, arch_dirs: dict[str, Path]
     batch = fixed_batch()
     losses = train_steps(model, batch, steps=2, lr=1e-2)
     assert all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
+    set_cpu_packing(model, kernel == "packed")
     trained = eval_logits(model, batch)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = stock_reload(path, tmp_path / "adapter", quant=quant)
+    set_cpu_packing(reloaded, kernel == "packed")
     torch.testing.assert_close(eval_logits(reloaded, batch), trained, atol=1e-4, rtol=1e-4)
 
 

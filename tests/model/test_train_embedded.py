@@ -18,6 +18,7 @@ from model_helpers import eval_logits, stock_reload, train_steps
 from loraforge.config import LoRAConfig, ModelConfig
 from loraforge.model.load import load_base
 from loraforge.model.lora import attach_lora
+from loraforge.model.quant import set_cpu_packing
 
 TEXT = ("The lighthouse keeper climbed the stairs every evening, lit the lamp, and wrote the weather in a "
         "small book. Ships passed in the night and the light turned until morning came over the sea. ")
@@ -46,6 +47,9 @@ def test_qlora_nf4_double_quant_learns_and_reloads_in_stock_peft(embedded_model_
     assert saved["r"] == 8 and set(saved["target_modules"]) == {"q_proj", "v_proj"}
     assert Path(saved["base_model_name_or_path"]) == embedded_model_dir
     reloaded = stock_reload(embedded_model_dir, tmp_path / "adapter", quant="nf4")
+    # The kernel our training model uses (a CPU with AVX512-BF16 would otherwise pack the stock model's
+    # layers into bf16 for inference); tests/model/test_architectures.py compares the packed one too.
+    set_cpu_packing(reloaded, False)
     torch.testing.assert_close(eval_logits(reloaded, batch), trained, atol=2e-3, rtol=1e-3)
     # the adapter matters: without it the logits differ
     with reloaded.disable_adapter():

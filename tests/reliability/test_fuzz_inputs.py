@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from loraforge.config import SECTIONS, load_config
@@ -91,6 +91,9 @@ def _read_dataset(tmp: Path, tokenizer, rows: list[str], fmt: str, skip: bool, c
 def _dataset_property(tmp_path_factory, tokenizer, counter):
     tmp = tmp_path_factory.mktemp("fuzz-data")
 
+    # Found by the long run on a fresh machine: one JSONL line holding a JSON array was read as two records.
+    @example(rows=['["0", null]'], fmt="auto", skip=True)
+    @example(rows=['["0", null]', '{"instruction": "a", "output": "b"}'], fmt="auto", skip=False)
     @given(rows=lines, fmt=st.sampled_from(["auto", "alpaca", "chat", "dialogue"]), skip=st.booleans())
     def prop(rows, fmt, skip):
         _read_dataset(tmp, tokenizer, rows, fmt, skip, counter)

@@ -111,15 +111,24 @@ def read_source(path: str, split: str = "train") -> list[RawRecord]:
 
 
 def resolve_format(fmt: str, records: Iterable[RawRecord], column_mapping: dict[str, str] | None = None) -> str:
-    """`auto` → the format of the first readable record (after renaming its columns)."""
+    """`auto` → the format of the first record whose fields tell it (after renaming its columns). Records
+    that tell nothing (a number, a list, unknown fields) are passed over: they are counted as invalid
+    later. When no record tells, the first one's reason is the error."""
     if fmt != "auto":
         return fmt
+    first_error: DataError | None = None
     for r in records:
-        if not isinstance(r.data, InvalidRecord):
-            data = r.data
-            if column_mapping and isinstance(data, dict):
-                data = {column_mapping.get(k, k): v for k, v in data.items()}
+        if isinstance(r.data, InvalidRecord):
+            continue
+        data = r.data
+        if column_mapping and isinstance(data, dict):
+            data = {column_mapping.get(k, k): v for k, v in data.items()}
+        try:
             return detect_format(data, r.where)
+        except DataError as e:
+            first_error = first_error or e
+    if first_error is not None:
+        raise first_error
     return "auto"
 
 
@@ -238,7 +247,7 @@ class StreamingExamples:
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         fmt = self.fmt
         if fmt == "auto":
-            fmt = resolve_format("auto", _first(sources.iter_source(self.source, self.data_split), 50),
+            fmt = resolve_format("auto", first_records(sources.iter_source(self.source, self.data_split), 50),
                                  self.column_mapping)
         if fmt == "oasst":
             raise DataError(f"{self.source}: OpenAssistant trees cannot be streamed (a tree needs all its rows); "
@@ -248,7 +257,7 @@ class StreamingExamples:
             yield example
 
 
-def _first(it: Iterator[RawRecord], n: int) -> list[RawRecord]:
+def first_records(it: Iterator[RawRecord], n: int) -> list[RawRecord]:
     out = []
     for r in it:
         out.append(r)
@@ -269,7 +278,7 @@ class SourceSpec:
     max_samples: int | None = None
 
 
-def _cache_key(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> str | None:
+def source_cache_key(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> str | None:
     ident = sources.identity(spec.path, spec.split)
     if ident is None:
         return None
@@ -289,9 +298,9 @@ def _cache_key(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> str | None:
 def load_source(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> SourceData:
     """Read, split and tokenize one source, through the tokenization cache when `cfg.cache` is on."""
     use_cache = getattr(cfg, "cache", True) or cfg.streaming
-    key = _cache_key(spec, cfg, tokenizer) if use_cache else None
+    key = source_cache_key(spec, cfg, tokenizer) if use_cache else None
     if key and getattr(cfg, "cache", True) and (hit := cache.lookup(key)):
-        return _from_cache(hit, streaming=cfg.streaming)
+        return from_cache(hit, streaming=cfg.streaming)
     if cfg.streaming:
         # The store is the streaming backing; with an uncachable source (custom:) it is a one-off entry.
         key = key or cache.cache_key(once=random.random())
@@ -349,7 +358,7 @@ def _stream_into_store(spec: SourceSpec, cfg: DataConfig, tokenizer: Any, key: s
     entry = cache.CacheEntry(key)
     fmt = spec.format
     if fmt == "auto":
-        fmt = resolve_format("auto", _first(sources.iter_source(spec.path, spec.split), 50), spec.column_mapping)
+        fmt = resolve_format("auto", first_records(sources.iter_source(spec.path, spec.split), 50), spec.column_mapping)
     scfg = dataclasses.replace(cfg, max_samples=spec.max_samples or cfg.max_samples, sources=[])
     stats = {}
     eval_records: list[dict[str, Any]] = []
@@ -375,7 +384,7 @@ def _stream_into_store(spec: SourceSpec, cfg: DataConfig, tokenizer: Any, key: s
         raise
     data = SourceData([], [], fmt, _kind(fmt), stats, eval_records)
     path = entry.commit(_meta(data))
-    result = _from_cache(path, streaming=True)
+    result = from_cache(path, streaming=True)
     for s in result.stats.values():
         s.cache = "miss" if cached else "off"
     return result
@@ -386,7 +395,7 @@ def _meta(data: SourceData) -> dict[str, Any]:
             "stats": {k: dataclasses.asdict(v) for k, v in data.stats.items()}}
 
 
-def _from_cache(path: Path, streaming: bool) -> SourceData:
+def from_cache(path: Path, streaming: bool) -> SourceData:
     import json
 
     meta = json.loads((path / "meta.json").read_text())

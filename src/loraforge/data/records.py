@@ -45,9 +45,13 @@ class InvalidRecord(DataError):
 
 
 def read_json_file(path: Path) -> Iterator[RawRecord]:
-    """A JSON array (or an object holding one list) or JSON Lines, decided by the content, not the suffix."""
+    """A `.jsonl` file is JSON Lines, one record a line, whatever a line holds. A `.json` file is a JSON
+    array, an object holding one list, one record, or JSON Lines, decided by the content."""
     with path.open("r", encoding="utf-8") as f:
         head = f.read(1024).lstrip()
+    if path.suffix.lower() == ".jsonl":
+        yield from _json_lines(path, array_hint=head.startswith("["))
+        return
     if head.startswith("["):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -69,15 +73,27 @@ def read_json_file(path: Path) -> Iterator[RawRecord]:
             else:
                 yield RawRecord(data, str(path), 0)
             return
+    yield from _json_lines(path)
+
+
+def _json_lines(path: Path, *, array_hint: bool = False) -> Iterator[RawRecord]:
+    """JSON Lines. `array_hint`: the file starts with '[' — if its first line is not JSON on its own, it is
+    most likely one pretty-printed array, and the user is told to name it .json rather than shown every
+    line as invalid."""
     with path.open("r", encoding="utf-8") as f:
+        first = True
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 yield RawRecord(json.loads(line), f"{path}, line {lineno}", lineno)
             except json.JSONDecodeError as e:
+                if first and array_hint:
+                    raise DataError(f"{path}: line 1 is not a JSON value on its own: the file looks like one JSON "
+                                    "array, not JSON Lines. Rename it to .json.") from None
                 yield RawRecord(InvalidRecord(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})."),
                                 f"{path}, line {lineno}", lineno)
+            first = False
 
 
 # ------------------------------------------------------------------------------------------- normalizing

@@ -7,6 +7,7 @@ bitsandbytes quantization, LoRA, merge, serve — treats it like any hub model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -36,9 +37,26 @@ MATERIALIZE_RECIPE = "2"
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
-    root = cache_dir or os.environ.get("LORAFORGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loraforge")
-    return Path(root)
+    """`cache_dir`, else $LORAFORGE_CACHE, else $XDG_CACHE_HOME/loraforge (~/.cache/loraforge). A home
+    folder that is read-only or missing (a locked-down CI runner, a container) falls back to the temp
+    folder rather than failing on the first write."""
+    explicit = cache_dir or os.environ.get("LORAFORGE_CACHE")
+    if explicit:
+        return Path(explicit)
+    return _default_cache_root(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"))
+
+
+@functools.lru_cache(maxsize=4)
+def _default_cache_root(base: str) -> Path:
+    root = Path(base) / "loraforge"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"loraforge-cache-{uid}"
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -86,20 +104,15 @@ def _set_special_tokens(tokenizer: Any, special: dict[str, str]) -> None:
             setattr(tokenizer, name, token)
 
 
-def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_token: str | None = None,
-                     special_tokens: dict[str, str] | None = None) -> Path:
-    """Dequantize a GGUF file once into a cached Hugging Face folder and return that folder.
+def _recipe_key(gguf: Path) -> str:
+    """Changes with the recipe's version and the file's path, size and mtime."""
+    st = gguf.stat()
+    return hashlib.sha1(f"recipe{MATERIALIZE_RECIPE}:{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
-    The folder name carries a hash of the materialization recipe's version and of the file's path, size and
-    mtime, so a changed file, or a folder written by an older recipe, is redone.
-    Writing goes to a temporary folder that is renamed at the end: a crash never leaves a half folder.
 
-    The special tokens do not depend on the installed transformers' GGUF tokenizer converter (which has
-    got them wrong): they are `special_tokens` where given, else the ids the GGUF metadata declares, and
-    the model's config and generation config carry the same ids as the tokenizer.
-    An embedded model's GGUF file (by its file name) gets that model's tokens and pad when none are given,
-    so a path to it and the embedded name give the same folder.
-    """
+def _resolve_gguf(gguf: str | Path, pad_token: str | None,
+                  special_tokens: dict[str, str] | None) -> tuple[Path, str | None, dict[str, str] | None]:
+    """The file's absolute path and its special tokens: an embedded model's own when none are given."""
     gguf = Path(gguf).resolve()
     if not gguf.is_file():
         raise ModelLoadError(f"GGUF file {str(gguf)!r} does not exist.")
@@ -109,24 +122,90 @@ def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_toke
                 special = dict(EMBEDDED_SPECIAL_TOKENS.get(name, {}))
                 pad_token = special.pop("pad_token", None)
                 special_tokens = special
-    st = gguf.stat()
-    key = hashlib.sha1(f"recipe{MATERIALIZE_RECIPE}:{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_root(cache_dir) / "models" / f"{gguf.stem}-{key}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+    return gguf, pad_token, special_tokens
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+def _write_atomically(out: Path, write: Any) -> Path:
+    """`write(tmp)` into a temporary sibling folder, then rename it to `out`: a crash never leaves half a
+    folder, and of two processes racing, the first to finish wins and the other's copy is dropped."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def materialize_gguf_tokenizer(gguf: str | Path, cache_dir: str | None = None, *, pad_token: str | None = None,
+                               special_tokens: dict[str, str] | None = None) -> Path:
+    """The tokenizer of a GGUF file alone, converted once into a cached folder (seconds, where the whole
+    model takes much longer): what `data preview` needs, and what `materialize_gguf` starts from.
+
+    The special tokens do not depend on the installed transformers' GGUF tokenizer converter (which has
+    got them wrong): they are `special_tokens` where given, else the ids the GGUF metadata declares.
+    """
+    gguf, pad_token, special_tokens = _resolve_gguf(gguf, pad_token, special_tokens)
+    out = cache_root(cache_dir) / "tokenizers" / f"{gguf.stem}-{_recipe_key(gguf)}"
+    if (out / "tokenizer_config.json").is_file():
+        return out
+
+    def write(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         declared = gguf_special_tokens(gguf)
         declared.pop("pad_token", None)  # often = EOS in GGUF files; the pad is chosen below / by fix_tokenizer
         _set_special_tokens(tokenizer, {**declared, **(special_tokens or {})})
         if pad_token and pad_token in tokenizer.get_vocab():
             tokenizer.pad_token = pad_token
+        tokenizer.save_pretrained(tmp)
+
+    return _write_atomically(out, write)
+
+
+def _model_dir(gguf: Path, cache_dir: str | None) -> Path:
+    return cache_root(cache_dir) / "models" / f"{gguf.stem}-{_recipe_key(gguf)}"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def materialized(gguf: str | Path, cache_dir: str | None = None) -> Path | None:
+    """The GGUF file's materialized model folder if an earlier run made it, else None (nothing is made)."""
+    gguf = Path(gguf).resolve()
+    folder = _model_dir(gguf, cache_dir) if gguf.is_file() else None
+    return folder if folder is not None and _complete(folder) else None
+
+
+def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_token: str | None = None,
+                     special_tokens: dict[str, str] | None = None) -> Path:
+    """Dequantize a GGUF file once into a cached Hugging Face folder and return that folder.
+
+    The folder name carries a hash of the materialization recipe's version and of the file's path, size and
+    mtime, so a changed file, or a folder written by an older recipe, is redone.
+    The tokenizer is `materialize_gguf_tokenizer`'s, and the model's config and generation config carry
+    the same special-token ids as the tokenizer.
+    An embedded model's GGUF file (by its file name) gets that model's tokens and pad when none are given,
+    so a path to it and the embedded name give the same folder.
+    """
+    gguf, pad_token, special_tokens = _resolve_gguf(gguf, pad_token, special_tokens)
+    out = _model_dir(gguf, cache_dir)
+    if _complete(out):
+        return out
+    tokenizer_dir = materialize_gguf_tokenizer(gguf, cache_dir, pad_token=pad_token, special_tokens=special_tokens)
+
+    def write(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         # transformers 5.x dequantizes GGUF tensors on load but marks the model as quantized, and a
         # model so marked refuses save_pretrained; rebuilding a plain model from its config and state
         # dict gives one that saves and reloads like any hub checkpoint.
@@ -150,14 +229,8 @@ def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_toke
         del packed
         plain.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # another process won the race; keep its folder
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return _write_atomically(out, write)
 
 
 def resolve_embedded(name: str, cache_dir: str | None = None) -> Path:

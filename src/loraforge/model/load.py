@@ -16,7 +16,15 @@ import torch
 
 from loraforge.config import ModelConfig
 from loraforge.errors import ModelLoadError
-from loraforge.model.embedded import EMBEDDED_MODELS, materialize_gguf, resolve_embedded
+from loraforge.model.embedded import (
+    EMBEDDED_MODELS,
+    embedded_gguf_path,
+    materialize_gguf,
+    materialize_gguf_tokenizer,
+    materialized,
+    resolve_embedded,
+)
+from loraforge.model.quant import quantization_config, set_cpu_packing
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -63,6 +71,17 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model.model_name: {name!r} is neither an existing path nor a hub id (owner/name).")
     return name
+
+
+def resolve_tokenizer_path(cfg: ModelConfig) -> str:
+    """Like `resolve_model_path`, for the tokenizer alone: an embedded model or a GGUF file not yet
+    materialized gives its converted tokenizer without dequantizing the weights (what `data preview`
+    needs on a cold cache). Once the model folder exists its tokenizer is used, the one a run sees."""
+    name = cfg.model_name
+    gguf = embedded_gguf_path(name.lower()) if name.lower() in EMBEDDED_MODELS else Path(os.path.expanduser(name))
+    if gguf.suffix != ".gguf" or not gguf.is_file():
+        return resolve_model_path(cfg)
+    return str(materialized(gguf, cfg.cache_dir) or materialize_gguf_tokenizer(gguf, cfg.cache_dir))
 
 
 def hub_token() -> str | None:
@@ -165,28 +184,6 @@ def fix_tokenizer(tok: Any) -> Any:
     return tok
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, *, sharded: bool = False) -> Any | None:
-    """bitsandbytes settings. `sharded` (FSDP): store the packed 4-bit weights in the compute dtype, so FSDP
-    can flatten them into one parameter with the bf16 norms and embeddings; the bytes are the same."""
-    if not (cfg.use_4bit or cfg.use_8bit):
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as e:
-        raise ModelLoadError("4-bit/8-bit loading needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
-                             "(or set model.use_4bit=false).") from e
-    if cfg.use_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=cfg.use_nested_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
-    )
-
-
 def load_base(cfg: ModelConfig, *, for_training: bool = True, gradient_checkpointing: bool = True,
               placement: Placement | None = None, sharded: bool = False) -> tuple[Any, Any]:
     """Load (model, tokenizer). For training, the model is prepared (frozen, checkpointing, train mode).
@@ -226,6 +223,9 @@ def load_model(cfg: ModelConfig, path: str, placement: Placement, *, for_trainin
         if isinstance(e, torch.OutOfMemoryError):
             raise
         raise _explain_hub_error(cfg.model_name, e) from e
+    if qconf is not None and placement.device.type == "cpu":
+        # bitsandbytes' packed CPU kernel has no backward and takes only some shapes (see model/quant.py).
+        set_cpu_packing(model, enabled=not for_training)
     if for_training:
         prepare_for_training(model, gradient_checkpointing=gradient_checkpointing)
     else:
