@@ -31,3 +31,12 @@ def test_preview_highlights_trained_tokens(tmp_path: Path, tokenizer) -> None:
     text = render_example(ex, tokenizer)
     styled = [text.plain[s.start:s.end] for s in text.spans if s.style == TRAINED_STYLE]
     assert styled == [tokenizer.decode(ex["input_ids"][-1:])]
+
+
+def test_preview_shows_characters_split_across_byte_level_tokens(tokenizer) -> None:
+    from loraforge.data.preview import render_example
+
+    ids = tokenizer("Ça va ✓ — naïve café 🙂", add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)  # decoded one by one, characters break
+    text = render_example({"input_ids": ids, "labels": ids}, tokenizer)
+    assert text.plain == "Ça va ✓ — naïve café 🙂"

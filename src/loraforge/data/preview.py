@@ -50,13 +50,26 @@ def length_stats(lengths: list[int], max_length: int, truncated: int) -> dict[st
 
 
 def render_example(example: dict[str, list[int]], tokenizer: Any):
-    """A rich Text of the decoded tokens; labelled ones in TRAINED_STYLE."""
+    """A rich Text of the decoded tokens; labelled ones in TRAINED_STYLE.
+
+    Tokens are decoded one at a time, except that a byte-level token holding part of a character (an accent,
+    an emoji) waits for the tokens completing it: decoded alone it would show as U+FFFD."""
     from rich.text import Text
 
     text = Text()
+    pending: list[int] = []
+    trained = False
     for tok, lab in zip(example["input_ids"], example["labels"], strict=True):
-        piece = tokenizer.decode([tok], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        text.append(piece, style=TRAINED_STYLE if lab != IGNORE_INDEX else None)
+        pending.append(tok)
+        trained = trained or lab != IGNORE_INDEX
+        piece = tokenizer.decode(pending, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if piece.endswith("\ufffd") and len(pending) < 4:  # a UTF-8 character is at most 4 bytes
+            continue
+        text.append(piece, style=TRAINED_STYLE if trained else None)
+        pending, trained = [], False
+    if pending:
+        text.append(tokenizer.decode(pending, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                    style=TRAINED_STYLE if trained else None)
     return text
 
 
