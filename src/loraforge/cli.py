@@ -125,7 +125,7 @@ def generate(
     file: Annotated[Path | None, typer.Option(help="A file of prompts: .txt (one per line) or .jsonl.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write JSONL results here (default: print).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer.")] = 256,
-    decoding: Annotated[str, typer.Option(help="greedy, beam or sample.")] = "greedy",
+    decoding: Annotated[str, typer.Option(help="greedy, beam (the run's eval.num_beams wide) or sample.")] = "greedy",
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,

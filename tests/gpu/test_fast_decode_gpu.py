@@ -63,7 +63,7 @@ def test_graphed_greedy_equals_stock_generate(lora, lengths):
 
 
 def test_decode_kernels_reproduce_eager_bit_for_bit():
-    from loraforge.kernels.decode import DETAIL, self_check
+    from loraforge.infer.decode import DETAIL, self_check
 
     found = self_check("cuda")
     assert all(v is not None for v in found.values()), (found, DETAIL)

@@ -106,3 +106,16 @@ def test_pipeline_generates_with_the_adapter(lora_run: Path, loaded) -> None:
     text = loaded.formatter("Say apple.")
     out = pipe(text, max_new_tokens=5, do_sample=False, return_full_text=False)
     assert out[0]["generated_text"].strip() == generate_texts(loaded, ["Say apple."], max_new_tokens=5)[0]
+
+
+def test_generate_beam_search_is_as_wide_as_the_runs_eval_num_beams(loaded, monkeypatch) -> None:
+    import dataclasses
+
+    from loraforge.infer import generate
+
+    seen = []
+    monkeypatch.setattr(generate, "generate_batch", lambda model, tok, prompts, decoding, **kw: seen.append(decoding))
+    run = dataclasses.replace(loaded.run, eval=dataclasses.replace(loaded.run.eval, num_beams=2))
+    generate_texts(dataclasses.replace(loaded, run=run), ["Hi"], decoding="beam")
+    generate_texts(dataclasses.replace(loaded, run=None), ["Hi"], decoding="beam")
+    assert [d.num_beams for d in seen] == [2, 4]

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.config import DataConfig, EvalConfig
+from loraforge.eval.perplexity import PerplexityEvaluator
+from loraforge.eval.qualitative import generation_metrics
+from loraforge.eval.report import write_report
 
 
 def compare(loaded: Any, data_cfg: DataConfig, eval_cfg: EvalConfig, *, out_dir: Path, metrics_jsonl: Path | None,
@@ -18,9 +21,6 @@ def compare(loaded: Any, data_cfg: DataConfig, eval_cfg: EvalConfig, *, out_dir:
     """Evaluate `loaded` (a loraforge.infer.load.Loaded) with and without its adapter; write the report."""
     from loraforge.data.collate import PadCollator
     from loraforge.data.pipeline import build_datasets
-    from loraforge.eval.perplexity import PerplexityEvaluator
-    from loraforge.eval.report import write_report
-    from loraforge.train.trainer import generation_metrics
 
     model, tokenizer = loaded.model, loaded.tokenizer
     data = build_datasets(data_cfg, tokenizer, eval_cfg.num_generation_samples)

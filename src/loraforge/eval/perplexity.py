@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.errors import DataError
-from loraforge.eval.runtime import eval_mode, model_device
+from loraforge.model.runtime import eval_mode, model_device
 
 IGNORE_INDEX = -100
 

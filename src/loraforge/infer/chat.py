@@ -14,8 +14,9 @@ from typing import Any, TextIO
 
 import torch
 
-from loraforge.eval.runtime import model_device
+from loraforge.infer.generation import Decoding, encode, generate_kwargs
 from loraforge.infer.load import Loaded, load
+from loraforge.model.runtime import model_device
 
 
 class ChatSession:
@@ -39,20 +40,14 @@ class ChatSession:
         return self.loaded.formatter(user)
 
     def reply(self, user: str, on_text: Callable[[str], Any] | None = None) -> str:
-        from transformers import TextIteratorStreamer
+        from transformers import TextIteratorStreamer  # here: transformers takes seconds to import
 
         tok, model = self.loaded.tokenizer, self.loaded.model
-        text = self.prompt_text(user)
-        bos = tok.bos_token
-        ids = tok(text, add_special_tokens=not (bos and text.startswith(bos)), return_tensors="pt")
-        ids = {k: v.to(model_device(model)) for k, v in ids.items()}
+        ids = torch.tensor([encode(tok, self.prompt_text(user))], device=model_device(model))
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs: dict[str, Any] = dict(**ids, max_new_tokens=self.max_new_tokens, streamer=streamer,
-                                      pad_token_id=tok.pad_token_id)
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=0.9)
-        else:
-            kwargs.update(do_sample=False)
+        decoding = Decoding.from_temperature(self.temperature, 0.9, self.max_new_tokens)
+        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                      **generate_kwargs(model, tok, decoding))
         error: list[BaseException] = []
 
         def run() -> None:

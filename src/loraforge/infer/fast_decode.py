@@ -188,7 +188,7 @@ class FastDecoder:
         self._pending: deque = deque()  # (event, host buffer, owners) of steps launched, not yet read
         self._sets: OrderedDict[tuple, _Step] = OrderedDict()
         self.captures = 0
-        # Which exact fused kernels (kernels/decode.py) this GPU may use; None: the model's eager ops.
+        # Which exact fused kernels (infer/decode.py) this GPU may use; None: the model's eager ops.
         self.fused: dict[str, int | None] = {"norm": None, "rope": None, "silu_mul": None}
         if self.device.type == "cuda" and fused_kernels:
             self.fused = self._check_fused()
@@ -199,10 +199,12 @@ class FastDecoder:
         self.trace: list[torch.Tensor] = []
 
     def _check_fused(self) -> dict[str, int | None]:
-        """kernels/decode.py's self-check, then each kernel once more against this model's own modules
+        """infer/decode.py's self-check, then each kernel once more against this model's own modules
         (its RMSNorm, its RoPE function, its MLP activation). A kernel is used only where both are exact."""
-        from loraforge.kernels import decode
+        # Imported here: it loads Triton (seconds), which only a decoder on a GPU needs.
+        from loraforge.infer import decode
 
+        self._decode = decode
         found = decode.self_check(self.device, self.dtype)
         layer = self.layers[0]
         g = torch.Generator(device=self.device).manual_seed(1)
@@ -240,11 +242,9 @@ class FastDecoder:
 
     def _norm(self, module, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, module(h + delta)): the residual add and the RMSNorm after it, as the decoder layer
-        does them — in 3 kernels instead of 9 when kernels/decode.py reproduces them exactly here."""
+        does them — in 3 kernels instead of 9 when infer/decode.py reproduces them exactly here."""
         if self.fused["norm"] is not None:
-            from loraforge.kernels import decode
-
-            return decode.rms_norm(h, delta, module.weight, module.variance_epsilon, self.fused["norm"])
+            return self._decode.rms_norm(h, delta, module.weight, module.variance_epsilon, self.fused["norm"])
         if delta is not None:
             h = h + delta
         return h, module(h)
@@ -256,10 +256,8 @@ class FastDecoder:
         st.h, x = self._norm(layer.input_layernorm, h, delta)
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if self.fused["rope"] is not None:
-            from loraforge.kernels import decode
-
             out = torch.empty_strided(*st.q_layout, dtype=q.dtype, device=q.device)
-            st.q[i] = decode.rope_cache(q, k, v, st.cos, st.sin, out, self.k[i], self.v[i], self.slot)
+            st.q[i] = self._decode.rope_cache(q, k, v, st.cos, st.sin, out, self.k[i], self.v[i], self.slot)
             return
         shape = (st.rows, 1, -1, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
@@ -276,9 +274,7 @@ class FastDecoder:
         h, x = self._norm(layer.post_attention_layernorm, h, layer.self_attn.o_proj(a))
         mlp = layer.mlp
         if self.fused["silu_mul"] is not None:
-            from loraforge.kernels import decode
-
-            act = decode.silu_mul(mlp.gate_proj(x), mlp.up_proj(x), self.fused["silu_mul"])
+            act = self._decode.silu_mul(mlp.gate_proj(x), mlp.up_proj(x), self.fused["silu_mul"])
             return h, mlp.down_proj(act)
         return h, mlp(x)
 

@@ -1,9 +1,10 @@
 """`loraforge generate`: prompts (or a file of prompts) in, answers out as JSONL, generated in batches.
 
 Prompts are rendered the way the run was trained (`Loaded.formatter`), then generated through
-`QualitativeEvaluator.generate_batch` — the same left-padded batched generation the evaluation uses. On a
-GPU, greedy and sampled decoding go through `FastDecoder` instead (stock's kernels replayed as CUDA graphs,
-docs/serving.md): the same tokens as `generate` for greedy, ~3× faster for a 7B model.
+`loraforge.infer.generation.generate_batch` — the same left-padded batched generation the evaluation uses.
+On a GPU, greedy and sampled decoding go through `FastDecoder` (stock's kernels replayed as CUDA graphs,
+docs/serving.md): the same tokens as `generate` for greedy, ~3× faster for a 7B model. Beam search is
+`eval.num_beams` wide, the run's setting (4 unless its config says otherwise), as in its evaluation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import DataError
-from loraforge.eval.qualitative import QualitativeEvaluator
+from loraforge.infer.generation import BEAM_WIDTH, Decoding, encode, generate_batch
 from loraforge.infer.load import Loaded, load
 
 Prompt = str | list[dict[str, str]]
@@ -71,67 +72,16 @@ def render(loaded: Loaded, prompt: Prompt) -> str:
     return loaded.formatter(prompt)
 
 
-def decoding_kwargs(decoding: str, temperature: float, top_p: float) -> dict[str, Any]:
-    if decoding == "greedy":
-        return {"num_beams": 1, "do_sample": False}
-    if decoding == "beam":
-        return {"num_beams": 4, "do_sample": False}
-    if decoding == "sample":
-        return {"num_beams": 1, "do_sample": True, "temperature": temperature, "top_p": top_p}
-    raise DataError(f"--decoding must be greedy, beam or sample; got {decoding!r}.")
-
-
 def generate_texts(loaded: Loaded, prompts: list[Prompt], *, max_new_tokens: int = 256, decoding: str = "greedy",
                    temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 8,
                    fast: bool | None = None) -> list[str]:
     """Answers to `prompts` (strings or message lists), in order. `fast`: decode with FastDecoder (None: on a
     GPU, for greedy and sampling, when the model is one it covers)."""
-    texts = [render(loaded, p) for p in prompts]
-    # The texts are already in the training format, so the evaluator must not template them again.
-    evaluator = QualitativeEvaluator(loaded.model, loaded.tokenizer, template=lambda text: text)
-    kwargs = decoding_kwargs(decoding, temperature, top_p)
-    if fast is None:
-        from loraforge.infer.fast_decode import supported
-
-        fast = (decoding != "beam" and next(loaded.model.parameters()).device.type == "cuda"
-                and supported(loaded.model)[0])
-    if not fast or decoding == "beam":
-        return evaluator.generate_batch(texts, max_length=max_new_tokens, batch_size=batch_size, **kwargs)
-    return _fast_texts(loaded, [evaluator.encode_prompt(t) for t in texts], max_new_tokens, batch_size,
-                       temperature if decoding == "sample" else 0.0, top_p)
-
-
-def _fast_texts(loaded: Loaded, encoded: list[list[int]], max_new_tokens: int, batch_size: int,
-                temperature: float, top_p: float) -> list[str]:
-    """What `QualitativeEvaluator.generate_batch` answers, through FastDecoder: the same left-padded
-    batches, each row ending at the EOS `generate` would stop at, decoded the same way."""
-    from loraforge.infer.fast_decode import FastDecoder, left_padded
-
-    tok = loaded.tokenizer
-    # Each batch brings new lengths: without per-shape attention plans (see FastDecoder's `attention`); a
-    # lone unpadded prompt still runs stock's kernels.
-    decoder = FastDecoder(loaded.model, max_rows=batch_size, attention="no-plans")
-    eos = getattr(loaded.model.generation_config, "eos_token_id", None)
-    eos = tok.eos_token_id if eos is None else eos
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
-    answers: list[str] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        ids, mask = left_padded(chunk, pad)
-        rows: list[list[int]] = [[] for _ in chunk]
-        ended = [False] * len(chunk)
-        steps = decoder.stream(ids, mask, max_new_tokens, temperature=temperature, top_p=top_p)
-        for tokens in steps:
-            for i, t in enumerate(tokens):
-                if not ended[i]:
-                    ended[i] = t in eos_ids
-                    rows[i].append(t)
-            if all(ended):
-                break
-        steps.close()
-        answers += [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
-    return answers
+    beams = loaded.run.eval.num_beams if loaded.run is not None else BEAM_WIDTH
+    settings = Decoding.named(decoding, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              num_beams=beams)
+    encoded = [encode(loaded.tokenizer, render(loaded, p)) for p in prompts]
+    return generate_batch(loaded.model, loaded.tokenizer, encoded, settings, batch_size=batch_size, fast=fast)
 
 
 def generate_cli(run: str | Path, *, prompts: list[str], file: str | Path | None = None, out: str | Path | None = None,
@@ -141,7 +91,8 @@ def generate_cli(run: str | Path, *, prompts: list[str], file: str | Path | None
     all_prompts: list[Prompt] = list(prompts) + (read_prompts(file) if file else [])
     if not all_prompts:
         raise DataError("nothing to generate: give --prompt TEXT (repeatable) or --file PROMPTS.txt|.jsonl.")
-    decoding_kwargs(decoding, temperature, top_p)  # fail on a bad option before loading the model
+    # Checked before the model loads, so that a bad option fails at once.
+    Decoding.named(decoding, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     loaded = load(run)
     answers = generate_texts(loaded, all_prompts, max_new_tokens=max_new_tokens, decoding=decoding,
                              temperature=temperature, top_p=top_p, batch_size=batch_size)

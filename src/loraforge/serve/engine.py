@@ -37,6 +37,7 @@ import torch
 
 from loraforge.errors import ModelLoadError
 from loraforge.infer.fast_decode import FastDecoder, left_padded, supported
+from loraforge.infer.generation import Decoding, encode, generate_kwargs, pad_id, stop_ids
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,8 @@ class Engine:
             formatter = prompt_formatter(kind, self.tokenizer, template, system)
             self.adapters[name] = Adapter(name, peft_name, kind, formatter, Path(run))
         self.model.eval()
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        self.eos_ids = {e for e in eos_ids if e is not None}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.eos_ids = stop_ids(self.model, self.tokenizer)
+        self.pad_id = pad_id(self.tokenizer, self.eos_ids)
         self.device = next(self.model.parameters()).device
         # None = where it pays: a GPU (graphs); on a CPU the same decoder runs its pieces eagerly (tests)
         self.fast_decode = self.device.type == "cuda" if fast_decode is None else fast_decode
@@ -232,9 +231,7 @@ class Engine:
     # Requests
 
     def encode(self, text: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        # Chat templates that write BOS themselves must not get a second one from the tokenizer.
-        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+        return encode(self.tokenizer, text)
 
     def submit(self, req: Request) -> None:
         with self._cv:
@@ -454,16 +451,12 @@ class Engine:
                     self.last = (done, torch.tensor(done, device=input_ids.device))
                 return self.last[1]
 
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.pad_id,
-                                      eos_token_id=sorted(self.eos_ids), streamer=RowStreamer(),
-                                      stopping_criteria=StoppingCriteriaList([RowsDone()]))
-        first = batch[0]
-        if first.temperature > 0:
-            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        first = batch[0]  # the batch shares its sampling settings (Request.group)
+        decoding = Decoding.from_temperature(first.temperature, first.top_p, max_new)
         with torch.no_grad():
-            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                streamer=RowStreamer(), stopping_criteria=StoppingCriteriaList([RowsDone()]),
+                                **generate_kwargs(self.model, self.tokenizer, decoding))
 
     def _advance(self, req: Request, token: int) -> None:
         if token in self.eos_ids:

@@ -577,6 +577,7 @@ class LLAMATrainer:
         """Validation perplexity, and BLEU/ROUGE/exact match of generated answers when prompts are given
         (defaults: the held-out pairs of the validation split)."""
         from loraforge.data.collate import PadCollator
+        from loraforge.eval.qualitative import generation_metrics
 
         self.setup()
         model = self.accelerator.unwrap_model(self.model)
@@ -601,35 +602,3 @@ def tokens_in(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> int:
     if pad_token_id is None:
         return batch["input_ids"].numel()
     return int((batch["input_ids"] != pad_token_id).sum())
-
-
-def generation_metrics(model: Any, tokenizer: Any, formatter: Any, prompts: list[Any], references: list[str],
-                       ecfg: EvalConfig) -> dict[str, Any]:
-    """Generate answers to `prompts` and score them against `references` (BLEU, ROUGE, exact match)."""
-    from loraforge.eval.qualitative import QualitativeEvaluator
-
-    qe = QualitativeEvaluator(model, tokenizer, template=formatter)
-    was_training = model.training
-    model.eval()
-    try:
-        hyps = qe.generate_batch(prompts, **generation_kwargs(ecfg))
-    finally:
-        model.train(was_training)
-    rouge = qe.compute_rouge(references, hyps)
-    return {"bleu": qe.compute_bleu(references, hyps), **rouge,
-            "exact_match": qe.compute_exact_match(references, hyps), "generations": hyps}
-
-
-def generation_kwargs(ecfg: EvalConfig) -> dict[str, Any]:
-    kw: dict[str, Any] = {"max_length": ecfg.max_new_tokens, "temperature": ecfg.temperature, "top_p": ecfg.top_p,
-                          "batch_size": ecfg.eval_batch_size}
-    if ecfg.repetition_penalty != 1.0:
-        kw["repetition_penalty"] = ecfg.repetition_penalty
-    if ecfg.decoding == "greedy":
-        kw.update(num_beams=1, do_sample=False)
-    elif ecfg.decoding == "sample":
-        kw.update(num_beams=1, do_sample=True)
-    else:
-        kw.update(num_beams=ecfg.num_beams, do_sample=False)
-    return kw
-

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _triton
+from loraforge.kernels import _triton
 
 if _triton.AVAILABLE:
     import triton

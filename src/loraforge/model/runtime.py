@@ -1,4 +1,4 @@
-"""Where a model's inputs go and the eval-mode switch, shared by the perplexity and generation code."""
+"""Where a model's inputs go and the eval-mode switch, shared by evaluation and generation."""
 
 from __future__ import annotations
 
