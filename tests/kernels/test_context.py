@@ -1,4 +1,4 @@
-"""Long-context mode: the memory model, the switches, the chunked loss without the fast path, the
+"""Long-context mode: the switches, the chunked loss without the fast path, the
 attention-mask hook, the search, and a CPU smoke run of `run_max_context_bench` on the tiny shape."""
 
 import json
@@ -8,53 +8,8 @@ import torch
 
 from loraforge.config import RunConfig, load_config
 from loraforge.kernels.context import Search, long_context_switches
-from loraforge.model.context_memory import max_trainable_length, memory_model, peak_bytes
 
 torch.set_num_threads(1)
-GIB = 2**30
-
-
-def _llama3_8b():
-    from transformers import LlamaConfig
-
-    from loraforge.kernels.bench import SHAPES
-
-    return LlamaConfig(**SHAPES["llama3-8b"], tie_word_embeddings=False)
-
-
-def _run(long_context=False):
-    run = RunConfig()
-    run.lora.r, run.lora.lora_alpha, run.lora.lora_dropout = 16, 32, 0.0
-    run.lora.target_modules = "all-linear"
-    run.training.long_context = long_context
-    return run
-
-
-def test_memory_model_matches_the_stock_measurements():
-    cfg, run = _llama3_8b(), _run()
-    assert abs(peak_bytes(cfg, run, 8192, stack="stock") / GIB - 44.0) < 0.05 * 44.0
-    assert abs(peak_bytes(cfg, run, 11264, stack="stock") / GIB - 74.5) < 0.02 * 74.5
-    assert max_trainable_length(cfg, run, 78.6 * GIB, stack="stock") == 11264  # measured maximum
-
-
-def test_max_length_is_monotone_and_long_context_is_longer():
-    cfg = _llama3_8b()
-    prev = {}
-    for free in (8, 16, 24, 40, 60, 79):
-        for stack, lc in (("stock", False), ("loraforge", False), ("loraforge", True)):
-            n = max_trainable_length(cfg, _run(lc), free * GIB, stack=stack)
-            assert n % 1024 == 0 and n >= prev.get((stack, lc), 0)
-            prev[(stack, lc)] = n
-    assert max_trainable_length(cfg, _run(), 5 * GIB, stack="stock") == 0
-    lc = max_trainable_length(cfg, _run(True), 78.6 * GIB)
-    assert lc >= 8 * 11264 and lc > max_trainable_length(cfg, _run(False), 78.6 * GIB)
-    # offloaded checkpoints need host memory: (L-1) x h x 2 bytes per token
-    host = 20 * GIB
-    assert max_trainable_length(cfg, _run(True), 78.6 * GIB, host_free_bytes=host) <= host / (31 * 4096 * 2)
-    mm = memory_model(cfg, _run(True))
-    assert mm["checkpoints"] == 3 * 4096 * 2 and mm["quadratic"] == 0
-    for s in (1024, 65536, 200000):
-        assert peak_bytes(cfg, _run(True), s) < peak_bytes(cfg, _run(True), s + 1024)
 
 
 def test_switches_and_config(tmp_path):

@@ -455,8 +455,8 @@ def _bench_setup(shape: str):
 
 
 def predicted_max_lengths(shape: str, total_bytes: float, host_bytes: float | None) -> dict[str, int]:
-    """The memory model's prediction (model/context_memory.py) for both sides of the bench."""
-    from loraforge.model.context_memory import max_trainable_length
+    """The memory model's prediction (model/memory.py) for both sides of the bench."""
+    from loraforge.model.memory import max_trainable_length
 
     cfg, run = _bench_setup(shape)
     stock = max_trainable_length(cfg, run, total_bytes, stack="stock")
@@ -471,7 +471,7 @@ def stock_memory_breakdown(shape: str, tokens: int) -> dict[str, float]:
     grads and Adam moments, the checkpointed layer inputs, one layer's recompute working set, the
     tokens² attention copies of SDPA's math kernel, and the full-logits loss. The peak is the larger
     of the layer phase and the loss phase on top of the fixed part and the checkpoints."""
-    from loraforge.model.context_memory import memory_model
+    from loraforge.model.memory import memory_model
 
     cfg, run = _bench_setup(shape)
     mm = memory_model(cfg, run, stack="stock")
@@ -750,7 +750,7 @@ def _result_row(state: dict, shape: str) -> dict | None:
         measured = next((t.get("peak_gib") for t in (st.get("search") or {}).get("trials", [])
                          if t.get("len") == smax and t.get("ok")), None)
         row["stock_memory_at_max"] = {**stock_memory_breakdown(shape, smax), "measured_peak": measured,
-                                      "source": "memory model (model/context_memory.py), total calibrated "
+                                      "source": "memory model (model/memory.py), total calibrated "
                                                 "against the measured peaks; measured_peak is the trial's"}
     return row
 

@@ -189,7 +189,7 @@ class LLAMATrainer:
                 self.log(f"      skipped: {err}")
         check_fits(cfg, placement, self.log)
         if cfg.training.long_context or placement.device.type == "cuda":
-            from loraforge.model.context_memory import report_max_length
+            from loraforge.model.memory import report_max_length
 
             report_max_length(cfg, placement, self.log)
         torch.manual_seed(cfg.training.seed)
