@@ -5,7 +5,7 @@
                             [--probe-layers 2] [--no-verify] [--fresh]
     python bench/context.py --tiny --device cpu          # CPU smoke run of the whole pipeline
 
-The logic lives in `loraforge.kernels.context.run_max_context_bench` (what `loraforge bench
+The logic lives in `loraforge.bench.max_context.run_max_context_bench` (what `loraforge bench
 --max-context` calls). The search state is kept in <out>/context-state-<device>-<shape>.json: a call
 that runs out of its time budget stops cleanly, and the next call continues the search.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from loraforge.kernels.context import run_max_context_bench  # noqa: E402
+from loraforge.bench.max_context import rebuild_report, run_max_context_bench  # noqa: E402
 
 
 def main(argv=None):
@@ -45,8 +45,6 @@ def main(argv=None):
                     help="rebuild the result JSON from the saved state; run nothing")
     a = ap.parse_args(argv)
     if a.report_only:
-        from loraforge.kernels.context import rebuild_report
-
         print(rebuild_report(a.out, "tiny" if a.tiny else a.shape, a.device))
         return
     shape = "tiny" if a.tiny else a.shape

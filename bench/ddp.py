@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if r["case"] == "ddp-7b" and r["gpus"] > 1 and one and r["tokens_per_s"]:
             r["scaling_vs_1gpu"] = round(r["tokens_per_s"] / one, 3)
-    from loraforge.kernels.bench import device_tag
+    from loraforge.bench.device import device_tag
 
     device = "cpu" if a.cpu else device_tag(torch.cuda.get_device_name(0))
     out = Path(a.out) / f"ddp-{datetime.date.today().isoformat()}-{device}{'-smoke' if a.shape == 'tiny' else ''}.json"

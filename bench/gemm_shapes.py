@@ -32,7 +32,7 @@ def timed(fn, reps: int = 50) -> float:
 
 
 def main(argv=None):
-    from loraforge.kernels.bench import device_tag, require_cuda
+    from loraforge.bench.device import device_tag, require_cuda
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)

@@ -83,7 +83,7 @@ def run_config(r: int, targets: str, batch: int, seq: int, device: str) -> RunCo
 
 def shape_cases(shape: str, names: list[str], cases: dict, device: torch.device) -> list[dict]:
     """Load one random-weight base of `shape` in NF4 and run each case's LoRA on it: two steps each."""
-    from loraforge.kernels.bench import make_checkpoint
+    from loraforge.bench.models import make_checkpoint
     from loraforge.model.load import load_model, pick_placement
     from loraforge.model.lora import attach_lora
     from loraforge.train.optim import build_optimizer
@@ -227,7 +227,7 @@ def embedded_run(device: torch.device, tiny: bool, work: Path) -> dict:
 
 def loftq_smoke(device: torch.device) -> str:
     """LoftQ (CUDA-only in peft 0.21, needs scipy): init on an unquantized tiny base, then one step."""
-    from loraforge.kernels.bench import make_checkpoint
+    from loraforge.bench.models import make_checkpoint
     from loraforge.model.load import load_model, pick_placement
     from loraforge.model.lora import attach_lora
 

@@ -105,9 +105,9 @@ def main(argv=None) -> int:
                       "batch_sizes": list(eng.batch_sizes)[-4:]}
         print(label, out[label], flush=True)
     eng.close()
-    from loraforge.kernels.bench import _versions
+    from loraforge.bench.device import versions
 
-    out.update(device=torch.cuda.get_device_name(0), date=dt.date.today().isoformat(), versions=_versions())
+    out.update(device=torch.cuda.get_device_name(0), date=dt.date.today().isoformat(), versions=versions())
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"serve-diag-{dt.date.today().isoformat()}-h100.json").write_text(json.dumps(out, indent=1))
     return 0

@@ -288,14 +288,14 @@ def main(argv=None) -> int:
         r.update(device=dev, stock_tokens_per_s=stock["stock_tokens_per_s"],
                  speedup=round(r["loraforge_tokens_per_s"] / stock["stock_tokens_per_s"], 2))
     rows += in_process
-    from loraforge.kernels.bench import _versions
+    from loraforge.bench.device import versions
 
-    report = {"date": dt.date.today().isoformat(), "device": dev, "versions": _versions(), "warmup_s": round(warm_s, 1),
+    report = {"date": dt.date.today().isoformat(), "device": dev, "versions": versions(), "warmup_s": round(warm_s, 1),
               "padded_stock_reproducible_rows": f"{padded_same}/{len(padded)}",
               "stock_batch_reproducible_rows": f"{stock16_same}/{len(prompts)}",
               "prompt_tokens": a.prompt_len, "new_tokens": a.new_tokens, "results": rows,
               "staggered_arrivals": stagger}
-    from loraforge.kernels.bench import device_tag
+    from loraforge.bench.device import device_tag
 
     tag = device_tag(dev)
     (out_dir / f"generate-server-{report['date']}-{tag}.json").write_text(json.dumps(report, indent=1))

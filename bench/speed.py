@@ -2,8 +2,8 @@
 
     python bench/speed.py [CASE ...] [--out bench/results] [--steps 20] [--warmup 3] [--no-ablations]
 
-The logic lives in `loraforge.kernels.bench.run_speed_bench` (what `loraforge bench` calls); this
-file only parses arguments. Cases: see `loraforge.kernels.bench.CASES`.
+The logic lives in `loraforge.bench.speed.run_speed_bench` (what `loraforge bench` calls); this
+file only parses arguments. Cases: see `loraforge.bench.speed.CASES`.
 """
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from loraforge.kernels.bench import CASES, run_speed_bench  # noqa: E402
+from loraforge.bench.speed import CASES, run_speed_bench  # noqa: E402
 
 
 def main(argv=None):

@@ -35,7 +35,7 @@ def make_model() -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from loraforge.kernels.bench import SHAPES
+    from loraforge.bench.models import SHAPES
 
     if (CKPT / "config.json").exists():
         return CKPT
@@ -112,14 +112,14 @@ def main(argv=None) -> int:
     data = make_data(Path("/tmp/train-gpu-check.json"))
     rows = [run(out, g, data, model, a.steps, a.skip) for g in (False, True)]
     dev = torch.cuda.get_device_name(0)
-    from loraforge.kernels.bench import _versions
+    from loraforge.bench.device import versions
 
-    res = {"date": dt.date.today().isoformat(), "device": dev, "versions": _versions(),
+    res = {"date": dt.date.today().isoformat(), "device": dev, "versions": versions(),
            "case": "llama2-7b-shape r16 all-linear 4x512 packed", "runs": rows}
     e, g = (r["tokens_per_s_median"] for r in rows)
     if e and g:
         res["graphs_speedup"] = round(g / e, 3)
-    from loraforge.kernels.bench import device_tag
+    from loraforge.bench.device import device_tag
 
     tag = device_tag(dev)
     (out / f"train-gpu-{res['date']}-{tag}.json").write_text(json.dumps(res, indent=1))

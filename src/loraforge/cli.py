@@ -255,16 +255,16 @@ def bench(
     by search; the search state is saved, so a run stopped by its time budget continues where it stopped.
     """
     if max_context:
+        from loraforge.bench.max_context import run_max_context_bench
+        from loraforge.bench.models import SHAPES
         from loraforge.errors import ConfigError
-        from loraforge.kernels.bench import SHAPES
-        from loraforge.kernels.context import run_max_context_bench
 
         if shape not in SHAPES or shape == "tiny":
             raise ConfigError(f"--shape {shape!r} is not a benchmark shape; choose one of "
                               f"{sorted(k for k in SHAPES if k != 'tiny')}")
         run_max_context_bench(out_dir=out, shape=shape)
         return
-    from loraforge.kernels.bench import run_speed_bench
+    from loraforge.bench.speed import run_speed_bench
 
     run_speed_bench(cases, out)
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from loraforge.kernels.bench import make_checkpoint
+    from loraforge.bench.models import make_checkpoint
 
     return make_checkpoint("tiny", root=str(tmp_path_factory.mktemp("ckpt")), device="cuda")
 
@@ -20,8 +20,8 @@ def _batch(vocab, pad):
 
 @pytest.mark.parametrize("r,targets,pad", [(16, "all", False), (8, "qv", True)])
 def test_fast_path_matches_stock(ckpt, r, targets, pad):
+    from loraforge.bench.models import build_model, compare, sync_lora
     from loraforge.kernels import is_supported, patch_model
-    from loraforge.kernels.bench import build_model, compare, sync_lora
 
     stock = build_model(ckpt, r, targets, stock=True)
     fast = build_model(ckpt, r, targets, stock=False)
@@ -67,8 +67,8 @@ def test_triton_elementwise_match_torch():
 def test_cuda_graphs_match_eager_fast_path_and_stock(ckpt, pad):
     """Real CUDA graphs (captured on the second sighting of a shape) against the eager fast path
     (same kernels, ordinary checkpointing) and against the stock stack, over steps with an optimizer."""
+    from loraforge.bench.models import build_model, compare, lora_params, sync_lora
     from loraforge.kernels import patch_model
-    from loraforge.kernels.bench import build_model, compare, lora_params, sync_lora
     from loraforge.kernels.graphs import enable_graphed_layers
 
     stock = build_model(ckpt, 16, "all", stock=True)

@@ -13,8 +13,8 @@ pytest.importorskip("peft")
 
 from tinymodels import lm_batch  # noqa: E402
 
+from loraforge.bench.models import build_model, lora_params, make_checkpoint, sync_lora  # noqa: E402
 from loraforge.kernels import patch_model  # noqa: E402
-from loraforge.kernels.bench import build_model, lora_params, make_checkpoint, sync_lora  # noqa: E402
 from loraforge.kernels.graphs import disable_graphed_layers, enable_graphed_layers  # noqa: E402
 
 

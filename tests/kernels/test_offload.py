@@ -16,7 +16,6 @@ from tinymodels import lm_batch  # noqa: E402
 
 from loraforge.kernels.offload import (  # noqa: E402
     OffloadedCheckpoint,
-    ProbeStop,
     disable_offloaded_checkpointing,
     enable_offloaded_checkpointing,
 )
@@ -101,12 +100,23 @@ def test_offloaded_input_is_released(tiny_model_dir):
     assert run(True) is False   # offloaded: only the host copy is kept
 
 
-def test_probe_stops_backward_and_disable_restores(tiny_model_dir):
+def test_backward_layer_hook_and_disable_restores(tiny_model_dir):
+    """`on_backward_layer` sees each layer as backward reaches it (last first), and what it raises ends
+    the backward (the max-context bench's probes stop that way)."""
     m = _build(tiny_model_dir, torch.float32)
-    off = enable_offloaded_checkpointing(m, force_copy=True, min_bytes=0, probe_layers=0)
-    with pytest.raises(ProbeStop):
+    off = enable_offloaded_checkpointing(m, force_copy=True, min_bytes=0)
+    seen = []
+    off.on_backward_layer = seen.append
+    m(**_batch(m.config.vocab_size)).loss.backward()
+    assert seen == [1, 0]
+
+    def stop(index):
+        raise LookupError(index)
+
+    off.on_backward_layer = stop
+    with pytest.raises(LookupError):
         m(**_batch(m.config.vocab_size)).loss.backward()
-    off.probe_layers = None
+    off.on_backward_layer = None
     layers = m.base_model.model.model.layers
     assert all(isinstance(layer._gradient_checkpointing_func, OffloadedCheckpoint) for layer in layers)
     disable_offloaded_checkpointing(m)

@@ -12,8 +12,8 @@ pytest.importorskip("peft")
 
 from tinymodels import lm_batch  # noqa: E402
 
+from loraforge.bench.models import build_model, compare, lora_params, make_checkpoint, sync_lora  # noqa: E402
 from loraforge.kernels import is_supported, patch_model  # noqa: E402
-from loraforge.kernels.bench import build_model, compare, lora_params, make_checkpoint, sync_lora  # noqa: E402
 
 
 @pytest.fixture(scope="module")

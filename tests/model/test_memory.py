@@ -1,4 +1,5 @@
-"""The memory report: estimates from the config alone, calibrated against the H100 measurements (SPEC.md)."""
+"""The memory model: the pre-flight report and the longest trainable sequence, from the config alone,
+calibrated against the H100 measurements (SPEC.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from loraforge.config import DataConfig, LoRAConfig, ModelConfig, RunConfig, Tra
 from loraforge.errors import ResourceError
 from loraforge.model import memory
 from loraforge.model.load import Placement
-from loraforge.model.memory import GIB, estimate
+from loraforge.model.memory import GIB, estimate, max_trainable_length, memory_model, peak_bytes
 
 LLAMA2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=32, vocab_size=32000)
@@ -81,3 +82,41 @@ def test_check_fits_refuses_with_options_before_loading(tiny_model_dir: Path,
     logged.clear()
     memory.check_fits(cfg, placement, logged.append)  # fits, with a fragmentation warning
     assert any("fragmentation" in line for line in logged)
+
+
+# ---------------------------------------------------------------------- longest trainable sequence (batch 1)
+
+
+def _bs1_run(long_context=False) -> RunConfig:
+    run = RunConfig()
+    run.lora.r, run.lora.lora_alpha, run.lora.lora_dropout = 16, 32, 0.0
+    run.lora.target_modules = "all-linear"
+    run.training.long_context = long_context
+    return run
+
+
+def test_memory_model_matches_the_stock_measurements():
+    cfg, run = LLAMA3_8B, _bs1_run()
+    assert abs(peak_bytes(cfg, run, 8192, stack="stock") / GIB - 44.0) < 0.05 * 44.0
+    assert abs(peak_bytes(cfg, run, 11264, stack="stock") / GIB - 74.5) < 0.02 * 74.5
+    assert max_trainable_length(cfg, run, 78.6 * GIB, stack="stock") == 11264  # measured maximum
+
+
+def test_max_length_is_monotone_and_long_context_is_longer():
+    cfg = LLAMA3_8B
+    prev = {}
+    for free in (8, 16, 24, 40, 60, 79):
+        for stack, lc in (("stock", False), ("loraforge", False), ("loraforge", True)):
+            n = max_trainable_length(cfg, _bs1_run(lc), free * GIB, stack=stack)
+            assert n % 1024 == 0 and n >= prev.get((stack, lc), 0)
+            prev[(stack, lc)] = n
+    assert max_trainable_length(cfg, _bs1_run(), 5 * GIB, stack="stock") == 0
+    lc = max_trainable_length(cfg, _bs1_run(True), 78.6 * GIB)
+    assert lc >= 8 * 11264 and lc > max_trainable_length(cfg, _bs1_run(False), 78.6 * GIB)
+    # offloaded checkpoints need host memory: (L-1) x h x 2 bytes per token
+    host = 20 * GIB
+    assert max_trainable_length(cfg, _bs1_run(True), 78.6 * GIB, host_free_bytes=host) <= host / (31 * 4096 * 2)
+    mm = memory_model(cfg, _bs1_run(True))
+    assert mm["checkpoints"] == 3 * 4096 * 2 and mm["quadratic"] == 0
+    for s in (1024, 65536, 200000):
+        assert peak_bytes(cfg, _bs1_run(True), s) < peak_bytes(cfg, _bs1_run(True), s + 1024)

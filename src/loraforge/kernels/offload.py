@@ -30,25 +30,20 @@ per-layer registry, the prefetch bookkeeping, the counters) runs as on a GPU, so
 the hook logic; `force_copy=True` makes the CPU path copy into a separate buffer as well, so a test
 can see that what backward gets back is the copy, not the original.
 
-`probe_layers` is for the context-length search (kernels/context.py): backward stops with
-`ProbeStop` when it reaches the recompute of layer L-1-probe_layers. With offloading, GPU memory in
-backward is the same for every layer (one layer's recompute plus its transfer buffers), so the peak of
-a full step is reached within the first layers of backward; a probe measures it without paying for
-the rest of the step. The bench verifies its final answer with a full step.
+`on_backward_layer(index)`, when set, is called as backward reaches the recompute of layer `index`
+(before its input is restored); an exception it raises ends that backward. The max-context benchmark
+(loraforge.bench.probe) uses it to stop backward after a few layers.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-
-
-class ProbeStop(Exception):
-    """Raised inside backward by a probing offloader once the layers under test are done."""
 
 
 @dataclass
@@ -163,14 +158,13 @@ class ActivationOffloader:
     """Per-model state of offloaded checkpointing; see the module docstring."""
 
     def __init__(self, num_layers: int, *, min_bytes: int = 2 * 2**20, offload_last: bool = False,
-                 prefetch: bool = True, force_copy: bool = False, host_limit_bytes: float | None = None,
-                 probe_layers: int | None = None):
+                 prefetch: bool = True, force_copy: bool = False, host_limit_bytes: float | None = None):
         self.num_layers = num_layers
         self.min_bytes = min_bytes
         self.offload_last = offload_last
         self.prefetch = prefetch
         self.force_copy = force_copy
-        self.probe_layers = probe_layers
+        self.on_backward_layer: Callable[[int], None] | None = None
         self.enabled = True
         self.stats = OffloadStats()
         self._live: dict[int, weakref.ReferenceType] = {}
@@ -258,8 +252,8 @@ class ActivationOffloader:
         if not isinstance(saved, _Saved):
             return saved
         index = saved.index
-        if self.probe_layers is not None and index < self.num_layers - 1 - self.probe_layers:
-            raise ProbeStop(f"probe: backward reached layer {index}")
+        if self.on_backward_layer is not None:
+            self.on_backward_layer(index)
         if saved.device_tensor is not None:
             out = saved.device_tensor
         else:

@@ -189,7 +189,7 @@ class LLAMATrainer:
                 self.log(f"      skipped: {err}")
         check_fits(cfg, placement, self.log)
         if cfg.training.long_context or placement.device.type == "cuda":
-            from loraforge.model.context_memory import report_max_length
+            from loraforge.model.memory import report_max_length
 
             report_max_length(cfg, placement, self.log)
         torch.manual_seed(cfg.training.seed)
@@ -210,7 +210,7 @@ class LLAMATrainer:
         # The fast kernels read the packed NF4 bytes as uint8; FSDP stores them in the compute dtype.
         if placement.device.type == "cuda" and cfg.model.fast_kernels and not fsdp:
             self._apply_fast_kernels()
-        from loraforge.kernels.context import apply_long_context
+        from loraforge.train.long_context import apply_long_context
 
         apply_long_context(self.model, cfg.training, log=self.log)  # no-op unless long_context / its switches
         trainable, total = parameter_counts(self.model)
@@ -228,7 +228,7 @@ class LLAMATrainer:
         summary = patch_model(self.model)
         self.log(f"fast kernels: {summary}")
         cfg = self.config
-        from loraforge.kernels.context import long_context_switches
+        from loraforge.train.long_context import long_context_switches
 
         if not summary.get("patched") or not cfg.model.cuda_graphs:
             return

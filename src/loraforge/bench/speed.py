@@ -2,11 +2,11 @@
 
 `run_speed_bench(cases, out_dir)` is what `loraforge bench` and `bench/speed.py` call. Per model
 setup (shape, rank, targets) it loads the stock model (peft's `prepare_model_for_kbit_training`,
-fp32 upcasts included, non-reentrant checkpointing, paged AdamW 32-bit) and the fast model (built
-as loraforge builds it: bf16, peft, checkpointing, then `patch_model`), gives both the same LoRA
-weights (B random, so every grad is non-trivial), compares one step's loss and grads, then times
-stock → fast → stock on each batch shape. Both models stay resident; each model's peak is its
-own (the other model's resident bytes are subtracted, which is exact for allocated memory).
+fp32 upcasts included, non-reentrant checkpointing, paged AdamW 32-bit) and loraforge's model (built
+as `loraforge train` builds it, models.build_loraforge: bf16, LoRA, the fast path and its CUDA graphs),
+gives both the same LoRA weights (B random, so every grad is non-trivial), compares one step's loss and
+grads, then times stock → fast → stock on each batch shape. Both models stay resident; each model's peak
+is its own (the other model's resident bytes are subtracted, which is exact for allocated memory).
 """
 
 from __future__ import annotations
@@ -14,27 +14,28 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                      max_position_embeddings=4096),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                      rope_theta=500000.0, max_position_embeddings=8192),
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                 max_position_embeddings=1024),
-}
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QV = ["q_proj", "v_proj"]
+from loraforge.bench.device import device_tag, require_cuda, versions
+from loraforge.bench.models import (
+    bench_run,
+    build_loraforge,
+    build_stock,
+    compare,
+    load_loraforge,
+    lora_params,
+    make_checkpoint,
+    sync_lora,
+)
+from loraforge.errors import ConfigError
+from loraforge.kernels import _triton
+from loraforge.kernels.graphs import pool_reserved_bytes
+from loraforge.kernels.optim import fused_paged_adamw_32bit, paged_adamw_32bit
+
 # case name -> (shape, r, targets, batch, seq)
 CASES = {
     "llama2-7b-r16-all-4x512": ("llama2-7b", 16, "all", 4, 512),
@@ -43,112 +44,6 @@ CASES = {
     "llama3-8b-r16-all-4x512": ("llama3-8b", 16, "all", 4, 512),
 }
 H100_BF16_PEAK = 989e12
-ROOT = os.environ.get("LORAFORGE_BENCH_CKPT", "/dev/shm/loraforge-ckpt")
-
-
-def device_tag(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100': the device part of a results file name."""
-    return "cpu" if name == "cpu" else name.replace("NVIDIA ", "").split()[0].lower()
-
-
-def require_cuda(what: str) -> None:
-    """The GPU benchmarks measure a GPU: say so plainly where there is none."""
-    from loraforge.errors import ResourceError
-
-    if not torch.cuda.is_available():
-        raise ResourceError(f"{what} needs a CUDA GPU and none is visible here (torch {torch.__version__}). "
-                            "Run it on a GPU machine; the CPU smoke runs are bench/context.py --tiny --device cpu "
-                            "and the tests.")
-
-
-def make_checkpoint(shape: str, root: str = ROOT, device: str = "cuda") -> str:
-    """Random bf16 weights of the real shape, written once (the stock baseline does the same)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = f"{root}/{shape}"
-    if os.path.exists(f"{path}/config.json"):
-        return path
-    cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
-    with torch.device(device):
-        torch.manual_seed(0)
-        m = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    m.save_pretrained(path, max_shard_size="50GB")
-    del m
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return path
-
-
-def build_model(path: str, r: int, targets: str, *, stock: bool, device: str = "cuda",
-                quant: bool = True):
-    """The stock QLoRA stack (stock=True) or loraforge's build before `patch_model`."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kw = dict(dtype=torch.bfloat16, device_map={"": 0 if device == "cuda" else device},
-              attn_implementation="sdpa")
-    if quant:
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    ck = {"use_reentrant": False}
-    if stock and quant:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs=ck)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ck)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                             target_modules=QV if targets == "qv" else ALL,
-                                             task_type="CAUSAL_LM"))
-    model.train()  # from_pretrained returns eval mode, where HF skips gradient checkpointing
-    return model
-
-
-def lora_params(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def sync_lora(src, dst, seed: int = 0) -> None:
-    """Same LoRA weights in both models, B drawn nonzero so A's grads are nonzero too."""
-    g = torch.Generator().manual_seed(seed)
-    ps, pd = lora_params(src), lora_params(dst)
-    assert ps.keys() == pd.keys(), "the two models have different LoRA parameters"
-    with torch.no_grad():
-        for n, p in ps.items():
-            if "lora_B" in n:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
-            pd[n].copy_(p)
-
-
-def one_step_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    params = lora_params(model)
-    for p in params.values():
-        p.grad = None
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.detach().float().clone() for n, p in params.items()}
-    for p in params.values():
-        p.grad = None
-    return float(loss.detach()), grads
-
-
-def compare(stock_model, fast_model, batch: dict) -> dict:
-    """Loss and max over LoRA params of ‖g_fast − g_stock‖/‖g_stock‖ for one batch."""
-    ls, gs = one_step_grads(stock_model, batch)
-    lf, gf = one_step_grads(fast_model, batch)
-    rels = {n: float((gf[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in gs.items()}
-    worst_name = max(rels, key=rels.get)
-    flat_s = torch.cat([g.reshape(-1) for g in gs.values()])
-    flat_f = torch.cat([gf[n].reshape(-1) for n in gs])
-    return {"stock_loss": ls, "loraforge_loss": lf, "loss_rel_diff": abs(lf - ls) / abs(ls),
-            "max_rel_grad_diff": rels[worst_name], "worst_param": worst_name,
-            "median_rel_grad_diff": statistics.median(rels.values()),
-            "global_rel_grad_diff": float((flat_f - flat_s).norm() / flat_s.norm()),
-            "n_lora_params": len(gs)}
-
-
 TOP_KERNELS = 40
 
 
@@ -180,8 +75,6 @@ def _time_steps(model, opt, batches, warm: int, steps: int, other_bytes: int, pr
     runner = getattr(model, "_loraforge_graphs", None)
     pool = 0
     if runner is not None and not runner.stats.disabled and not runner.paused:
-        from .graphs import pool_reserved_bytes
-
         pool = pool_reserved_bytes(runner)
     out = {"step_s": statistics.median(walls), "event_s": statistics.median(gpus),
            "peak_gib": (torch.cuda.max_memory_allocated() - other_bytes + pool) / 2**30,
@@ -208,37 +101,11 @@ def _time_steps(model, opt, batches, warm: int, steps: int, other_bytes: int, pr
     return out
 
 
-def _versions() -> dict:
-    import peft
-    import transformers
-
-    v = {"torch": torch.__version__, "transformers": transformers.__version__,
-         "peft": peft.__version__, "python": platform.python_version()}
-    try:
-        import bitsandbytes
-
-        v["bitsandbytes"] = bitsandbytes.__version__
-    except Exception:
-        pass
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except Exception:
-        pass
-    return v
-
-
 def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: int = 20,
                     ablations: bool = True, profile: bool = True, graphs: bool = True,
                     diagnose: bool = False) -> list[dict]:
     """Times the stock stack and the fast path on each case; writes speed-<date>-<device>.{json,md}."""
-    import bitsandbytes as bnb
-
-    from loraforge.errors import ConfigError
-
-    from . import _triton
-    from .patch import patch_model
+    import bitsandbytes as bnb  # the stock side's optimizer; a GPU install has it
 
     cases = list(cases or CASES)
     unknown = [c for c in cases if c not in CASES]
@@ -258,14 +125,10 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
         path = make_checkpoint(shape)
         base0 = torch.cuda.memory_allocated()
         t0 = time.time()
-        stock = build_model(path, r, targets, stock=True)
+        stock = build_stock(path, r, targets)
         stock_bytes = torch.cuda.memory_allocated() - base0
-        fast = build_model(path, r, targets, stock=False)
-        summary = patch_model(fast)
-        if graphs and summary["patched"]:
-            from .graphs import enable_graphed_layers
-
-            enable_graphed_layers(fast, log=print)
+        fast, built = build_loraforge(bench_run(path, r, targets, cuda_graphs=graphs))
+        summary = built["patch"]
         fast_bytes = torch.cuda.memory_allocated() - base0 - stock_bytes
         load_s = time.time() - t0
         print(json.dumps({"setup": [shape, r, targets], "patch": summary, "load_s": round(load_s, 1)}),
@@ -274,8 +137,6 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
         vocab = stock.config.vocab_size
         opt_s = bnb.optim.PagedAdamW32bit(list(lora_params(stock).values()), lr=2e-4)
         # the same optimizer (paged AdamW 32-bit, same math and states) as loraforge's trainer builds it
-        from .optim import fused_paged_adamw_32bit
-
         opt_f = fused_paged_adamw_32bit(list(lora_params(fast).values()), lr=2e-4)
         n_params = sum(p.numel() for p in fast.parameters())
         n_params_real = _real_param_count(fast)
@@ -320,7 +181,7 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
                 "params": n_params_real, "params_stored": n_params,
                 "loraforge_graph_pool_free_gib": round(f1["graph_pool_free_gib"], 3),
                 "graphs": (fast._loraforge_graphs.summary() if hasattr(fast, "_loraforge_graphs") else None),
-                **num, "patch": summary, "versions": _versions(),
+                **num, "patch": summary, "versions": versions(),
             }
             if prof:
                 row["stock_kernel_s"] = round(s1["kernel_s"], 4)
@@ -352,7 +213,7 @@ def run_speed_bench(cases: list[str] | None, out_dir, *, warm: int = 3, steps: i
 def _bf16_floor(path, r, targets, stock, batch) -> dict:
     """The stock stack without the fp32 upcast (loraforge's build, unpatched) against the stock
     stack: how far bf16 frozen weights alone move the grads, i.e. the tolerance to judge by."""
-    plain = build_model(path, r, targets, stock=False)
+    plain = load_loraforge(bench_run(path, r, targets))
     sync_lora(stock, plain)
     res = compare(stock, plain, batch)
     del plain
@@ -425,9 +286,7 @@ def _ablations(fast, opt, batches, warm, steps, other_bytes, toks) -> dict:
 
     (Per-kernel Triton ablations were measured before the graphs, bench/NOTES.md: a captured graph
     replays its kernels whatever `_triton.ENABLED` says later, so they are not repeated here.)"""
-    import bitsandbytes as bnb
-
-    from .optim import paged_adamw_32bit
+    import bitsandbytes as bnb  # the stock side's optimizer; a GPU install has it
 
     def timed(optimizer) -> dict:
         r = _time_steps(fast, optimizer, batches, warm, steps, other_bytes, False)
