@@ -14,20 +14,18 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
 from loraforge.config import DataConfig, ModelConfig
 from loraforge.data import cache, sources
-from loraforge.data.pipeline import (
-    DataStats,
-    SourceSpec,
-    first_records,
-    from_cache,
-    iter_examples,
-    load_source,
-    resolve_format,
-    source_cache_key,
-)
+from loraforge.data.examples import iter_examples
+from loraforge.data.load import first_records, from_cache, load_source, resolve_format, source_cache_key
 from loraforge.data.tokenize import IGNORE_INDEX
+from loraforge.data.types import DataStats, SourceSpec
+from loraforge.model.load import load_tokenizer, resolve_tokenizer_path
 
 TRAINED_STYLE = "black on green3"
 SAMPLE_RECORDS = 200  # ~1 s of tokenizing chat records on one core: enough for a median and a p95
@@ -51,8 +49,6 @@ def length_stats(lengths: list[int], max_length: int, truncated: int) -> dict[st
 
 def render_example(example: dict[str, list[int]], tokenizer: Any):
     """A rich Text of the decoded tokens; labelled ones in TRAINED_STYLE."""
-    from rich.text import Text
-
     text = Text()
     for tok, lab in zip(example["input_ids"], example["labels"], strict=True):
         piece = tokenizer.decode([tok], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -100,12 +96,6 @@ def _scope_line(lengths: Lengths, whole_flag: str) -> str:
 def preview(cfg: DataConfig, model: ModelConfig, *, n: int = 3, whole: bool = False,
             console: Any = None) -> dict[str, Any]:
     """Print `n` rendered examples of `cfg.dataset` and length statistics; return the statistics."""
-    from rich.console import Console
-    from rich.panel import Panel
-    from rich.table import Table
-
-    from loraforge.model.load import load_tokenizer, resolve_tokenizer_path
-
     console = console or Console()
     tokenizer = load_tokenizer(resolve_tokenizer_path(model), model)
     examples, lengths, fmt = measure(cfg, tokenizer, whole=whole)
