@@ -51,7 +51,7 @@ def registered_loaders() -> list[str]:
 
 
 def _as_raw(records: Any, source: str) -> Iterator[RawRecord]:
-    import datasets  # seconds to import; `import loraforge` and register_loader must stay instant
+    import datasets  # seconds to import; loraforge.register_loader (this module) must stay instant
 
     if isinstance(records, datasets.DatasetDict):
         raise DataError(f"{source}: returned a DatasetDict; return one split (a Dataset) or records.")

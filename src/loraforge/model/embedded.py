@@ -78,7 +78,7 @@ def embedded_gguf_path(name: str) -> Path:
 
 def gguf_special_tokens(gguf: str | Path) -> dict[str, str]:
     """The special tokens a GGUF file declares (`tokenizer.ggml.{bos,eos,unknown,padding}_token_id`), as strings."""
-    from gguf import GGUFReader  # ~1 s to import; the cache helpers here are used on the CLI's quick paths
+    from gguf import GGUFReader  # ~1 s to import; data/cache.py imports this module for cache_root alone
 
     reader = GGUFReader(str(gguf))
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
