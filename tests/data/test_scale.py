@@ -11,9 +11,10 @@ import pytest
 from tinymodels import alpaca_records, write_jsonl
 
 from loraforge.config import DataConfig
-from loraforge.data import pipeline
+from loraforge.data import examples
 from loraforge.data.cache import TokenStore
-from loraforge.data.pipeline import StreamingExamples, build_datasets
+from loraforge.data.load import StreamingExamples
+from loraforge.data.pipeline import build_datasets
 
 
 def big_jsonl(path: Path, n: int) -> Path:
@@ -74,7 +75,7 @@ def test_second_run_is_a_cache_hit(tmp_path: Path, tokenizer, monkeypatch, priva
     def no_tokenizing(*a, **k):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(pipeline, "encode_record", no_tokenizing)
+    monkeypatch.setattr(examples, "encode_record", no_tokenizing)
     second = build_datasets(cfg, tokenizer, 2)
     assert second.stats["train"].cache == "hit"
     assert list(second.train) == list(first.train) and list(second.validation) == list(first.validation)

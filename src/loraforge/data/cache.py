@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from loraforge.model.embedded import cache_root
+
 
 def tokenized_root() -> Path:
-    from loraforge.model.embedded import cache_root
-
     return cache_root() / "tokenized"
 
 

@@ -23,7 +23,11 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from loraforge.config import DataConfig
+from loraforge.data.examples import tokenize_records
 from loraforge.data.records import RawRecord
+from loraforge.data.split import split_records
+from loraforge.data.types import DataStats
 from loraforge.errors import DataError
 
 _LOADERS: dict[str, Callable[[], Any]] = {}
@@ -47,7 +51,7 @@ def registered_loaders() -> list[str]:
 
 
 def _as_raw(records: Any, source: str) -> Iterator[RawRecord]:
-    import datasets
+    import datasets  # seconds to import; loraforge.register_loader (this module) must stay instant
 
     if isinstance(records, datasets.DatasetDict):
         raise DataError(f"{source}: returned a DatasetDict; return one split (a Dataset) or records.")
@@ -73,8 +77,6 @@ class CustomDatasetLoader:
     """
 
     def __init__(self, tokenizer: Any, max_length: int = 512, *, data_config: Any = None):
-        from loraforge.config import DataConfig
-
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.config = dataclasses.replace(data_config or DataConfig(), max_length=max_length, sources=[])
@@ -91,9 +93,7 @@ class CustomDatasetLoader:
         return self.records()
 
     def load(self) -> Any:
-        import datasets
-
-        from loraforge.data.pipeline import DataStats, split_records, tokenize_records
+        import datasets  # seconds to import: only a loader that is used pays for it
 
         raw = self.load_raw()
         if isinstance(raw, datasets.DatasetDict):

@@ -17,16 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from loraforge.config import DataConfig
-from loraforge.data.pipeline import (
-    DataBundle,
-    DataStats,
-    SourceData,
-    SourceSpec,
-    finish_train_split,
-    load_source,
-    make_eval_pairs,
-)
-from loraforge.data.templates import load_user_template, prompt_formatter
+from loraforge.data.load import load_source
+from loraforge.data.types import DataStats, SourceData, SourceSpec
 from loraforge.errors import DataError
 
 
@@ -69,7 +61,11 @@ class MixedView(Sequence):
         return self.parts[s][i]
 
 
-def build_mixed(cfg: DataConfig, tokenizer: Any, num_eval_pairs: int = 8) -> DataBundle:
+def mix_sources(cfg: DataConfig, tokenizer: Any) -> SourceData:
+    """Load every source of `cfg.sources` and draw the mixed training split (unpacked: packing comes after).
+
+    The result carries the kind (prompt format) of the heaviest source and the held-out records of every
+    source of that kind, for generation-time evaluation."""
     loaded: list[SourceData] = []
     names: list[str] = []
     for i, src in enumerate(cfg.sources):
@@ -116,13 +112,9 @@ def build_mixed(cfg: DataConfig, tokenizer: Any, num_eval_pairs: int = 8) -> Dat
     else:
         validation = MixedView([d.validation for d in loaded],
                                [(s, j) for s, d in enumerate(loaded) for j in range(len(d.validation))])
-    train = finish_train_split(train, cfg, stats["train"])
-
     # Generation-time evaluation needs one prompt format: that of the heaviest source; its held-out
     # records supply the (prompt, reference) pairs.
     main = max(range(len(loaded)), key=lambda s: (counts[s], -s))
     kind = loaded[main].kind
     records = [r for d in loaded if d.kind == kind for r in d.eval_records]
-    pairs = make_eval_pairs(records, num_eval_pairs, cfg.seed)
-    formatter = prompt_formatter(kind, tokenizer, load_user_template(cfg.template), cfg.system_prompt)
-    return DataBundle(train, validation, kind, pairs, stats, formatter)
+    return SourceData(train, validation, loaded[main].fmt, kind, stats, records)

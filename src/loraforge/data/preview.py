@@ -14,20 +14,18 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
 from loraforge.config import DataConfig, ModelConfig
 from loraforge.data import cache, sources
-from loraforge.data.pipeline import (
-    DataStats,
-    SourceSpec,
-    first_records,
-    from_cache,
-    iter_examples,
-    load_source,
-    resolve_format,
-    source_cache_key,
-)
+from loraforge.data.examples import iter_examples
+from loraforge.data.load import first_records, from_cache, load_source, resolve_format, source_cache_key
 from loraforge.data.tokenize import IGNORE_INDEX
+from loraforge.data.types import DataStats, SourceSpec
+from loraforge.model.load import load_tokenizer, resolve_tokenizer_path
 
 TRAINED_STYLE = "black on green3"
 SAMPLE_RECORDS = 200  # ~1 s of tokenizing chat records on one core: enough for a median and a p95
@@ -54,8 +52,6 @@ def render_example(example: dict[str, list[int]], tokenizer: Any):
 
     Tokens are decoded one at a time, except that a byte-level token holding part of a character (an accent,
     an emoji) waits for the tokens completing it: decoded alone it would show as U+FFFD."""
-    from rich.text import Text
-
     text = Text()
     pending: list[int] = []
     trained = False
@@ -113,12 +109,6 @@ def _scope_line(lengths: Lengths, whole_flag: str) -> str:
 def preview(cfg: DataConfig, model: ModelConfig, *, n: int = 3, whole: bool = False,
             console: Any = None) -> dict[str, Any]:
     """Print `n` rendered examples of `cfg.dataset` and length statistics; return the statistics."""
-    from rich.console import Console
-    from rich.panel import Panel
-    from rich.table import Table
-
-    from loraforge.model.load import load_tokenizer, resolve_tokenizer_path
-
     console = console or Console()
     tokenizer = load_tokenizer(resolve_tokenizer_path(model), model)
     examples, lengths, fmt = measure(cfg, tokenizer, whole=whole)

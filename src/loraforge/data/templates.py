@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Environment, StrictUndefined
+
 from loraforge.errors import DataError
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -112,8 +114,6 @@ def _chat_segments_by_search(messages: list[dict[str, str]], tokenizer: Any) -> 
 def alpaca_segments(example: dict[str, str], user_template: str | None = None) -> Segments:
     """Alpaca example → [(prompt, False), (output, True)]; EOS is appended at tokenization."""
     if user_template:
-        from jinja2 import Environment, StrictUndefined
-
         try:
             prompt = Environment(undefined=StrictUndefined).from_string(user_template).render(**example)
         except Exception as e:  # noqa: BLE001 - any Jinja error is the user's template

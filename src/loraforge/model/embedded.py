@@ -78,7 +78,7 @@ def embedded_gguf_path(name: str) -> Path:
 
 def gguf_special_tokens(gguf: str | Path) -> dict[str, str]:
     """The special tokens a GGUF file declares (`tokenizer.ggml.{bos,eos,unknown,padding}_token_id`), as strings."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # ~1 s to import; data/cache.py imports this module for cache_root alone
 
     reader = GGUFReader(str(gguf))
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
@@ -156,7 +156,7 @@ def materialize_gguf_tokenizer(gguf: str | Path, cache_dir: str | None = None, *
         return out
 
     def write(tmp: Path) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # seconds to import: only when a tokenizer is converted
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         declared = gguf_special_tokens(gguf)
@@ -202,6 +202,7 @@ def materialize_gguf(gguf: str | Path, cache_dir: str | None = None, *, pad_toke
     tokenizer_dir = materialize_gguf_tokenizer(gguf, cache_dir, pad_token=pad_token, special_tokens=special_tokens)
 
     def write(tmp: Path) -> None:
+        # torch and transformers take seconds to import: only a first materialization pays for them.
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

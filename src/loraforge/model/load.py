@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from loraforge.config import ModelConfig
 from loraforge.errors import ModelLoadError
@@ -145,8 +146,6 @@ def _explain_hub_error(name: str, err: BaseException) -> ModelLoadError:
 
 
 def load_tokenizer(path: str, cfg: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(path, cache_dir=cfg.cache_dir, revision=cfg.revision,
                                             token=hub_token(), trust_remote_code=cfg.trust_remote_code)
@@ -204,6 +203,8 @@ def load_model(cfg: ModelConfig, path: str, placement: Placement, *, for_trainin
     `sharded` (FSDP): no device_map, so that with Accelerate's cpu_ram_efficient_loading only rank 0 reads
     the weights and FSDP broadcasts them (sync_module_states) while sharding them onto each GPU.
     """
+    # transformers' modeling code adds a few tenths of a second to the import: `data preview` needs only
+    # the tokenizer.
     from transformers import AutoModelForCausalLM
 
     qconf = quantization_config(cfg, placement.dtype, sharded=sharded)

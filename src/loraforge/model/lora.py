@@ -6,6 +6,8 @@ import importlib.util
 from typing import Any
 
 import torch
+from peft import LoftQConfig, LoraConfig, get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
 
 from loraforge.config import LoRAConfig
 from loraforge.errors import ConfigError
@@ -24,8 +26,6 @@ def linear_module_names(model: Any) -> list[str]:
 
 
 def peft_config(cfg: LoRAConfig, model: Any) -> Any:
-    from peft import LoraConfig
-
     targets = cfg.resolved_targets()
     available = linear_module_names(model)
     missing = [t for t in targets if t not in available]
@@ -35,8 +35,6 @@ def peft_config(cfg: LoRAConfig, model: Any) -> Any:
     init: Any = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}[cfg.init_lora_weights]
     kwargs: dict[str, Any] = {}
     if cfg.init_lora_weights == "loftq":
-        from peft import LoftQConfig
-
         kwargs["loftq_config"] = LoftQConfig(loftq_bits=4)
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
@@ -71,8 +69,6 @@ def check_compatible(lora: LoRAConfig, *, quantized: bool, device: torch.device 
 
 def attach_lora(model: Any, cfg: LoRAConfig) -> Any:
     """Wrap `model` in a peft LoRA model; the trained weights are fp32 (the optimizer's precision)."""
-    from peft import get_peft_model
-
     quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
     check_compatible(cfg, quantized=quantized, device=next(model.parameters()).device)
     peft_model = get_peft_model(model, peft_config(cfg, model))
@@ -91,8 +87,6 @@ def _keep_saved_modules_dtype(peft_model: Any) -> None:
     and matmul would refuse the mix. The copy casts its input to its own dtype and its output back to
     the base dtype, so the rest of the model sees what it saw before.
     """
-    from peft.utils.other import ModulesToSaveWrapper
-
     for wrapper in peft_model.modules():
         if not isinstance(wrapper, ModulesToSaveWrapper):
             continue

@@ -34,7 +34,7 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, *, sharded
     can flatten them into one parameter with the bf16 norms and embeddings; the bytes are the same."""
     if not (cfg.use_4bit or cfg.use_8bit):
         return None
-    try:
+    try:  # bitsandbytes is optional at run time (a platform without a build): checked only when asked for
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as e:
@@ -69,7 +69,7 @@ def linear4bit_layers(model: torch.nn.Module) -> list[Any]:
     """The bitsandbytes 4-bit linear layers of `model` (inside LoRA wrappers too)."""
     try:
         from bitsandbytes.nn import Linear4bit
-    except ImportError:
+    except ImportError:  # no bitsandbytes here: no 4-bit layer either
         return []
     return [m for m in model.modules() if isinstance(m, Linear4bit)]
 
@@ -98,6 +98,7 @@ def is_packed(layer: Any) -> bool:
 
 def _unpack(layer: Any) -> None:
     if is_packed(layer):
+        # bitsandbytes is imported only where 4-bit layers exist (it is optional on some platforms).
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
