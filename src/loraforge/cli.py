@@ -31,6 +31,21 @@ OVERRIDES_HELP = ("Settings that override the config file, as section.key=value,
                   "Run `loraforge config` to list every setting.")
 
 
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code",
+    help="Let transformers run the model's own Python code from the hub. A run folder's "
+         "model.trust_remote_code is ignored without this flag: only use it for folders and models you trust.")]
+
+
+def _allow_remote_code(allowed: bool) -> None:
+    # Read by loraforge.infer.load (and so by every command that loads a run folder): an environment
+    # variable rather than an argument so that it reaches the loader through eval, serve and merge alike.
+    if allowed:
+        from loraforge.infer.load import REMOTE_CODE_ENV
+
+        os.environ[REMOTE_CODE_ENV] = "1"
+
+
 def _quiet_libraries() -> None:
     # transformers/peft deprecation chatter is for library authors, not for someone running a fine-tune.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -104,12 +119,14 @@ def evaluate(
     samples: Annotated[int | None, typer.Option(help="Held-out prompts to generate and score.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate per answer.")] = None,
     decoding: Annotated[str | None, typer.Option(help="beam, greedy or sample.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Compare the base model and the fine-tuned one on the same held-out data.
 
     Writes report.html (self-contained), report.md and eval_results.json with perplexity, BLEU,
     ROUGE-1/2/L for both models, the loss curve, and sample answers side by side.
     """
+    _allow_remote_code(trust_remote_code)
     from loraforge.eval.compare import compare_run
 
     overrides = {k: v for k, v in {"num_generation_samples": samples, "max_new_tokens": max_new_tokens,
@@ -129,8 +146,10 @@ def generate(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate answers with the fine-tuned model, using the template it was trained with."""
+    _allow_remote_code(trust_remote_code)
     from loraforge.infer.generate import generate_cli
 
     generate_cli(run, prompts=prompt or [], file=file, out=out, max_new_tokens=max_new_tokens, decoding=decoding,
@@ -143,8 +162,10 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Chat in the terminal with streaming replies. /reset clears the history, /exit quits."""
+    _allow_remote_code(trust_remote_code)
     from loraforge.infer.chat import chat_loop
 
     chat_loop(run, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
@@ -157,8 +178,10 @@ def merge(
     dtype: Annotated[str,
         typer.Option(help="bfloat16 or float16 (merging into 4-bit weights is never done).")] = "bfloat16",
     gguf: Annotated[bool, typer.Option(help="Also write a GGUF file for llama.cpp.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Merge the adapter into a 16-bit copy of the base and write a standard Hugging Face folder."""
+    _allow_remote_code(trust_remote_code)
     from loraforge.infer.merge import merge_adapter
 
     path = merge_adapter(run, out, dtype=dtype, gguf=gguf)
@@ -178,8 +201,10 @@ def serve(
     fast_decode: Annotated[bool | None, typer.Option(
         "--fast-decode/--no-fast-decode",
         help="Static KV cache + CUDA-graph decode with stock's kernels (default: on a GPU).")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
+    _allow_remote_code(trust_remote_code)
     from loraforge.serve.app import run_server
 
     run_server([str(r) for r in run], host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,

@@ -12,8 +12,10 @@ follow the user's specification; fields beyond it have defaults that keep the sp
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +37,12 @@ def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = 
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# Seeds reach numpy and torch generators, which take 0..2**32-1 (numpy) and 64-bit ints (torch).
+SEED_MAX = 2**32 - 1
+# Every integer setting ends up in a torch or numpy int64 somewhere; a larger one would overflow there.
+INT_MAX = 2**63 - 1
 
 
 class _Section:
@@ -82,7 +90,7 @@ class LoRAConfig(_Section):
 
     r: int = opt(8, "LoRA rank.", ge=1, le=4096)
     lora_alpha: int = opt(16, "Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).",
-                          ge=1)
+                          ge=1, le=65536)
     target_modules: list[str] | str = opt(
         "qv", "Modules to adapt: a list of names, or a preset: qv, attention, all-linear.")
     lora_dropout: float = opt(0.05, "Dropout on the adapter's input.", ge=0.0, lt=1.0)
@@ -143,7 +151,7 @@ class DataConfig(_Section):
     skip_invalid: bool = opt(False, "Skip malformed records (counted in the log) instead of stopping.")
     cache: bool = opt(True, "Reuse tokenized data from the cache ($LORAFORGE_CACHE or ~/.cache/loraforge/tokenized) "
                       "when data, tokenizer and settings are unchanged.")
-    seed: int = opt(42, "Seed of the train/validation split and of shuffling.")
+    seed: int = opt(42, "Seed of the train/validation split and of shuffling.", ge=0, le=SEED_MAX)
 
 
 @dataclass
@@ -177,7 +185,7 @@ class TrainingConfig(_Section):
     save_total_limit: int = opt(2, "Keep the last K checkpoints (plus the best).", ge=1)
     early_stopping_patience: int = opt(0, "Stop after N evaluations without improvement; 0 = never.", ge=0)
     max_nonfinite_steps: int = opt(5, "Stop (with a checkpoint) after this many non-finite losses in a row.", ge=1)
-    seed: int = opt(42, "Seed for weights init, dropout and data order.")
+    seed: int = opt(42, "Seed for weights init, dropout and data order.", ge=0, le=SEED_MAX)
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to continue from.")
     report_to: list[Literal["wandb", "tensorboard", "mlflow"]] = opt(
         [], "Experiment trackers beside the local JSONL log.")
@@ -294,13 +302,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise _Mismatch
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
-            except ValueError:
-                raise _Mismatch from None
+            if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+                return float(value)
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond float's range
+            raise _Mismatch from None
         raise _Mismatch
     if tp is str:
         if isinstance(value, str):
@@ -309,16 +317,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise _Mismatch
 
 
+def _show(value: Any) -> str:
+    """A value for an error message, cut short: it may be a 400-digit number or a whole pasted document."""
+    if isinstance(value, int) and abs(value) >= 10**60:
+        return f"{str(value)[:20]}... ({len(str(value))} digits)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_range(value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} = {value!r} is not allowed: it must be a finite number.")
     bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
     for key, ok, _sym in bounds:
         bound = meta.get(key)
         if bound is not None and not ok(value, bound):
             allowed = " and ".join(f"{s} {meta[k]}" for k, _, s in bounds if meta.get(k) is not None)
-            raise ConfigError(f"{where} = {value!r} is out of range: it must be {allowed}.")
+            raise ConfigError(f"{where} = {_show(value)} is out of range: it must be {allowed}.")
+    if isinstance(value, int) and abs(value) > INT_MAX:
+        raise ConfigError(f"{where} = {_show(value)} is out of range: an integer setting must be within ±(2**63-1).")
 
 
 def validate(obj: Any, where: str) -> None:
@@ -330,7 +350,7 @@ def validate(obj: Any, where: str) -> None:
         try:
             setattr(obj, f.name, _coerce(value, hints[f.name], key))
         except _Mismatch:
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected {_describe(hints[f.name])}.") from None
+            raise ConfigError(f"{key} = {_show(value)} is not allowed: expected {_describe(hints[f.name])}.") from None
         _check_range(getattr(obj, f.name), f.metadata, key)
     check = getattr(obj, "_cross_check", None)
     if check:
@@ -368,6 +388,16 @@ def _model_cross(self: ModelConfig, where: str) -> None:
     if self.use_4bit and self.use_8bit:
         raise ConfigError(f"{where}.use_4bit and {where}.use_8bit are both true: choose one "
                           "(set model.use_8bit=false for QLoRA 4-bit, or model.use_4bit=false for 8-bit).")
+    if self.model_name.lower().endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")):
+        raise ConfigError(f"{where}.model_name = {self.model_name!r} is a weights file, not a model: point it at the "
+                          "folder holding config.json, the tokenizer and the weights (or at a .gguf file).")
+
+
+def _training_cross(self: TrainingConfig, where: str) -> None:
+    out = Path(self.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{where}.output_dir = {self.output_dir!r} is an existing file, not a folder: "
+                          "choose a folder for the run (it is created if missing).")
 
 
 def _lora_cross(self: LoRAConfig, where: str) -> None:
@@ -381,10 +411,79 @@ def _lora_cross(self: LoRAConfig, where: str) -> None:
 
 ModelConfig._cross_check = _model_cross  # type: ignore[attr-defined]
 LoRAConfig._cross_check = _lora_cross  # type: ignore[attr-defined]
+TrainingConfig._cross_check = _training_cross  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading from YAML and command-line overrides.
+
+
+# A config may come from someone else (a run folder's config.yaml is read by generate, eval and serve). YAML
+# aliases are references that a reader expands: nine levels of nine aliases each ("billion laughs") made a
+# 1 KiB file take 4.76 GB and 87 s to print in an error message. With at most 16 aliases the largest
+# possible expansion is 3**4 * 2**2 = 324 copies of a value; real configs use a few anchors at most.
+MAX_YAML_ALIASES = 16
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: a config is a page of settings; the shipped ones are under 4 KiB
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also refuses duplicate keys (the last one silently won) and bounds aliases."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out instead",
+                    self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue  # merged keys may be overridden; a non-scalar key fails in the base class
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first[key]}); keep one of them",
+                    key_node.start_mark)
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(p: Path) -> Any:
+    """The YAML document in file `p`, or a ConfigError naming the file and, where known, the line."""
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size} bytes is too large for a config file "
+                          f"(at most {MAX_CONFIG_BYTES}); is it really a config?")
+    data = p.read_bytes()
+    # Editors on Windows save UTF-16 with a byte-order mark; utf-8-sig reads UTF-8 with or without one.
+    encoding = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return _parse_yaml(data.decode(encoding))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}).") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: the YAML is nested too deeply to be a config.") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}:{line}: not valid YAML ({getattr(e, 'problem', e)}).") from None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
@@ -400,8 +499,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"override {item!r}: name the section too, e.g. training.{key}={text} "
                               f"(sections: {', '.join(SECTIONS)}).")
         try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
+            value = _parse_yaml(text) if text else ""
+        except (yaml.YAMLError, RecursionError):
             value = text
         nested.setdefault(section, {})[name] = value
     return nested
@@ -431,12 +530,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist. Ready-made configs are in configs/.")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}:{line}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        raw = _read_yaml(p) or {}
         source = str(p)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with sections {', '.join(SECTIONS)}.")

@@ -9,11 +9,15 @@ Dialogue (a list of turns, speakers alternating) and other layouts are converted
 
 from __future__ import annotations
 
+import codecs
+import gzip
+import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from loraforge.errors import DataError
 
@@ -42,27 +46,123 @@ class InvalidRecord(DataError):
 
 
 # ------------------------------------------------------------------------------------------- reading files
+# A data file may come from anyone: it is read as text in the encodings editors write (UTF-8 with or without
+# a byte-order mark, UTF-16/32 with one), gzip-compressed or not, and anything else stops with a message
+# naming the file and line instead of a UnicodeDecodeError.
+
+GZIP_MAGIC = b"\x1f\x8b"
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # before UTF-16: FF FE 00 00
+         (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # EOFError: a truncated .gz
+
+
+def data_suffix(path: Path) -> str:
+    """The suffix that names a file's format: '.jsonl' for both train.jsonl and train.jsonl.gz."""
+    return Path(path.name.lower().removesuffix(".gz")).suffix
+
+
+def _open_bytes(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed when it is gzip (by content, whatever its name)."""
+    with path.open("rb") as f:
+        magic = f.read(2)
+    return gzip.open(path, "rb") if magic == GZIP_MAGIC else path.open("rb")
+
+
+def _utf8_prefix(head: bytes) -> bool:
+    """Whether `head` (the start of a file) is UTF-8, allowing a character cut at its end."""
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and e.reason == "unexpected end of data"
+    return True
+
+
+def _encoding(path: Path, head: bytes) -> str:
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    # NUL bytes in valid UTF-8 are a malformed line, left to the line's reader (it names the line); NULs
+    # among bytes that are not UTF-8 are a file that is not text at all.
+    if b"\x00" in head and not _utf8_prefix(head):
+        raise DataError(f"{path}: this is a binary file (or UTF-16 without a byte-order mark), not text. Data files "
+                        "must be UTF-8 (or UTF-16 with a byte-order mark), optionally gzip-compressed.")
+    return "utf-8-sig"
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str | InvalidRecord]]:
+    """(line number, line with its line end) for every line of a text file. A line that is not valid text in
+    the file's encoding comes as an InvalidRecord naming the file and line, so JSON Lines can skip it."""
+    try:
+        with _open_bytes(path) as f:
+            head = f.read(4096)
+            encoding = _encoding(path, head)
+            f.seek(0)
+            if encoding == "utf-8-sig":
+                # Decoded line by line (not through a TextIOWrapper, which decodes 8 KiB at a time), so a bad
+                # byte is reported on its own line and only that line is lost.
+                for lineno, raw in enumerate(f, 1):
+                    try:
+                        yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                    except UnicodeDecodeError as e:
+                        yield lineno, InvalidRecord(f"{path}, line {lineno}: not UTF-8 text (byte {raw[e.start]:#04x} "
+                                                    f"at column {e.start + 1}). Save the file as UTF-8.")
+                return
+            lineno = 0
+            try:
+                for lineno, line in enumerate(io.TextIOWrapper(f, encoding=encoding, newline=""), 1):
+                    yield lineno, line
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, after line {lineno}: not valid {encoding.upper()} text "
+                                f"({e.reason}).") from None
+    except _GZIP_ERRORS as e:
+        raise DataError(f"{path}: a broken or truncated gzip file ({type(e).__name__}: {e}).") from None
+
+
+def strict_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """`text_lines` where any line that is not text stops the reading (CSV, plain text, one JSON document)."""
+    for lineno, line in text_lines(path):
+        if isinstance(line, InvalidRecord):
+            raise DataError(str(line))
+        yield lineno, line
+
+
+def _head(path: Path, size: int = 1024) -> str:
+    """The first characters of a text file (for telling a JSON array from JSON Lines)."""
+    try:
+        with _open_bytes(path) as f:
+            raw = f.read(size * 4)
+    except _GZIP_ERRORS as e:
+        raise DataError(f"{path}: a broken or truncated gzip file ({type(e).__name__}: {e}).") from None
+    return raw.decode(_encoding(path, raw), errors="ignore")[:size]
+
+
+def _loads(text: str, where: str) -> Any:
+    """json.loads, with nesting too deep for Python's recursion limit reported as a bad record."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidRecord(f"{where}: the JSON is nested too deeply (over ~1000 levels) to be a record.") from None
 
 
 def read_json_file(path: Path) -> Iterator[RawRecord]:
     """A `.jsonl` file is JSON Lines, one record a line, whatever a line holds. A `.json` file is a JSON
     array, an object holding one list, one record, or JSON Lines, decided by the content."""
-    with path.open("r", encoding="utf-8") as f:
-        head = f.read(1024).lstrip()
-    if path.suffix.lower() == ".jsonl":
+    head = _head(path).lstrip()
+    suffix = data_suffix(path)
+    if suffix == ".jsonl":
         yield from _json_lines(path, array_hint=head.startswith("["))
         return
     if head.startswith("["):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _loads("".join(line for _, line in strict_lines(path)), str(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
         for i, rec in enumerate(data):
             yield RawRecord(rec, str(path), i)
         return
-    if head.startswith("{") and path.suffix == ".json":
+    if head.startswith("{") and suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _loads("".join(line for _, line in strict_lines(path)), str(path))
         except json.JSONDecodeError:
             data = None  # not one object: fall through to JSON Lines
         if isinstance(data, dict):
@@ -80,20 +180,25 @@ def _json_lines(path: Path, *, array_hint: bool = False) -> Iterator[RawRecord]:
     """JSON Lines. `array_hint`: the file starts with '[' — if its first line is not JSON on its own, it is
     most likely one pretty-printed array, and the user is told to name it .json rather than shown every
     line as invalid."""
-    with path.open("r", encoding="utf-8") as f:
-        first = True
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield RawRecord(json.loads(line), f"{path}, line {lineno}", lineno)
-            except json.JSONDecodeError as e:
-                if first and array_hint:
-                    raise DataError(f"{path}: line 1 is not a JSON value on its own: the file looks like one JSON "
-                                    "array, not JSON Lines. Rename it to .json.") from None
-                yield RawRecord(InvalidRecord(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})."),
-                                f"{path}, line {lineno}", lineno)
+    first = True
+    for lineno, line in text_lines(path):
+        where = f"{path}, line {lineno}"
+        if isinstance(line, InvalidRecord):
+            yield RawRecord(line, where, lineno)
             first = False
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield RawRecord(_loads(line, where), where, lineno)
+        except InvalidRecord as e:
+            yield RawRecord(e, where, lineno)
+        except json.JSONDecodeError as e:
+            if first and array_hint:
+                raise DataError(f"{path}: line 1 is not a JSON value on its own: the file looks like one JSON "
+                                "array, not JSON Lines. Rename it to .json.") from None
+            yield RawRecord(InvalidRecord(f"{where}: invalid JSON ({e.msg}, column {e.colno})."), where, lineno)
+        first = False
 
 
 # ------------------------------------------------------------------------------------------- normalizing
@@ -281,14 +386,15 @@ def read_text_documents(path: Path) -> Iterator[RawRecord]:
     """A .txt file, line by line: documents are separated by blank lines (index = the first line's number)."""
     lines: list[str] = []
     start = 1
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                if not lines:
-                    start = lineno
-                lines.append(line)
-            elif lines:
-                yield RawRecord({"text": "".join(lines).rstrip("\n")}, f"{path}, line {start}", start)
-                lines = []
+    for lineno, line in strict_lines(path):
+        if line.endswith("\r\n"):  # lines keep their ends as written; documents use '\n' (as text mode did)
+            line = line[:-2] + "\n"
+        if line.strip():
+            if not lines:
+                start = lineno
+            lines.append(line)
+        elif lines:
+            yield RawRecord({"text": "".join(lines).rstrip("\n")}, f"{path}, line {start}", start)
+            lines = []
     if lines:
         yield RawRecord({"text": "".join(lines).rstrip("\n")}, f"{path}, line {start}", start)

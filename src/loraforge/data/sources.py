@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.data import chitchat
-from loraforge.data.records import RawRecord, read_json_file, read_text_documents
+from loraforge.data.records import (
+    InvalidRecord,
+    RawRecord,
+    data_suffix,
+    read_json_file,
+    read_text_documents,
+    strict_lines,
+)
 from loraforge.errors import DataError
 
 CUSTOM_PREFIX = "custom:"
@@ -41,29 +48,65 @@ def iter_source(path: str, split: str = "train") -> Iterator[RawRecord]:
 
 
 def read_file(path: Path) -> Iterator[RawRecord]:
-    """One data file, chosen by its suffix."""
+    """One data file, chosen by its suffix (a trailing .gz is read through gzip: train.jsonl.gz)."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
     if suffix in (".json", ".jsonl"):
         yield from read_json_file(path)
     elif suffix == ".txt":
         yield from read_text_documents(path)
     elif suffix == ".csv":
-        with path.open("r", encoding="utf-8", newline="") as f:
-            # Line numbers count the header as line 1, as a spreadsheet shows them.
-            for i, row in enumerate(csv.DictReader(f)):
-                yield RawRecord(dict(row), f"{path}, line {i + 2}", i + 2)
+        yield from read_csv(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        yield from read_parquet(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)} (each "
+                        "optionally gzip-compressed, e.g. .jsonl.gz), or a dataset folder.")
 
-        i = 0
+
+# csv refuses fields over 131,072 characters by default; one long document is a legitimate field, so the
+# limit is raised to a size no training example needs, and a field beyond it is named by its line.
+CSV_FIELD_LIMIT = 16 * 1024 * 1024
+
+
+def read_csv(path: Path) -> Iterator[RawRecord]:
+    """A CSV file with a header row; line numbers count the header as line 1, as a spreadsheet shows them."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # process-wide; only ever raised
+    at = 0  # the last line handed to csv: its own line_num lags behind when a row fails
+
+    def lines() -> Iterator[str]:
+        nonlocal at
+        for lineno, line in strict_lines(path):
+            at = lineno
+            yield line
+
+    reader = csv.DictReader(lines())
+    try:
+        for i, row in enumerate(reader):
+            where = f"{path}, line {i + 2}"
+            if None in row:  # DictReader's key for the values beyond the header's columns
+                yield RawRecord(InvalidRecord(f"{where}: {len(reader.fieldnames or []) + len(row[None])} fields, "
+                                              f"but the header has {len(reader.fieldnames or [])}."), where, i + 2)
+                continue
+            yield RawRecord(dict(row), where, i + 2)
+    except csv.Error as e:
+        raise DataError(f"{path}, line {at}: not valid CSV: {e}.") from None
+
+
+def read_parquet(path: Path) -> Iterator[RawRecord]:
+    """A Parquet file, a batch of rows at a time."""
+    import pyarrow as pa  # lazy: pyarrow takes ~0.3 s to import and only Parquet needs it here
+    import pyarrow.parquet as pq
+
+    i = 0
+    try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield RawRecord(row, str(path), i)
                 i += 1
-    else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}, "
-                        "or a dataset folder.")
+    except (pa.ArrowException, OSError, ValueError) as e:
+        where = f"{path}" if i == 0 else f"{path}, after record {i - 1}"
+        raise DataError(f"{where}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}).") from None
 
 
 def read_dataset(path: str, split: str = "train") -> Iterator[RawRecord]:

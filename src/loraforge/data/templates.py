@@ -7,10 +7,13 @@ rule covers Alpaca, chat and raw text, and the labelled tokens decode back to ex
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, StrictUndefined
+from jinja2 import StrictUndefined, Template, TemplateError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from loraforge.errors import DataError
 
@@ -53,12 +56,65 @@ def load_user_template(template: str) -> str | None:
     if template.endswith((".jinja", ".j2", ".txt")):
         if not path.is_file():
             raise DataError(f"data.template: template file {template!r} does not exist.")
-        return path.read_text()
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"data.template: cannot read template file {template!r} as UTF-8 text ({e}).") from None
     return template
 
 
+# A user template may come from someone else's run folder, so it is rendered in Jinja's immutable sandbox
+# (as transformers renders chat templates): no attributes starting with '_', no calls that mutate, and
+# `range` capped. On top of the sandbox, the two operators that can build an unbounded value from a short
+# template ('x' * 10**10, 9 ** (9 ** 9)) are refused past a size no prompt needs.
+MAX_TEMPLATE_REPEAT = 100_000
+MAX_TEMPLATE_EXPONENT = 1_000
+
+
+class _TemplateSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_TEMPLATE_EXPONENT:
+            raise SecurityError(f"an exponent over {MAX_TEMPLATE_EXPONENT} is not allowed")
+        if operator == "*" and isinstance(left, (str, list, tuple)) != isinstance(right, (str, list, tuple)):
+            count = right if isinstance(left, (str, list, tuple)) else left
+            if isinstance(count, int) and count > MAX_TEMPLATE_REPEAT:
+                raise SecurityError(f"repeating a value more than {MAX_TEMPLATE_REPEAT} times is not allowed")
+        return super().call_binop(context, operator, left, right)
+
+
+@lru_cache(maxsize=16)
+def _compiled(user_template: str) -> Template:
+    """Compile once per template text (records are rendered by the thousand)."""
+    try:
+        return _TemplateSandbox(undefined=StrictUndefined).from_string(user_template)
+    except TemplateError as e:
+        raise DataError(f"data.template: not a valid Jinja template: {e}.") from None
+
+
+def render_user_template(user_template: str, fields: dict[str, str]) -> str:
+    """Render `data.template` with a record's fields, sandboxed; any failure is a DataError naming data.template."""
+    try:
+        return _compiled(user_template).render(**fields)
+    except SecurityError as e:
+        raise DataError(f"data.template: refused to render: {str(e).rstrip('.')}. A template may use the "
+                        f"record's fields ({', '.join(sorted(fields))}), filters and tests, not Python attributes or "
+                        "underscored names.") from None
+    except Exception as e:  # noqa: BLE001 - any other Jinja or Python error comes from the user's template
+        raise DataError(f"data.template: cannot render with this record's fields {sorted(fields)}: "
+                        f"{type(e).__name__}: {e}") from None
+
+
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    # transformers renders chat templates in Jinja's immutable sandbox; a template that reaches outside it
+    # (it came with the model) stops here with a message rather than a traceback.
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except (SecurityError, TemplateError) as e:
+        raise DataError(f"the chat template of the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} cannot "
+                        f"be used with these messages: {type(e).__name__}: {e}. (A template that reaches for "
+                        "Python attributes is refused: use a model whose chat template you trust.)") from None
 
 
 def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> Segments:
@@ -75,6 +131,8 @@ def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> Segments:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        if i == 0:  # nothing before the reply to render (transformers 5 refuses an empty conversation)
+            return _chat_segments_by_search(messages, tokenizer)
         prompt = _render(tokenizer, messages[:i], True)
         full = _render(tokenizer, messages[: i + 1], False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
@@ -114,10 +172,7 @@ def _chat_segments_by_search(messages: list[dict[str, str]], tokenizer: Any) -> 
 def alpaca_segments(example: dict[str, str], user_template: str | None = None) -> Segments:
     """Alpaca example → [(prompt, False), (output, True)]; EOS is appended at tokenization."""
     if user_template:
-        try:
-            prompt = Environment(undefined=StrictUndefined).from_string(user_template).render(**example)
-        except Exception as e:  # noqa: BLE001 - any Jinja error is the user's template
-            raise DataError(f"data.template: cannot render with this record's fields {sorted(example)}: {e}") from e
+        prompt = render_user_template(user_template, example)
     else:
         prompt = alpaca_prompt(example["instruction"], example.get("input", ""))
     return [(prompt, False), (example["output"], True)]

@@ -3,17 +3,26 @@
 A run folder (written by `loraforge train`) holds `config.yaml`, `loraforge_run.json` and `adapter/`; the
 base model and the prompt template are taken from there. A plain adapter folder (PEFT layout) names its
 base in `adapter_config.json`; the template is then the tokenizer's chat template.
+
+A folder loaded here may come from someone else, so nothing in it decides whether code runs: a run's
+`model.trust_remote_code: true` is ignored unless the caller allows remote code (the `trust_remote_code`
+argument of `load`, or the CLI's `--trust-remote-code` flag, which sets $LORAFORGE_TRUST_REMOTE_CODE=1).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraforge.config import ModelConfig, RunConfig, load_config
 from loraforge.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+REMOTE_CODE_ENV = "LORAFORGE_TRUST_REMOTE_CODE"
 
 
 @dataclass
@@ -36,8 +45,7 @@ def locate(run_or_adapter: str | Path) -> tuple[RunConfig | None, Path | None, d
     """(run config or None, adapter folder or None, run facts) for a run folder, adapter folder or model."""
     path = Path(run_or_adapter).expanduser()
     if (path / "config.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file():
-        facts = json.loads((path / "loraforge_run.json").read_text()) if (path / "loraforge_run.json").is_file() else {}
-        return load_config(path / "config.yaml"), path / "adapter", facts
+        return load_config(path / "config.yaml"), path / "adapter", _run_facts(path / "loraforge_run.json")
     if (path / "adapter_config.json").is_file():
         parent = path.parent
         if (parent / "config.yaml").is_file() and path.name == "adapter":
@@ -52,13 +60,35 @@ def locate(run_or_adapter: str | Path) -> tuple[RunConfig | None, Path | None, d
                          "or a model.")
 
 
+def _run_facts(file: Path) -> dict[str, Any]:
+    """`loraforge_run.json`: facts about the run (data kind, template); absent = none known."""
+    if not file.is_file():
+        return {}
+    try:
+        facts = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{file} is not valid JSON ({type(e).__name__}: {str(e)[:200]}).") from None
+    if not isinstance(facts, dict) or facts.get("data_kind", "chat") not in ("alpaca", "chat", "text"):
+        raise ModelLoadError(f"{file} must hold a JSON object whose data_kind is alpaca, chat or text.")
+    return facts
+
+
+def remote_code_allowed(trust_remote_code: bool | None = None) -> bool:
+    """The caller's choice; None = what the command line said ($LORAFORGE_TRUST_REMOTE_CODE=1)."""
+    if trust_remote_code is not None:
+        return trust_remote_code
+    return os.environ.get(REMOTE_CODE_ENV, "") == "1"
+
+
 def load(run_or_adapter: str | Path, *, quantize: str | None = None, device: str = "auto",
-         base_model: str | None = None, dtype: str | None = None) -> Loaded:
+         base_model: str | None = None, dtype: str | None = None, trust_remote_code: bool | None = None) -> Loaded:
     """Load base + adapter for generation.
 
     quantize: None = as trained (4-bit stays 4-bit), "none", "4bit" or "8bit".
     base_model: override the base (e.g. a local copy of the hub model the adapter was trained on).
     dtype: dtype of the unquantized weights ("bfloat16", "float16", "float32"); None = the run's setting.
+    trust_remote_code: let transformers run model code from the hub. None = only if the command line said
+    so (`--trust-remote-code`); a run folder's own `model.trust_remote_code` never turns it on.
     """
     import torch
     from peft import PeftModel
@@ -85,6 +115,11 @@ def load(run_or_adapter: str | Path, *, quantize: str | None = None, device: str
         mcfg.dtype = dtype
     if quantize is not None:
         mcfg.use_4bit, mcfg.use_8bit = quantize == "4bit", quantize == "8bit"
+    allowed = remote_code_allowed(trust_remote_code)
+    if run is not None and run.model.trust_remote_code and not allowed:
+        log.warning("%s asks for model.trust_remote_code; loading it with remote code off. If you trust the "
+                    "folder and the hub repository %r, add --trust-remote-code.", run_or_adapter, mcfg.model_name)
+    mcfg.trust_remote_code = allowed
     model, tokenizer = load_base(mcfg, for_training=False)
     if adapter_dir is not None:
         if not (adapter_dir / "adapter_model.safetensors").is_file():

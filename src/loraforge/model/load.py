@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from loraforge.config import ModelConfig
@@ -63,7 +64,13 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"model.model_name: GGUF file {name!r} does not exist.")
-        return str(materialize_gguf(path, cfg.cache_dir))
+        try:
+            return str(materialize_gguf(path, cfg.cache_dir))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails deep inside the GGUF reader
+            raise ModelLoadError(f"model.model_name: cannot read the GGUF file {name!r} (truncated or not GGUF?): "
+                                 f"{type(e).__name__}: {str(e)[:200]}") from e
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model.model_name: {name!r} is a folder without config.json — not a Hugging Face "
@@ -220,7 +227,7 @@ def load_model(cfg: ModelConfig, path: str, placement: Placement, *, for_trainin
         kwargs["quantization_config"] = qconf
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated weights file
         if isinstance(e, torch.OutOfMemoryError):
             raise
         raise _explain_hub_error(cfg.model_name, e) from e

@@ -32,6 +32,11 @@ def peft_config(cfg: LoRAConfig, model: Any) -> Any:
     if missing:
         raise ConfigError(f"lora.target_modules: {missing} not found in this model. "
                           f"Its linear layers are: {', '.join(available)}.")
+    # peft skips a modules_to_save name that matches nothing, so a typo would silently train nothing extra.
+    names = [full for full, _ in model.named_modules()]
+    unknown = [m for m in cfg.modules_to_save or [] if not any(n == m or n.endswith("." + m) for n in names)]
+    if unknown:
+        raise ConfigError(f"lora.modules_to_save: {unknown} not found in this model (e.g. lm_head, embed_tokens).")
     init: Any = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}[cfg.init_lora_weights]
     kwargs: dict[str, Any] = {}
     if cfg.init_lora_weights == "loftq":
