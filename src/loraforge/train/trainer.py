@@ -16,12 +16,13 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from loraforge.config import DataConfig, EvalConfig, LoRAConfig, ModelConfig, RunConfig, TrainingConfig
 from loraforge.errors import ConfigError, ResourceError, TrainingError
@@ -122,6 +123,14 @@ def environment_info(device: torch.device, world_size: int = 1) -> dict[str, Any
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _quiet_worker(_: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT: the main process alone stops the run (finishing the step and
+    saving), then ends its workers. A worker killed by a signal sent to the whole process group (Ctrl-C, a
+    scheduler's scancel) would otherwise make the loader raise before the checkpoint is written."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LLAMATrainer:
@@ -253,7 +262,8 @@ class LLAMATrainer:
             1, math.ceil(tcfg.num_train_epochs * stream.per_epoch / accum))
         run = self._start_run(run_dir, total_steps)
         state = run.state
-        batches = stream.batches(start=state.micro_batch)
+        # Workers (dataloader_num_workers > 0) start here, before the signal handlers they must not inherit.
+        batches = self._train_batches(stream, collate, start=state.micro_batch)
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
@@ -265,7 +275,7 @@ class LLAMATrainer:
         run.model.train()
         try:
             while state.step < total_steps:
-                micro = [collate([self.data.train[i] for i in idx]) for _, idx in (next(batches) for _ in range(accum))]
+                micro = [next(batches) for _ in range(accum)]
                 state.micro_batch += accum
                 out = self._optimizer_step(run, micro)
                 state.step += 1
@@ -356,6 +366,18 @@ class LLAMATrainer:
         return MicroBatchStream(list(lengths) if lengths is not None else [len(e["input_ids"]) for e in train_set],
                                 tcfg.per_device_train_batch_size, seed=tcfg.seed, world_size=acc.num_processes,
                                 rank=acc.process_index, group_by_length=self.config.data.group_by_length)
+
+    def _loader(self, dataset: Any, collate: Any, **batching: Any) -> DataLoader:
+        """A DataLoader over `dataset` collated by `collate`, in training.dataloader_num_workers processes."""
+        # Its own generator: the loader draws a worker seed at every iteration, and from torch's global RNG
+        # that draw would shift the dropout masks (and break exact resume, which restores that RNG).
+        return DataLoader(dataset, collate_fn=collate, num_workers=self.config.training.dataloader_num_workers,
+                          generator=torch.Generator(), worker_init_fn=_quiet_worker, **batching)
+
+    def _train_batches(self, stream: MicroBatchStream, collate: Any, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The collated micro-batches of `stream` from micro-batch `start` on, forever."""
+        indices = (idx for _, idx in stream.batches(start=start))
+        return iter(self._loader(self.data.train, collate, batch_sampler=indices))
 
     def _start_run(self, run_dir: Path, total_steps: int) -> _Run:
         """Optimizer and schedule, prepared for the strategy; the state resumed if asked; the logs opened."""
@@ -542,9 +564,7 @@ class LLAMATrainer:
 
         if not self.data.validation:
             return {}
-        bs = self.config.eval.eval_batch_size
-        val = self.data.validation
-        loader = [collate(val[i:i + bs]) for i in range(0, len(val), bs)]
+        loader = self._loader(self.data.validation, collate, batch_size=self.config.eval.eval_batch_size)
         model.eval()
         try:
             result = PerplexityEvaluator(model, self.tokenizer).evaluate(loader)
