@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from loraforge.config import DataConfig, EvalConfig, LoRAConfig, ModelConfig, RunConfig, TrainingConfig
+from loraforge.data.collate import PadCollator
 from loraforge.errors import ConfigError, ResourceError, TrainingError
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.distributed import (
@@ -250,8 +251,6 @@ class LLAMATrainer:
         self.setup()
         if self.accelerator.is_main_process:
             self._write_run_record(run_dir)
-        from loraforge.data.collate import PadCollator
-
         # CUDA graphs replay a captured shape: rows padded to a multiple of 128 give a few shapes that
         # recur (packing gives exactly one); otherwise a multiple of 8 suits the tensor cores.
         on_gpu = self.accelerator.device.type == "cuda"
@@ -605,8 +604,6 @@ class LLAMATrainer:
                  test_references: list[str] | None = None) -> dict[str, Any]:
         """Validation perplexity, and BLEU/ROUGE/exact match of generated answers when prompts are given
         (defaults: the held-out pairs of the validation split)."""
-        from loraforge.data.collate import PadCollator
-
         self.setup()
         model = self.accelerator.unwrap_model(self.model)
         results: dict[str, Any] = {}
