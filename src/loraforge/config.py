@@ -190,7 +190,8 @@ class TrainingConfig(_Section):
     report_to: list[Literal["wandb", "tensorboard", "mlflow"]] = opt(
         [], "Experiment trackers beside the local JSONL log.")
     run_name: str | None = opt(None, "Name shown in trackers.")
-    dataloader_num_workers: int = opt(0, "Worker processes for data loading.", ge=0)
+    dataloader_num_workers: int = opt(0, "Processes that read and collate the training and evaluation batches; "
+                                      "0 = the training process does it.", ge=0)
     distributed_strategy: Literal["auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = opt(
         "auto", "Several processes: auto = what `accelerate launch --config_file` set, else DDP; fsdp = full "
         "shard (QLoRA-compatible); deepspeed_zero2/3 through Accelerate's DeepSpeed plugin.")

@@ -1,4 +1,4 @@
-"""Parameter groups, schedules, mixed-precision choice, seeds."""
+"""Parameter groups, schedules, seeds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from trainhelpers import losses, read_metrics
 
 from loraforge.config import LoRAConfig, TrainingConfig
 from loraforge.train.optim import build_optimizer, build_scheduler, lr_lambda, param_groups
-from loraforge.train.trainer import LLAMATrainer, resolve_mixed_precision
+from loraforge.train.trainer import LLAMATrainer
 
 
 class Toy(torch.nn.Module):
@@ -70,13 +70,6 @@ def test_schedules_with_warmup(kind):
     sched = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.5),
                             TrainingConfig(lr_scheduler_type=kind, warmup_ratio=0.2, learning_rate=0.5), total)
     assert sched.get_last_lr()[0] == pytest.approx(0.5 * 0.25)  # warmup of ceil(0.2 x 20) = 4 steps
-
-
-def test_mixed_precision_auto_is_off_on_cpu():
-    # fp16 with a loss scaler needs a CUDA device (torch's GradScaler on CPU is not used by Accelerate's
-    # CPU path); it is exercised by the GPU tests, not here.
-    assert resolve_mixed_precision("auto", torch.device("cpu")) == "no"
-    assert resolve_mixed_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_seed_makes_a_run_repeatable_and_logged_lr_is_the_one_used(make_config):

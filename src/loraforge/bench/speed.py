@@ -34,7 +34,7 @@ from loraforge.bench.models import (
 from loraforge.errors import ConfigError
 from loraforge.kernels import _triton
 from loraforge.kernels.graphs import pool_reserved_bytes
-from loraforge.kernels.optim import fused_paged_adamw_32bit, paged_adamw_32bit
+from loraforge.train.optim import fused_paged_adamw_32bit, paged_adamw_32bit
 
 # case name -> (shape, r, targets, batch, seq)
 CASES = {

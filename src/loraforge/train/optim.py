@@ -1,4 +1,14 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizer and learning-rate schedule: parameter groups, the optimizers `training.optim` names, warmup + decay.
+
+`paged_adamw_32bit` is bitsandbytes' PagedAdamW32bit rule and paged fp32 states, stepped without its
+per-parameter device synchronisation: bitsandbytes 0.50's `Optimizer8bit.step` calls
+`torch.cuda.synchronize()` after every parameter's update (`sync_gpu(p)` in its loop), 448 host-device
+round trips per step for r=16 on all seven Llama projections, during which the GPU idles. The trainer
+uses `fused_paged_adamw_32bit` (torch's fused multi-tensor kernel on the same paged states);
+`paged_adamw_32bit` keeps bitsandbytes' own kernels and synchronises once per step (bit-identical to
+bitsandbytes; the benchmark's middle point). bitsandbytes is imported where it is used: importing it
+probes CUDA, which an adamw_torch or CPU run need not pay for.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +46,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.d
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     if cfg.optim == "paged_adamw_32bit":
         # bitsandbytes' PagedAdamW32bit update rule and paged fp32 states, stepped by torch's fused
-        # multi-tensor kernel instead of one launch + prefetch + device sync per parameter (kernels/optim.py).
-        from loraforge.kernels.optim import fused_paged_adamw_32bit
-
+        # multi-tensor kernel instead of one launch + prefetch + device sync per parameter (see below).
         return fused_paged_adamw_32bit(groups, lr=cfg.learning_rate)
     if cfg.optim == "paged_adamw_8bit":
         import bitsandbytes as bnb
@@ -68,3 +76,115 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int):
     warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
+
+
+def paged_adamw_32bit(params, **kwargs):
+    """A `bitsandbytes.optim.PagedAdamW32bit` whose step synchronises once, not per parameter."""
+    import bitsandbytes as bnb
+
+    class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            last = None
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.prefetch_state(p)
+                    self.update_step(group, p, gindex, pindex)
+                    last = p
+            if last is not None and last.is_cuda:
+                torch.cuda.synchronize()
+            return loss
+
+    return PagedAdamW32bitOneSync(params, **kwargs)
+
+
+def fused_paged_adamw_32bit(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                            weight_decay: float = 1e-2):
+    """AdamW 32-bit with bitsandbytes' paged fp32 states, updated by torch's fused multi-tensor kernel.
+
+    Same update rule as `bitsandbytes.optim.PagedAdamW32bit` (decoupled weight decay, bias-corrected
+    moments, eps outside the square root) and the same state memory: both moments live in CUDA unified
+    memory from `bitsandbytes.functional.get_paged`, which the driver may page out to host RAM under
+    memory pressure (and which, as with bitsandbytes, torch's allocator statistics do not count). What
+    changes is the launch count: a handful of multi-tensor kernels per step instead of one kernel, one
+    state prefetch and (in bitsandbytes 0.50) one device sync per parameter — 448 of each for r=16 on
+    all seven Llama projections, ~15-30 ms of a ~200 ms step once the rest of the step is graphed.
+    Off CUDA the moments are ordinary tensors and torch's foreach path runs.
+    """
+    params = list(params)
+
+    class FusedPagedAdamW32bit(torch.optim.AdamW):
+        def __init__(self, params):
+            super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=_all_cuda(params) or None)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and len(self.state[p]) == 0:
+                        self.state[p].update(_paged_state(p, fused=bool(group.get("fused"))))
+            return super().step(closure)
+
+    return FusedPagedAdamW32bit(params)
+
+
+def _all_cuda(params) -> bool:
+    ps = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(ps) and all(p.is_cuda for p in ps)
+
+
+def _paged_state(p: torch.Tensor, fused: bool) -> dict:
+    """AdamW state for p with both moments in paged (unified) memory where bitsandbytes provides it."""
+    def zeros():
+        if p.is_cuda:
+            try:
+                return _paged_cuda_zeros(p.shape, p.device)
+            except Exception:  # noqa: BLE001 - no paged memory: an ordinary device tensor works the same
+                pass
+        return torch.zeros_like(p, dtype=torch.float32)
+
+    step = (torch.zeros((), dtype=torch.float32, device=p.device) if fused
+            else torch.tensor(0.0, dtype=torch.float32))
+    return {"step": step, "exp_avg": zeros(), "exp_avg_sq": zeros()}
+
+
+class _ManagedArray:
+    """A CUDA-array-interface view of unified memory from bitsandbytes, so torch sees a CUDA tensor.
+
+    `bitsandbytes.functional.get_paged` returns its unified-memory buffer as a tensor whose device
+    says cpu (bitsandbytes' own kernels take raw pointers); torch's fused optimizer kernels insist on
+    CUDA tensors. The pointer is valid on the device, so it is handed to `torch.as_tensor` through the
+    CUDA array interface; the bitsandbytes tensor (the memory's owner) is kept alive by this object,
+    which torch keeps alive as long as the view.
+    """
+
+    def __init__(self, owner: torch.Tensor, shape):
+        self.owner = owner
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "data": (owner.data_ptr(), False),
+                                         "version": 3, "strides": None}
+
+
+def _paged_cuda_zeros(shape, device) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    owner = bnbf.get_paged(*shape, dtype=torch.float32, device=device)
+    t = torch.as_tensor(_ManagedArray(owner, shape), device=device)
+    if not t.is_cuda or t.data_ptr() != owner.data_ptr():
+        raise RuntimeError("unified memory did not map to a CUDA tensor")
+    t.zero_()
+    t.is_paged = True  # as bitsandbytes marks its paged tensors
+    t.page_deviceid = getattr(owner, "page_deviceid", device.index or 0)
+    return t

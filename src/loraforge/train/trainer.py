@@ -1,31 +1,43 @@
 """`LLAMATrainer`: the one training loop, used by the CLI, the Python API, the demo and the benchmarks.
 
 Read `train()` top to bottom: set up the run folder; load data (bad data fails before the model loads);
-load the model and attach LoRA; build optimizer and schedule; resume if asked; then the loop — gather
-the micro-batches of one optimizer step, count their labelled tokens, forward/backward each with the loss
-normalized by that count, clip, step, log, evaluate, checkpoint — and finally save the adapter.
+load the model and attach LoRA; build optimizer and schedule; resume if asked; then the loop — one
+optimizer step (`_optimizer_step`: count the step's labelled tokens, forward/backward each micro-batch
+with the loss normalized by that count, clip, step), log, evaluate, checkpoint — and finally save the
+adapter. What several processes need (Accelerate's state, FSDP/DeepSpeed, the collectives) is in
+distributed.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import signal
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from loraforge.config import DataConfig, EvalConfig, LoRAConfig, ModelConfig, RunConfig, TrainingConfig
-from loraforge.errors import ResourceError, TrainingError
+from loraforge.data.collate import PadCollator
+from loraforge.errors import ConfigError, ResourceError, TrainingError
 from loraforge.train import checkpoint as ckpt
+from loraforge.train.distributed import (
+    bind_process_gpu,
+    build_accelerator,
+    fit_plugins_to_model,
+    gradient_sync,
+    is_fsdp,
+    is_sharded,
+    loss_scale,
+    sum_over_processes,
+)
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.progress import TrainProgress
 from loraforge.train.sampler import MicroBatchStream
@@ -57,43 +69,43 @@ class TrainResult:
     data_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_mixed_precision(choice: str, device: torch.device) -> str:
-    if choice != "auto":
-        return choice
-    if device.type != "cuda":
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+@dataclass
+class _Run:
+    """What one call of `train()` works with: the prepared model and optimizer, the resumable state, the logs."""
+
+    model: Any
+    optimizer: Any  # Accelerate's wrapper; `.optimizer` is torch's
+    scheduler: Any
+    scaler: Any  # fp16's loss scaler, or None
+    state: ckpt.TrainerState
+    ckpt_root: Path
+    total_steps: int
+    metrics: MetricsLog | None  # None off the main process, as are trackers
+    trackers: Trackers | None
+    progress: TrainProgress
+    t0: float = 0.0  # perf_counter at which the run (including earlier sessions it resumes) started
 
 
-def strategy_plugins(cfg: RunConfig) -> dict[str, Any]:
-    """Accelerate plugins for training.distributed_strategy (DDP needs none).
+@dataclass
+class _StepOutcome:
+    """One optimizer step, summed over every process."""
 
-    "auto" leaves the choice to the launcher: `accelerate launch --config_file configs/accelerate/X.yaml`
-    sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED and Accelerator() reads them.
-    """
-    strategy = cfg.training.distributed_strategy
-    if strategy in ("auto", "ddp") or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return {}
-    if strategy == "fsdp":
-        from accelerate.utils import FullyShardedDataParallelPlugin
+    nll: float  # summed NLL of the step's labelled tokens; not finite = the step was dropped
+    tokens: int  # labelled tokens
+    seen: int  # real (non-padding) tokens fed
+    lr: float  # the lr this step used
+    grad_norm: torch.Tensor | None  # before clipping; None when clipping is off or the step was dropped
+    stop_requested: bool  # SIGTERM/SIGINT arrived on some process before the step
 
-        # QLoRA under FSDP: the 4-bit weights must be stored in the compute dtype (bnb_4bit_quant_storage,
-        # set by the model loader) so FSDP can flatten and shard them with the rest; LoRA layers are wrapped
-        # in their own units (peft's policy) so frozen and trainable parameters are not mixed in one flat
-        # parameter (the policy is set in setup(), once the model exists); use_orig_params keeps our
-        # weight-decay parameter groups; rank 0 loads the weights and broadcasts them
-        # (cpu_ram_efficient_loading + sync_module_states), so a 70B model need not fit in every process's RAM.
-        return {"fsdp_plugin": FullyShardedDataParallelPlugin(
-            sharding_strategy="FULL_SHARD", auto_wrap_policy=None, use_orig_params=True,
-            cpu_ram_efficient_loading=True, sync_module_states=True, state_dict_type="FULL_STATE_DICT",
-            activation_checkpointing=False)}
-    from accelerate.utils import DeepSpeedPlugin
 
-    tcfg = cfg.training
-    return {"deepspeed_plugin": DeepSpeedPlugin(
-        zero_stage=3 if strategy == "deepspeed_zero3" else 2, gradient_clipping=tcfg.max_grad_norm or None,
-        gradient_accumulation_steps=tcfg.gradient_accumulation_steps, zero3_init_flag=False,
-        zero3_save_16bit_model=True)}
+@dataclass
+class _LogWindow:
+    """Sums since the last logged step; the logged loss is their mean over the window's labelled tokens."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    seen: int = 0
+    t0: float = field(default_factory=time.perf_counter)
 
 
 def environment_info(device: torch.device, world_size: int = 1) -> dict[str, Any]:
@@ -114,6 +126,14 @@ def environment_info(device: torch.device, world_size: int = 1) -> dict[str, Any
     return info
 
 
+def _quiet_worker(_: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT: the main process alone stops the run (finishing the step and
+    saving), then ends its workers. A worker killed by a signal sent to the whole process group (Ctrl-C, a
+    scheduler's scancel) would otherwise make the loader raise before the checkpoint is written."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class LLAMATrainer:
     """Fine-tune a Llama-family model with LoRA/QLoRA.
 
@@ -121,24 +141,32 @@ class LLAMATrainer:
     ...                        training_config=TrainingConfig(max_steps=10), eval_config=EvalConfig())
     >>> result = trainer.train()            # doctest: +SKIP
     >>> trainer.evaluate(test_prompts=["Hi!"], test_references=["Hello!"])  # doctest: +SKIP
+
+    `LLAMATrainer.from_config(run_config)` takes a whole `RunConfig` (a loaded YAML file) as it is.
     """
 
     def __init__(self, model_config: ModelConfig | None = None, lora_config: LoRAConfig | None = None,
                  data_config: DataConfig | None = None, training_config: TrainingConfig | None = None,
-                 eval_config: EvalConfig | None = None, *, log=None):
-        self.config = RunConfig(model=model_config or ModelConfig(), lora=lora_config or LoRAConfig(),
-                                data=data_config or DataConfig(), training=training_config or TrainingConfig(),
-                                eval=eval_config or EvalConfig())
+                 eval_config: EvalConfig | None = None, *, config: RunConfig | None = None, log=None):
+        if config is not None and any(c is not None for c in (model_config, lora_config, data_config,
+                                                                training_config, eval_config)):
+            raise TypeError("LLAMATrainer: give either config= or the section configs, not both")
+        self.config = config or RunConfig(model=model_config or ModelConfig(), lora=lora_config or LoRAConfig(),
+                                          data=data_config or DataConfig(),
+                                          training=training_config or TrainingConfig(),
+                                          eval=eval_config or EvalConfig())
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.model: Any = None
         self.tokenizer: Any = None
         self.data: Any = None
         self.accelerator: Any = None
-        self._signal: int | None = None
+        self._graphs: Any = None  # the CUDA-graph runner, when the fast kernels replay layers as graphs
+        self._signal: int | None = None  # SIGTERM/SIGINT received during train()
+        self._previous_handlers: dict[int, Any] = {}
 
     @classmethod
     def from_config(cls, config: RunConfig, **kwargs: Any) -> LLAMATrainer:
-        return cls(config.model, config.lora, config.data, config.training, config.eval, **kwargs)
+        return cls(config=config, **kwargs)
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -146,40 +174,16 @@ class LLAMATrainer:
         """Load tokenizer, data, model and adapter (idempotent)."""
         if self.model is not None:
             return
-        from accelerate import Accelerator
-
+        # transformers, peft and the data pipeline take seconds to import; loaded when a run starts
         from loraforge.data.pipeline import build_datasets
         from loraforge.model.load import load_base, load_tokenizer, pick_placement, resolve_model_path
         from loraforge.model.lora import attach_lora, parameter_counts
         from loraforge.model.memory import check_fits
 
         cfg = self.config
-        if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.model.device != "cpu":
-            # Under torchrun/accelerate launch each process owns one GPU; pick_placement (and the model's
-            # device_map) use the current device, which is cuda:0 for every process unless set here.
-            # (model.device=cpu: no GPU is used, and rank 1 on a 1-GPU machine has no cuda:1.)
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        bind_process_gpu(cfg.model)
         placement = pick_placement(cfg.model)
-        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
-        if not launched and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            # Accelerate keeps its state (device, mixed precision) in process-wide singletons: a second
-            # Accelerator(...) with another device or precision raises "AcceleratorState has already been
-            # initialized", so a Python-API user training twice in one process (fp32 then bf16, CPU then
-            # GPU, the sweep's trials) would fail. Alone in the process, forget the earlier trainer's state
-            # (an earlier trainer's accelerator then reports this one's). Under a launcher the state holds
-            # the process group and stays. _reset_state is Accelerate's own reset (its test utilities use
-            # it, 1.x); hasattr-guarded since it is private.
-            from accelerate import state as acc_state
-
-            if hasattr(acc_state.AcceleratorState, "_reset_state"):
-                acc_state.AcceleratorState._reset_state(reset_partial_state=True)
-            elif hasattr(acc_state.PartialState, "_reset_state"):
-                acc_state.PartialState._reset_state()
-            if hasattr(acc_state, "GradientState") and hasattr(acc_state.GradientState, "_reset_state"):
-                acc_state.GradientState._reset_state()
-        self.accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(cfg.training.mixed_precision, placement.device),
-            cpu=placement.device.type == "cpu", **strategy_plugins(cfg))
+        self.accelerator = acc = build_accelerator(cfg, placement.device)
         # Data first: a malformed record should fail in seconds, before a large model is loaded.
         self.tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.model)
         self.data = build_datasets(cfg.data, self.tokenizer, cfg.eval.num_generation_samples)
@@ -193,20 +197,11 @@ class LLAMATrainer:
 
             report_max_length(cfg, placement, self.log)
         torch.manual_seed(cfg.training.seed)
-        acc = self.accelerator
-        fsdp = acc.distributed_type.name == "FSDP"
+        fsdp = is_fsdp(acc)
         model, _ = load_base(cfg.model, for_training=True, gradient_checkpointing=cfg.training.gradient_checkpointing,
                              placement=placement, sharded=fsdp)
         self.model = attach_lora(model, cfg.lora)
-        if acc.distributed_type.name == "FSDP":
-            from peft.utils.other import fsdp_auto_wrap_policy
-
-            acc.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(self.model)
-        elif acc.distributed_type.name == "DEEPSPEED":
-            # We feed batches ourselves (no prepared DataLoader), so DeepSpeed cannot infer these.
-            acc.state.deepspeed_plugin.deepspeed_config.update(
-                train_micro_batch_size_per_gpu=cfg.training.per_device_train_batch_size,
-                gradient_accumulation_steps=cfg.training.gradient_accumulation_steps)
+        fit_plugins_to_model(acc, self.model, cfg.training)
         # The fast kernels read the packed NF4 bytes as uint8; FSDP stores them in the compute dtype.
         if placement.device.type == "cuda" and cfg.model.fast_kernels and not fsdp:
             self._apply_fast_kernels()
@@ -254,147 +249,63 @@ class LLAMATrainer:
         run_dir = Path(tcfg.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.setup()
-        acc, model = self.accelerator, self.model
-        is_main, world = acc.is_main_process, acc.num_processes
-        if is_main:
-            cfg.save(run_dir / "config.yaml")
-            (run_dir / "environment.json").write_text(json.dumps(environment_info(acc.device, world), indent=1))
-            stats = {k: asdict(v) for k, v in self.data.stats.items()}
-            (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
-
-        from loraforge.data.collate import PadCollator
-
+        if self.accelerator.is_main_process:
+            self._write_run_record(run_dir)
         # CUDA graphs replay a captured shape: rows padded to a multiple of 128 give a few shapes that
         # recur (packing gives exactly one); otherwise a multiple of 8 suits the tensor cores.
-        multiple = (128 if getattr(self, "_graphs", None) is not None else 8) if acc.device.type == "cuda" else None
-        collate = PadCollator(self.tokenizer.pad_token_id, multiple)
-        train_set = self.data.train
-        # A streamed (on-disk) training set knows its lengths; reading every example to get them would
-        # defeat streaming.
-        lengths = getattr(train_set, "lengths", None)
-        stream = MicroBatchStream(list(lengths) if lengths is not None else [len(e["input_ids"]) for e in train_set],
-                                  tcfg.per_device_train_batch_size,
-                                  seed=tcfg.seed, world_size=world, rank=acc.process_index,
-                                  group_by_length=cfg.data.group_by_length)
+        on_gpu = self.accelerator.device.type == "cuda"
+        collate = PadCollator(self.tokenizer.pad_token_id, (128 if self._graphs is not None else 8) if on_gpu else None)
+        stream = self._micro_batch_stream()
         accum = tcfg.gradient_accumulation_steps
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(
             1, math.ceil(tcfg.num_train_epochs * stream.per_epoch / accum))
-
-        if acc.distributed_type.name == "FSDP":  # FSDP shards the model; the optimizer must see its params
-            model = acc.prepare(model)
-        optimizer = build_optimizer(model, tcfg, acc.device, cfg.lora, notice=self.log)
-        scheduler = build_scheduler(optimizer, tcfg, total_steps)
-        model, optimizer = acc.prepare(model, optimizer) if acc.distributed_type.name != "FSDP" else (
-            model, acc.prepare(optimizer))
-        scaler = getattr(acc, "scaler", None)
-
-        ckpt_root = run_dir / "checkpoints"
-        state = ckpt.TrainerState()
-        resume_from = self._resume_path(ckpt_root)
-        if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, acc.unwrap_model(model), optimizer.optimizer, scheduler, scaler,
-                                         rank=acc.process_index, world_size=world)
-            self.log(f"resumed from {resume_from} at step {state.step}")
-        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
-            if is_main else None
-        trackers = Trackers(tcfg.report_to, run_dir, tcfg.run_name or run_dir.name, cfg.to_dict()) if is_main else None
-
+        run = self._start_run(run_dir, total_steps)
+        state = run.state
+        # Workers (dataloader_num_workers > 0) start here, before the signal handlers they must not inherit.
+        batches = self._train_batches(stream, collate, start=state.micro_batch)
         self._signal = None
         self._install_signal_handlers()
-        progress = TrainProgress(total_steps, enabled=is_main)
-        progress.start(state.step)
-        window_nll, window_tokens, window_seen, window_t0 = 0.0, 0, 0, time.perf_counter()
+        run.progress.start(state.step)
+        window = _LogWindow()
         last_loss: float | None = None
         last_eval: dict[str, float] | None = None
         stopped_early = False
-        batches = stream.batches(start=state.micro_batch)
-        run_t0 = time.perf_counter() - state.elapsed_seconds
-        # DDP/FSDP/ZeRO average gradients over processes; our loss is already divided by the global token
-        # count, so scale it back up. DeepSpeed also divides by its accumulation steps inside backward.
-        deepspeed = acc.distributed_type.name == "DEEPSPEED"
-        loss_scale = world * (accum if deepspeed else 1)
-        model.train()
+        run.t0 = time.perf_counter() - state.elapsed_seconds
+        run.model.train()
         try:
             while state.step < total_steps:
-                # One optimizer step = `accum` micro-batches on each process. Count their labelled tokens
-                # first, summed over all processes, so every micro-batch's loss is its summed NLL over that
-                # one count: the mean over all labelled tokens of the step, not a mean of per-micro-batch
-                # means. The same all-reduce carries the tokens seen and "a signal arrived on some rank",
-                # so every rank stops after the same step (a rank that saved alone would deadlock).
-                micro = [collate([train_set[i] for i in idx]) for _, idx in (next(batches) for _ in range(accum))]
+                micro = [next(batches) for _ in range(accum)]
                 state.micro_batch += accum
-                counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                                       sum(tokens_in(b, self.tokenizer.pad_token_id) for b in micro),
-                                       int(self._signal is not None)], device=acc.device)
-                if world > 1:
-                    counts = acc.reduce(counts, reduction="sum")
-                n_tokens, seen, stop_requested = counts[0], int(counts[1]), bool(counts[2])
-                step_nll = torch.zeros((), device=acc.device)
-                for k, batch in enumerate(micro):
-                    batch = {key: v.to(acc.device) for key, v in batch.items()}
-                    sync = k == accum - 1
-                    if deepspeed:  # the engine steps inside backward at the boundary Accelerate reports
-                        acc.gradient_state._set_sync_gradients(sync)
-                    with (nullcontext() if sync or world == 1 else acc.no_sync(model)):
-                        loss = self._micro_step_loss(model, batch, n_tokens)
-                        step_nll += loss.detach().float() * n_tokens
-                        # A non-finite loss still goes through backward (as 0) so the ranks' gradient
-                        # all-reduces stay matched; the whole step is dropped below.
-                        acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * loss_scale)
-                if world > 1:
-                    step_nll = acc.reduce(step_nll, reduction="sum")
-                step_nll_value = float(step_nll)  # the step's one host sync
+                out = self._optimizer_step(run, micro)
                 state.step += 1
-                state.tokens_seen += seen
-                window_seen += seen
-                lr = scheduler.get_last_lr()[0]  # the lr this step uses
-                if not math.isfinite(step_nll_value):
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()  # keep the schedule aligned with the data position
-                    state.nonfinite_in_a_row += 1
-                    state.nonfinite_total += 1
-                    self.log(f"step {state.step}: non-finite loss, step skipped "
-                             f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in total)")
-                    if state.nonfinite_in_a_row >= tcfg.max_nonfinite_steps:
-                        path = self._save(ckpt_root, state, model, optimizer, scheduler, scaler, run_t0)
-                        raise TrainingError(
-                            f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step}; stopped "
-                            f"(checkpoint {path}). Lower training.learning_rate, check the data, or use bf16 "
-                            "instead of fp16.")
-                    if stop_requested or (world == 1 and self._signal is not None):
-                        path = self._save(ckpt_root, state, model, optimizer, scheduler, scaler, run_t0)
-                        raise Preempted(self._signal or signal.SIGTERM, path)
+                state.tokens_seen += out.seen
+                window.seen += out.seen
+                if not math.isfinite(out.nll):
+                    self._count_nonfinite(run)
+                    self._stop_if_signalled(run, out.stop_requested)
                     continue
                 state.nonfinite_in_a_row = 0
-                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm) \
-                    if tcfg.max_grad_norm > 0 else None
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                window_nll += step_nll_value
-                window_tokens += int(n_tokens)
-                last_loss = step_nll_value / max(1, int(n_tokens))
-                progress.update(state.step, last_loss, lr)
+                window.nll += out.nll
+                window.tokens += out.tokens
+                last_loss = out.nll / max(1, out.tokens)
+                run.progress.update(state.step, last_loss, out.lr)
+                is_last = state.step == total_steps
 
-                if state.step % tcfg.logging_steps == 0 or state.step == total_steps:
-                    elapsed = time.perf_counter() - window_t0
+                if state.step % tcfg.logging_steps == 0 or is_last:
+                    elapsed = time.perf_counter() - window.t0
                     record = {"step": state.step, "epoch": round(state.micro_batch / stream.per_epoch, 4),
-                              "loss": window_nll / max(1, window_tokens), "lr": lr,
-                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                              "tokens_per_s": window_seen / max(elapsed, 1e-9),
-                              "elapsed_s": round(time.perf_counter() - run_t0, 2)}
+                              "loss": window.nll / max(1, window.tokens), "lr": out.lr,
+                              "grad_norm": float(out.grad_norm) if out.grad_norm is not None else None,
+                              "tokens_per_s": window.seen / max(elapsed, 1e-9),
+                              "elapsed_s": round(time.perf_counter() - run.t0, 2)}
                     if state.nonfinite_total:
                         record["nonfinite_steps"] = state.nonfinite_total
-                    if is_main:
-                        metrics.write(record)
-                        trackers.log(record, state.step)
-                        progress.log_line(record)
-                    window_nll, window_tokens, window_seen, window_t0 = 0.0, 0, 0, time.perf_counter()
+                    self._emit(run, record)
+                    window = _LogWindow()
 
-                is_last = state.step == total_steps
                 improved = False
                 if (tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or is_last:
-                    last_eval = self._evaluate_during_training(model, collate)
+                    last_eval = self._evaluate_during_training(run.model, collate)
                     if last_eval:
                         improved = state.best_eval_loss is None or last_eval["eval_loss"] < state.best_eval_loss
                         if improved:
@@ -402,11 +313,7 @@ class LLAMATrainer:
                             state.evals_without_improvement = 0
                         else:
                             state.evals_without_improvement += 1
-                        record = {"step": state.step, **last_eval}
-                        if is_main:
-                            metrics.write(record)
-                            trackers.log(record, state.step)
-                            progress.log_line(record)
+                        self._emit(run, {"step": state.step, **last_eval})
                         if on_eval is not None:
                             on_eval(state.step, last_eval)
                     if tcfg.early_stopping_patience and state.evals_without_improvement >= tcfg.early_stopping_patience:
@@ -417,14 +324,12 @@ class LLAMATrainer:
                 # A new best is always checkpointed, so "keep the last K plus the best" has a best to keep.
                 if (tcfg.save_steps and state.step % tcfg.save_steps == 0) or is_last or stopped_early or improved:
                     try:
-                        self._save(ckpt_root, state, model, optimizer, scheduler, scaler, run_t0)
+                        self._save(run)
                     except ResourceError as e:
                         if is_last:
                             raise
                         self.log(f"warning: {e} Training continues.")
-                if stop_requested or (world == 1 and self._signal is not None):
-                    path = self._save(ckpt_root, state, model, optimizer, scheduler, scaler, run_t0)
-                    raise Preempted(self._signal or signal.SIGTERM, path)
+                self._stop_if_signalled(run, out.stop_requested)
                 if stopped_early:
                     break
         except torch.OutOfMemoryError as e:
@@ -437,37 +342,106 @@ class LLAMATrainer:
                 "effective batch), set training.gradient_checkpointing=true, lower data.max_length, "
                 "or load the model in 4-bit (model.use_4bit=true).") from e
         finally:
-            progress.stop()
+            run.progress.stop()
             self._restore_signal_handlers()
-            if trackers:
-                trackers.close()
+            if run.trackers:
+                run.trackers.close()
+        return self._finish(run, run_dir, last_loss, last_eval, stopped_early)
 
-        train_seconds = time.perf_counter() - run_t0
-        adapter_dir = run_dir / "adapter"
-        try:
-            self._save_adapter(model, adapter_dir)
-            if is_main:
-                self.tokenizer.save_pretrained(adapter_dir)
-                (run_dir / "loraforge_run.json").write_text(json.dumps(
-                    {"model_name": cfg.model.model_name, "data_kind": self.data.kind,
-                     "template": cfg.data.template, "system_prompt": cfg.data.system_prompt}, indent=1))
-        except Exception as e:  # a full disk: tokenizers and safetensors raise their own error types
-            if not ckpt.is_write_failure(e):
-                raise
-            raise ResourceError(f"could not write the adapter to {adapter_dir} ({e}); the checkpoint "
-                                f"{ckpt.latest_checkpoint(ckpt_root)} is complete. Free disk space and run the same "
-                                "command with --resume to write the adapter.") from e
-        if is_main:
-            self._plot(run_dir)
-        acc.wait_for_everyone()
-        best = ckpt_root / f"step-{state.best_step}" if state.best_step is not None else None
-        return TrainResult(
-            steps=state.step, train_loss=last_loss,
-            eval_loss=last_eval["eval_loss"] if last_eval else None,
-            eval_perplexity=last_eval["eval_perplexity"] if last_eval else None,
-            train_seconds=train_seconds, tokens_per_s=state.tokens_seen / max(train_seconds, 1e-9),
-            adapter_dir=adapter_dir, run_dir=run_dir, best_checkpoint=best if best and best.exists() else None,
-            stopped_early=stopped_early, data_stats={k: asdict(v) for k, v in self.data.stats.items()})
+    def _write_run_record(self, run_dir: Path) -> None:
+        """config.yaml, environment.json and data_stats.json: what the run was, beside its results."""
+        acc = self.accelerator
+        self.config.save(run_dir / "config.yaml")
+        (run_dir / "environment.json").write_text(
+            json.dumps(environment_info(acc.device, acc.num_processes), indent=1))
+        stats = {k: asdict(v) for k, v in self.data.stats.items()}
+        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1))
+
+    def _micro_batch_stream(self) -> MicroBatchStream:
+        acc, tcfg, train_set = self.accelerator, self.config.training, self.data.train
+        # A streamed (on-disk) training set knows its lengths; reading every example to get them would
+        # defeat streaming.
+        lengths = getattr(train_set, "lengths", None)
+        return MicroBatchStream(list(lengths) if lengths is not None else [len(e["input_ids"]) for e in train_set],
+                                tcfg.per_device_train_batch_size, seed=tcfg.seed, world_size=acc.num_processes,
+                                rank=acc.process_index, group_by_length=self.config.data.group_by_length)
+
+    def _loader(self, dataset: Any, collate: Any, **batching: Any) -> DataLoader:
+        """A DataLoader over `dataset` collated by `collate`, in training.dataloader_num_workers processes."""
+        # Its own generator: the loader draws a worker seed at every iteration, and from torch's global RNG
+        # that draw would shift the dropout masks (and break exact resume, which restores that RNG).
+        return DataLoader(dataset, collate_fn=collate, num_workers=self.config.training.dataloader_num_workers,
+                          generator=torch.Generator(), worker_init_fn=_quiet_worker, **batching)
+
+    def _train_batches(self, stream: MicroBatchStream, collate: Any, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The collated micro-batches of `stream` from micro-batch `start` on, forever."""
+        indices = (idx for _, idx in stream.batches(start=start))
+        return iter(self._loader(self.data.train, collate, batch_sampler=indices))
+
+    def _start_run(self, run_dir: Path, total_steps: int) -> _Run:
+        """Optimizer and schedule, prepared for the strategy; the state resumed if asked; the logs opened."""
+        cfg, tcfg, acc = self.config, self.config.training, self.accelerator
+        model = self.model
+        if is_fsdp(acc):  # FSDP shards the model; the optimizer must see its params
+            model = acc.prepare(model)
+        optimizer = build_optimizer(model, tcfg, acc.device, cfg.lora, notice=self.log)
+        scheduler = build_scheduler(optimizer, tcfg, total_steps)
+        model, optimizer = (model, acc.prepare(optimizer)) if is_fsdp(acc) else acc.prepare(model, optimizer)
+        scaler = getattr(acc, "scaler", None)
+
+        ckpt_root = run_dir / "checkpoints"
+        state = ckpt.TrainerState()
+        resume_from = self._resume_path(ckpt_root)
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, acc.unwrap_model(model), optimizer.optimizer, scheduler, scaler,
+                                         rank=acc.process_index, world_size=acc.num_processes)
+            self.log(f"resumed from {resume_from} at step {state.step}")
+        is_main = acc.is_main_process
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
+            if is_main else None
+        trackers = Trackers(tcfg.report_to, run_dir, tcfg.run_name or run_dir.name, cfg.to_dict()) if is_main else None
+        return _Run(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state,
+                    ckpt_root=ckpt_root, total_steps=total_steps, metrics=metrics, trackers=trackers,
+                    progress=TrainProgress(total_steps, enabled=is_main))
+
+    def _optimizer_step(self, run: _Run, micro: list[dict[str, torch.Tensor]]) -> _StepOutcome:
+        """One optimizer step over `micro`, this process's micro-batches of the step; a step whose loss is not
+        finite is dropped (no update) but still advances the schedule.
+
+        The step's labelled tokens are counted first, summed over all processes, so every micro-batch's loss
+        is its summed NLL over that one count: the mean over all labelled tokens of the step, not a mean of
+        per-micro-batch means. The same all-reduce carries the tokens seen and "a signal arrived on some
+        rank", so every rank stops after the same step (a rank that saved alone would deadlock).
+        """
+        acc, model, tcfg = self.accelerator, run.model, self.config.training
+        counts = sum_over_processes(acc, torch.tensor(
+            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+             sum(tokens_in(b, self.tokenizer.pad_token_id) for b in micro),
+             int(self._signal is not None)], device=acc.device))
+        n_tokens, seen, stop_requested = counts[0], int(counts[1]), bool(counts[2])
+        scale = loss_scale(acc, tcfg.gradient_accumulation_steps)
+        step_nll = torch.zeros((), device=acc.device)
+        for k, batch in enumerate(micro):
+            batch = {key: v.to(acc.device) for key, v in batch.items()}
+            with gradient_sync(acc, model, sync=k == len(micro) - 1):
+                loss = self._micro_step_loss(model, batch, n_tokens)
+                step_nll += loss.detach().float() * n_tokens
+                # A non-finite loss still goes through backward (as 0) so the ranks' gradient
+                # all-reduces stay matched; the whole step is dropped below.
+                acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * scale)
+        nll = float(sum_over_processes(acc, step_nll))  # the step's one host sync
+        outcome = _StepOutcome(nll=nll, tokens=int(n_tokens), seen=seen, lr=run.scheduler.get_last_lr()[0],
+                               grad_norm=None, stop_requested=stop_requested)
+        if not math.isfinite(nll):
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()  # keep the schedule aligned with the data position
+            return outcome
+        if tcfg.max_grad_norm > 0:
+            outcome.grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        return outcome
 
     def _micro_step_loss(self, model: Any, batch: dict[str, torch.Tensor], n_tokens: torch.Tensor) -> torch.Tensor:
         """Summed NLL of the micro-batch's labelled tokens divided by the step's token count.
@@ -477,6 +451,68 @@ class LLAMATrainer:
         """
         out = model(**batch, num_items_in_batch=n_tokens, use_cache=False)
         return out.loss
+
+    def _count_nonfinite(self, run: _Run) -> None:
+        """Count a dropped step; after training.max_nonfinite_steps in a row, save and stop."""
+        state = run.state
+        state.nonfinite_in_a_row += 1
+        state.nonfinite_total += 1
+        self.log(f"step {state.step}: non-finite loss, step skipped "
+                 f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in total)")
+        if state.nonfinite_in_a_row >= self.config.training.max_nonfinite_steps:
+            path = self._save(run)
+            raise TrainingError(
+                f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step}; stopped "
+                f"(checkpoint {path}). Lower training.learning_rate, check the data, or use bf16 "
+                "instead of fp16.")
+
+    def _stop_if_signalled(self, run: _Run, requested: bool) -> None:
+        """After a step: if SIGTERM/SIGINT arrived, save a checkpoint and raise Preempted.
+
+        `requested` is the all-reduced flag of the step (every rank agrees on it); alone in the process,
+        a signal that landed during the step counts too.
+        """
+        if requested or (self.accelerator.num_processes == 1 and self._signal is not None):
+            path = self._save(run)
+            raise Preempted(self._signal or signal.SIGTERM, path)
+
+    def _emit(self, run: _Run, record: dict[str, Any]) -> None:
+        """A metrics record to metrics.jsonl, the trackers and the console (the main process writes)."""
+        if self.accelerator.is_main_process:
+            run.metrics.write(record)
+            run.trackers.log(record, record["step"])
+            run.progress.log_line(record)
+
+    def _finish(self, run: _Run, run_dir: Path, last_loss: float | None, last_eval: dict[str, float] | None,
+                stopped_early: bool) -> TrainResult:
+        """Write the adapter (with its tokenizer and run record) and the loss curve; sum the run up."""
+        cfg, acc, state = self.config, self.accelerator, run.state
+        train_seconds = time.perf_counter() - run.t0
+        adapter_dir = run_dir / "adapter"
+        try:
+            self._save_adapter(run.model, adapter_dir)
+            if acc.is_main_process:
+                self.tokenizer.save_pretrained(adapter_dir)
+                (run_dir / "loraforge_run.json").write_text(json.dumps(
+                    {"model_name": cfg.model.model_name, "data_kind": self.data.kind,
+                     "template": cfg.data.template, "system_prompt": cfg.data.system_prompt}, indent=1))
+        except Exception as e:  # a full disk: tokenizers and safetensors raise their own error types
+            if not ckpt.is_write_failure(e):
+                raise
+            raise ResourceError(f"could not write the adapter to {adapter_dir} ({e}); the checkpoint "
+                                f"{ckpt.latest_checkpoint(run.ckpt_root)} is complete. Free disk space and run the "
+                                "same command with --resume to write the adapter.") from e
+        if acc.is_main_process:
+            self._plot(run_dir)
+        acc.wait_for_everyone()
+        best = run.ckpt_root / f"step-{state.best_step}" if state.best_step is not None else None
+        return TrainResult(
+            steps=state.step, train_loss=last_loss,
+            eval_loss=last_eval["eval_loss"] if last_eval else None,
+            eval_perplexity=last_eval["eval_perplexity"] if last_eval else None,
+            train_seconds=train_seconds, tokens_per_s=state.tokens_seen / max(train_seconds, 1e-9),
+            adapter_dir=adapter_dir, run_dir=run_dir, best_checkpoint=best if best and best.exists() else None,
+            stopped_early=stopped_early, data_stats={k: asdict(v) for k, v in self.data.stats.items()})
 
     def _resume_path(self, ckpt_root: Path) -> Path | None:
         choice = self.config.training.resume_from_checkpoint
@@ -489,42 +525,36 @@ class LLAMATrainer:
             return path
         path = Path(choice)
         if not ckpt.is_complete(path):
-            from loraforge.errors import ConfigError
-
             raise ConfigError(f"training.resume_from_checkpoint: {choice!r} is not a complete checkpoint "
                               f"(complete ones: {[p.name for p in ckpt.list_checkpoints(ckpt_root)] or 'none'}).")
         return path
 
-    def _save(self, root: Path, state: ckpt.TrainerState, model: Any, optimizer: Any, scheduler: Any,
-              scaler: Any, run_t0: float) -> Path:
+    def _save(self, run: _Run) -> Path:
         """Write a checkpoint (rank 0 writes; every rank must call this, at the same step)."""
-        acc = self.accelerator
-        state.elapsed_seconds = time.perf_counter() - run_t0
+        acc, state, root = self.accelerator, run.state, run.ckpt_root
+        state.elapsed_seconds = time.perf_counter() - run.t0
         path = root / f"step-{state.step}"
-        inner = getattr(optimizer, "optimizer", optimizer)
+        inner = getattr(run.optimizer, "optimizer", run.optimizer)
         # Each rank's RNG (dropout differs per rank) and, when the optimizer state is sharded, each
         # rank's optimizer state go to rank 0, which writes the one checkpoint.
         rng = [ckpt.rng_state()]
-        opt_state = [inner.state_dict()] if self._sharded() else None
-        adapter_state = acc.get_state_dict(model) if self._sharded() else None
+        opt_state = [inner.state_dict()] if is_sharded(acc) else None
+        adapter_state = acc.get_state_dict(run.model) if is_sharded(acc) else None
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
             rng = gather_object(rng)
             opt_state = gather_object(opt_state) if opt_state is not None else None
         if acc.is_main_process:
-            path = ckpt.save_checkpoint(root, state, acc.unwrap_model(model), inner, scheduler, scaler,
+            path = ckpt.save_checkpoint(root, state, acc.unwrap_model(run.model), inner, run.scheduler, run.scaler,
                                         rng_states=rng, optimizer_states=opt_state, adapter_state=adapter_state)
             ckpt.rotate(root, self.config.training.save_total_limit, state.best_step)
         acc.wait_for_everyone()
         return path
 
-    def _sharded(self) -> bool:
-        return self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-
     def _save_adapter(self, model: Any, adapter_dir: Path) -> None:
         acc = self.accelerator
-        state_dict = acc.get_state_dict(model) if self._sharded() else None  # collective under FSDP/ZeRO-3
+        state_dict = acc.get_state_dict(model) if is_sharded(acc) else None  # collective under FSDP/ZeRO-3
         if acc.is_main_process:
             acc.unwrap_model(model).save_pretrained(adapter_dir, safe_serialization=True, state_dict=state_dict)
 
@@ -533,9 +563,7 @@ class LLAMATrainer:
 
         if not self.data.validation:
             return {}
-        bs = self.config.eval.eval_batch_size
-        val = self.data.validation
-        loader = [collate(val[i:i + bs]) for i in range(0, len(val), bs)]
+        loader = self._loader(self.data.validation, collate, batch_size=self.config.eval.eval_batch_size)
         model.eval()
         try:
             result = PerplexityEvaluator(model, self.tokenizer).evaluate(loader)
@@ -567,7 +595,7 @@ class LLAMATrainer:
                 pass
 
     def _restore_signal_handlers(self) -> None:
-        for sig, h in getattr(self, "_previous_handlers", {}).items():
+        for sig, h in self._previous_handlers.items():
             signal.signal(sig, h)
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -576,7 +604,6 @@ class LLAMATrainer:
                  test_references: list[str] | None = None) -> dict[str, Any]:
         """Validation perplexity, and BLEU/ROUGE/exact match of generated answers when prompts are given
         (defaults: the held-out pairs of the validation split)."""
-        from loraforge.data.collate import PadCollator
         from loraforge.eval.qualitative import generation_metrics
 
         self.setup()

@@ -18,7 +18,7 @@ def _step_both(o1, ps1, o2, ps2, steps: int) -> None:
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_one_sync_paged_adamw_matches_bitsandbytes(device):
-    from loraforge.kernels.optim import paged_adamw_32bit
+    from loraforge.train.optim import paged_adamw_32bit
 
     torch.manual_seed(0)
     ps1 = [torch.nn.Parameter(torch.randn(16, 64, device=device)) for _ in range(3)]
@@ -36,7 +36,7 @@ def test_one_sync_paged_adamw_matches_bitsandbytes(device):
 def test_fused_paged_adamw_follows_bitsandbytes(device):
     """Same update rule as bitsandbytes' PagedAdamW32bit (not bit-identical: another kernel), over
     several steps with weight decay and two parameter groups; on CUDA its moments are paged memory."""
-    from loraforge.kernels.optim import fused_paged_adamw_32bit
+    from loraforge.train.optim import fused_paged_adamw_32bit
 
     torch.manual_seed(1)
     ps1 = [torch.nn.Parameter(torch.randn(16, 64, device=device)) for _ in range(4)]
@@ -60,7 +60,7 @@ def test_fused_paged_adamw_follows_bitsandbytes(device):
 
 def test_fused_paged_adamw_resumes_exactly_from_its_state_dict():
     """What a checkpoint stores and `--resume` loads: the continued run equals the uninterrupted one."""
-    from loraforge.kernels.optim import fused_paged_adamw_32bit
+    from loraforge.train.optim import fused_paged_adamw_32bit
 
     torch.manual_seed(2)
     init = [torch.randn(8, 32) for _ in range(2)]
