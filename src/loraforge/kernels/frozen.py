@@ -14,10 +14,11 @@ from . import _triton
 
 
 class FrozenWeight:
-    """A frozen linear weight that knows how to become a dense [out, in] tensor."""
+    """A frozen linear weight that knows how to become a dense [out, in] tensor (and its frozen bias, if any)."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None):
         self.weight = weight
+        self.bias = bias
         self.dtype = dtype
         self.quant_state = getattr(weight, "quant_state", None)
         self.is_4bit = self.quant_state is not None
@@ -25,6 +26,10 @@ class FrozenWeight:
             self.shape = tuple(self.quant_state.shape)
         else:
             self.shape = tuple(weight.shape)
+
+    def bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        b = self.bias
+        return b if b is None or b.dtype == dtype else b.to(dtype)
 
     def dense(self) -> torch.Tensor:
         if not self.is_4bit:

@@ -22,6 +22,13 @@ every tensor argument) two graphs are captured once:
 grad hooks and clipping see ordinary gradients. Every graph shares one memory pool: graphs never run
 concurrently, and what outlives a replay (outputs) is copied out at once.
 
+LoRA dropout. Its masks come from a seed (dropout.py). Ordinary checkpointing replays the forward's
+seeds in the recompute by restoring the RNG state; two separate graphs cannot (each replay of a graph
+gets fresh random numbers). So each layer's graphs take their dropout seed from a static buffer
+(`dropout.seeds_from`): the forward replay draws a new seed into it and keeps a copy, the backward
+replay puts that copy back, and the recompute inside it draws the forward's masks again. A layer
+without dropout draws nothing.
+
 Safety. A call whose signature is new captures (the first step of each shape; at most
 `max_signatures` shapes, after which new shapes run the ordinary checkpoint), and anything the graphs
 cannot express (no CUDA, grad off, a tensor argument that needs grad, a trainable parameter replaced
@@ -39,6 +46,7 @@ from typing import Any
 
 import torch
 
+from .dropout import draw_seed, seeds_from
 from .lora import keeping_dense
 
 
@@ -106,6 +114,7 @@ class _Statics:
     y: torch.Tensor
     dy: torch.Tensor
     dx: torch.Tensor
+    seed: torch.Tensor  # the dropout seed of the layer being replayed (0-d int64)
     kwargs: dict
     kw_tensors: list[torch.Tensor]
     last_kw: list = field(default_factory=list)  # the tensors last copied in (kept alive: no id reuse)
@@ -117,6 +126,7 @@ class _LayerGraphs:
     bwd: Any
     grads: tuple  # static parameter gradients (None where a parameter gets none)
     ptrs: tuple  # data_ptr of each trainable parameter at capture
+    seeded: bool = False  # the layer applies LoRA dropout: each forward replay draws a seed
 
 
 @dataclass
@@ -206,6 +216,7 @@ class LayerGraphRunner:
         if st is None:
             kw_static = {k: _static_like(v) for k, v in kwargs.items()}
             st = _Statics(x=_static_like(x), y=_static_like(x), dy=_static_like(x), dx=_static_like(x),
+                          seed=torch.zeros((), dtype=torch.int64, device=x.device),
                           kwargs=kw_static, kw_tensors=_kw_tensors(kw_static))
             self.statics[sig] = st
         try:
@@ -233,19 +244,22 @@ class LayerGraphRunner:
         self._fill_kwargs(st, kwargs)
         st.dy.zero_()
 
-        def run_fwd():
-            with torch.no_grad():
+        def run_fwd() -> bool:
+            """Runs the layer; True if it took a dropout seed."""
+            with torch.no_grad(), seeds_from(st.seed) as src:
                 out = call(st.x)
                 if not isinstance(out, torch.Tensor):
                     raise TypeError(f"decoder layer returned {type(out).__name__}, not a tensor")
                 st.y.copy_(out)
+            return src.users > 0
 
         def run_bwd():
             # Fresh leaves over the same storage stand in for the parameters: the graph reads the
             # parameters' memory (so optimizer updates are seen), while autograd never touches the
             # parameters' own AccumulateGrad nodes, which belong to the default stream and, if an
             # earlier step's graph is still referenced, would join that stream into the capture.
-            with torch.enable_grad(), keeping_dense(), _aliased(self.slots[index]) as leaves:
+            with torch.enable_grad(), keeping_dense(), seeds_from(st.seed), \
+                    _aliased(self.slots[index]) as leaves:
                 xi = st.x.detach().requires_grad_(True)
                 out = call(xi)
                 grads = torch.autograd.grad(out, (xi, *leaves), st.dy, allow_unused=True)
@@ -254,14 +268,14 @@ class LayerGraphRunner:
 
         ptrs = tuple(p.data_ptr() for p in params)
         if self.emulate:
-            run_fwd()  # fail here, not in the middle of a backward, if the layer cannot run this way
-            return _LayerGraphs(fwd=run_fwd, bwd=run_bwd, grads=(), ptrs=ptrs)
+            seeded = run_fwd()  # fail here, not in the middle of a backward, if the layer cannot run this way
+            return _LayerGraphs(fwd=run_fwd, bwd=run_bwd, grads=(), ptrs=ptrs, seeded=seeded)
 
         side = self.stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # cuBLAS workspaces, Triton compiles, SDPA kernel choice
             for _ in range(self.warmup):
-                run_fwd()
+                seeded = run_fwd()
                 run_bwd()
         torch.cuda.current_stream().wait_stream(side)
         fwd = torch.cuda.CUDAGraph()
@@ -271,7 +285,7 @@ class LayerGraphRunner:
         with torch.cuda.graph(bwd, pool=self.pool, stream=side):
             grads = run_bwd()
         gc.collect()
-        return _LayerGraphs(fwd=fwd, bwd=bwd, grads=tuple(grads), ptrs=ptrs)
+        return _LayerGraphs(fwd=fwd, bwd=bwd, grads=tuple(grads), ptrs=ptrs, seeded=seeded)
 
     def disable(self, why: str) -> None:
         if not self.stats.disabled:
@@ -282,21 +296,29 @@ class LayerGraphRunner:
         self.seen.clear()
 
     # ---------------------------------------------------------------- replay
-    def forward(self, st: _Statics, g: _LayerGraphs, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def forward(self, st: _Statics, g: _LayerGraphs, x: torch.Tensor,
+                kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the layer's output, the dropout seed its backward must see again, or None)."""
         st.x.copy_(x)
         self._fill_kwargs(st, kwargs)
+        seed = None
+        if g.seeded:  # drawn outside the graph, from the default generator: torch.manual_seed fixes it
+            seed = draw_seed(x.device)
+            st.seed.copy_(seed)
         if self.emulate:
             g.fwd()
         else:
             g.fwd.replay()
         self.stats.replays += 1
-        return st.y.clone()
+        return st.y.clone(), seed
 
     def backward(self, st: _Statics, g: _LayerGraphs, x: torch.Tensor, kwargs: dict,
-                 dy: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+                 dy: torch.Tensor, seed: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
         # st and g come from the forward's ctx: a runner switched off meanwhile still finishes this step
         st.x.copy_(x)
         st.dy.copy_(dy)
+        if seed is not None:  # the forward's masks again (another layer's forward replay came between)
+            st.seed.copy_(seed)
         self._fill_kwargs(st, kwargs)
         if self.emulate:
             grads = g.bwd()
@@ -312,12 +334,13 @@ class _GraphedLayer(torch.autograd.Function):
     def forward(ctx, runner, index, st, g, kwargs, x, *params):
         ctx.runner, ctx.st, ctx.g, ctx.kwargs = runner, st, g, kwargs
         ctx.save_for_backward(x)
-        return runner.forward(st, g, x, kwargs)
+        y, ctx.seed = runner.forward(st, g, x, kwargs)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx, grads = ctx.runner.backward(ctx.st, ctx.g, x, ctx.kwargs, dy.contiguous())
+        dx, grads = ctx.runner.backward(ctx.st, ctx.g, x, ctx.kwargs, dy.contiguous(), ctx.seed)
         # Static gradient buffers go to autograd as they are: AccumulateGrad copies or adds them
         # (it never keeps a tensor someone else still holds), before the next replay overwrites them.
         return (None, None, None, None, None, dx if ctx.needs_input_grad[5] else None, *grads)

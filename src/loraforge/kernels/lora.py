@@ -10,6 +10,14 @@ Saved for backward: only the inputs (X for a projection group; X, e, g for the M
 again in backward instead of being kept, as bitsandbytes does. Backward never forms an out×in
 product: dA = s·(dY B)ᵀ X and dB = s·dYᵀ (X Aᵀ), 2·T·r·(in+out) FLOPs each.
 
+LoRA dropout (peft's `lora_dropout`): the mask applies to the LoRA branch's input only, y = X Wᵀ +
+s·(drop(X) Aᵀ) Bᵀ, one independent mask per projection as peft draws them. No mask is kept: each call
+saves one seed (dropout.py: an int64 device scalar) and backward regenerates drop(X) from it, so
+dropout adds no saved activation, only transient [T, in] copies. With p = 0 (or in eval mode, where
+the patch passes p = 0) no seed is drawn and the code below is the dropout-free path unchanged.
+
+Frozen base biases (Qwen2's q/k/v) are added by the base GEMM (`addmm`); they get no gradient.
+
 Every function here has a pure-PyTorch path (used on CPU and in the float64 gradient checks);
 SwiGLU uses a Triton kernel on CUDA when `_triton.enabled("swiglu")`.
 """
@@ -23,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
+from .dropout import dropped, seed_for_call
 from .frozen import FrozenWeight
 
 _state = threading.local()
@@ -45,26 +54,56 @@ def _keep() -> bool:
     return getattr(_state, "keep", False)
 
 
-def _lora_forward(x2d, w, a, b, s):
-    """x2d [T, in] -> [T, out]: base GEMM, then the LoRA term accumulated into it (β=1, α=s)."""
-    out = x2d @ w.t()
+class _Drop:
+    """The dropout of one projection's LoRA input: its mask is a function of (seed, salt), so calling it
+    in backward on X gives the forward's drop(X) again, and on a [T, in] gradient masks it the same way."""
+
+    __slots__ = ("p", "salt", "seed")
+
+    def __init__(self, seed: torch.Tensor, salt: int, p: float):
+        self.seed, self.salt, self.p = seed, salt, p
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return dropped(t, self.seed, self.salt, self.p)
+
+
+def _drops(ps, device) -> tuple:
+    """A `_Drop` per projection with p > 0 (None elsewhere), one seed for the call; all None (and no
+    seed drawn, no RNG consumed) when no p is positive."""
+    if not any(ps):
+        return (None,) * len(ps)
+    seed, first = seed_for_call(device, len(ps))
+    return tuple(_Drop(seed, first + i, p) if p > 0 else None for i, p in enumerate(ps))
+
+
+def _lora_forward(x2d, w, a, b, s, drop=None, bias=None):
+    """x2d [T, in] -> [T, out]: base GEMM (+ frozen bias), then the LoRA term accumulated into it (β=1,
+    α=s), its input dropped by `drop` when given."""
+    out = x2d @ w.t() if bias is None else torch.addmm(bias, x2d, w.t())
     if a is not None:
-        out.addmm_(x2d @ a.t(), b.t(), alpha=s)
+        out.addmm_((x2d if drop is None else drop(x2d)) @ a.t(), b.t(), alpha=s)
     return out
 
 
-def _lora_backward(dy2d, x2d, w, a, b, s, dx):
-    """Accumulates dX of one projection into `dx` (or creates it) and returns (dx, dA, dB)."""
+def _lora_backward(dy2d, x2d, w, a, b, s, dx, drop=None):
+    """Accumulates dX of one projection into `dx` (or creates it) and returns (dx, dA, dB).
+
+    With `drop`, the LoRA branch saw drop(X) = X ⊙ m: dA and dB use drop(X) (regenerated from the seed),
+    and the branch's part of dX, s·(dY B) A, is masked the same way: ∂drop(X)/∂X = m."""
     if dx is None:
         dx = dy2d @ w
     else:
         dx.addmm_(dy2d, w)
     if a is None:
         return dx, None, None
+    xl = x2d if drop is None else drop(x2d)
     dyb = dy2d @ b  # [T, r]
-    da = (dyb.t() @ x2d).mul_(s)  # [r, in]
-    db = (dy2d.t() @ (x2d @ a.t())).mul_(s)  # [out, r]
-    dx.addmm_(dyb, a, alpha=s)
+    da = (dyb.t() @ xl).mul_(s)  # [r, in]
+    db = (dy2d.t() @ (xl @ a.t())).mul_(s)  # [out, r]
+    if drop is None:
+        dx.addmm_(dyb, a, alpha=s)
+    else:
+        dx.add_(drop(dyb @ a), alpha=s)
     return dx, da, db
 
 
@@ -77,20 +116,25 @@ def _grad_like(g, p):
 
 
 class LoRALinears(torch.autograd.Function):
-    """Several LoRA projections of one input (q,k,v share X; o is a group of one). Saves X once."""
+    """Several LoRA projections of one input (q,k,v share X; o is a group of one). Saves X once.
+
+    `ps`: each projection's LoRA dropout probability (0: none)."""
 
     @staticmethod
-    def forward(ctx, x, weights: tuple[FrozenWeight, ...], scales: tuple[float, ...], *ab):
+    def forward(ctx, x, weights: tuple[FrozenWeight, ...], scales: tuple[float, ...], ps: tuple[float, ...],
+                *ab):
         x2d = x.reshape(-1, x.shape[-1])
         outs, dense, keep = [], [], _keep()
+        drops = _drops(ps, x.device)
         for i, fw in enumerate(weights):
             a, b = _cast(ab[2 * i], x.dtype), _cast(ab[2 * i + 1], x.dtype)
             w = fw.dense()
-            outs.append(_lora_forward(x2d, w, a, b, scales[i]).view(*x.shape[:-1], -1))
+            out = _lora_forward(x2d, w, a, b, scales[i], drops[i], fw.bias_as(x.dtype))
+            outs.append(out.view(*x.shape[:-1], -1))
             if keep:
                 dense.append(w)
         ctx.dense = tuple(dense) if keep else None
-        ctx.weights, ctx.scales = weights, scales
+        ctx.weights, ctx.scales, ctx.drops = weights, scales, drops
         ctx.save_for_backward(x, *ab)
         return tuple(outs)
 
@@ -107,11 +151,12 @@ class LoRALinears(torch.autograd.Function):
                 grads += [None, None]
                 continue
             w = ctx.dense[i] if ctx.dense is not None else fw.dense()
-            dx, da, db = _lora_backward(d.reshape(-1, d.shape[-1]), x2d, w, a, b, ctx.scales[i], dx)
+            dx, da, db = _lora_backward(d.reshape(-1, d.shape[-1]), x2d, w, a, b, ctx.scales[i], dx,
+                                        ctx.drops[i])
             grads += [_grad_like(da, a_p), _grad_like(db, b_p)]
         if dx is not None:
             dx = dx.view(x.shape)
-        return (dx, None, None, *grads)
+        return (dx, None, None, None, *grads)
 
 
 def _acc(dtype):
@@ -141,10 +186,12 @@ def swiglu_backward(dh, e, g):
 
 
 class LoRAMLP(torch.autograd.Function):
-    """down(silu(gate(X)) · up(X)) with LoRA on any of the three. Saves X, e = gate(X), g = up(X)."""
+    """down(silu(gate(X)) · up(X)) with LoRA on any of the three. Saves X, e = gate(X), g = up(X).
+
+    `ps`: the LoRA dropout probability of gate, up and down (down's LoRA input is h = silu(e)·g)."""
 
     @staticmethod
-    def forward(ctx, x, weights, scales, ag, bg, au, bu, ad, bd):
+    def forward(ctx, x, weights, scales, ps, ag, bg, au, bu, ad, bd):
         x2d = x.reshape(-1, x.shape[-1])
         dt = x.dtype
         keep = _keep()
@@ -156,12 +203,13 @@ class LoRAMLP(torch.autograd.Function):
                 dense.append(w)
             return w
 
-        e = _lora_forward(x2d, expand(weights[0]), _cast(ag, dt), _cast(bg, dt), scales[0])
-        g = _lora_forward(x2d, expand(weights[1]), _cast(au, dt), _cast(bu, dt), scales[1])
+        drops = _drops(ps, x.device)
+        e = _lora_forward(x2d, expand(weights[0]), _cast(ag, dt), _cast(bg, dt), scales[0], drops[0])
+        g = _lora_forward(x2d, expand(weights[1]), _cast(au, dt), _cast(bu, dt), scales[1], drops[1])
         h = swiglu_forward(e, g)
-        y = _lora_forward(h, expand(weights[2]), _cast(ad, dt), _cast(bd, dt), scales[2])
+        y = _lora_forward(h, expand(weights[2]), _cast(ad, dt), _cast(bd, dt), scales[2], drops[2])
         ctx.dense = tuple(dense) if keep else None
-        ctx.weights, ctx.scales = weights, scales
+        ctx.weights, ctx.scales, ctx.drops = weights, scales, drops
         ctx.save_for_backward(x, e, g, ag, bg, au, bu, ad, bd)
         return y.view(*x.shape[:-1], -1)
 
@@ -173,6 +221,7 @@ class LoRAMLP(torch.autograd.Function):
             return ctx.dense[i] if ctx.dense is not None else ctx.weights[i].dense()
 
         sg, su, sd = ctx.scales
+        dg_drop, du_drop, dd_drop = ctx.drops
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, dy.shape[-1])
         ad_c, bd_c = _cast(ad, dt), _cast(bd, dt)
@@ -180,24 +229,32 @@ class LoRAMLP(torch.autograd.Function):
         dh = dy2d @ w(2)
         if ad_c is not None:
             dyb = dy2d @ bd_c
-            dh.addmm_(dyb, ad_c, alpha=sd)
+            if dd_drop is None:
+                dh.addmm_(dyb, ad_c, alpha=sd)
+            else:
+                dh.add_(dd_drop(dyb @ ad_c), alpha=sd)
         h, de, dg = swiglu_backward(dh, e, g)
         del dh
         dad = dbd = None
         if ad_c is not None:
+            if dd_drop is not None:
+                h = dd_drop(h)
             dad = (dyb.t() @ h).mul_(sd)
             dbd = (dy2d.t() @ (h @ ad_c.t())).mul_(sd)
         del h
-        dx, dau, dbu = _lora_backward(dg, x2d, w(1), _cast(au, dt), _cast(bu, dt), su, None)
-        dx, dag, dbg = _lora_backward(de, x2d, w(0), _cast(ag, dt), _cast(bg, dt), sg, dx)
-        return (dx.view(x.shape), None, None,
+        dx, dau, dbu = _lora_backward(dg, x2d, w(1), _cast(au, dt), _cast(bu, dt), su, None, du_drop)
+        dx, dag, dbg = _lora_backward(de, x2d, w(0), _cast(ag, dt), _cast(bg, dt), sg, dx, dg_drop)
+        return (dx.view(x.shape), None, None, None,
                 _grad_like(dag, ag), _grad_like(dbg, bg), _grad_like(dau, au), _grad_like(dbu, bu),
                 _grad_like(dad, ad), _grad_like(dbd, bd))
 
 
-def lora_linears(x, weights, scales, ab):
-    return LoRALinears.apply(x, tuple(weights), tuple(scales), *ab)
+def lora_linears(x, weights, scales, ab, ps=None):
+    """One output per projection; `ps`: LoRA dropout probabilities (None: no dropout)."""
+    ps = tuple(ps) if ps is not None else (0.0,) * len(weights)
+    return LoRALinears.apply(x, tuple(weights), tuple(scales), ps, *ab)
 
 
-def lora_mlp(x, weights, scales, ab):
-    return LoRAMLP.apply(x, tuple(weights), tuple(scales), *ab)
+def lora_mlp(x, weights, scales, ab, ps=None):
+    ps = tuple(ps) if ps is not None else (0.0, 0.0, 0.0)
+    return LoRAMLP.apply(x, tuple(weights), tuple(scales), ps, *ab)

@@ -1,10 +1,10 @@
-"""Put the fast path into a peft LoRA/QLoRA Llama model, in place.
+"""Put the fast path into a peft LoRA/QLoRA Llama, Mistral or Qwen2 model, in place.
 
 What changes (per decoder layer, forward methods of instances only, so that transformers' own
 gradient checkpointing of the decoder layer, peft's parameters and `save_pretrained` stay as
 they are):
-- self_attn: q/k/v in one `LoRALinears` node (X saved once), o_proj in another; RoPE and SDPA as
-  transformers does them.
+- self_attn: q/k/v in one `LoRALinears` node (X saved once), o_proj in another; RoPE and the attention
+  call as transformers does them for that architecture (Mistral and Qwen2 pass their sliding window).
 - mlp: one `LoRAMLP` node.
 - input/post-attention/final RMSNorm: `RMSNormFrozen`.
 - the causal-LM head, when labels are given and grad is on: `causal_lm_loss`, which returns the
@@ -12,19 +12,41 @@ they are):
 - frozen fp32 floating-point parameters (peft's `prepare_model_for_kbit_training` upcasts norms,
   embeddings and lm_head) go back to the compute dtype: the fp32 copies turn the residual stream,
   attention and the logits fp32 (research/performance.md section 1.2: −23% GPU time).
+peft's `lora_dropout` runs inside the fused nodes (lora.py, dropout.py), in training mode only, as
+peft's `nn.Dropout` does. `fast_path_summary` says in one line whether a run got all this, and if not,
+which setting would give it.
 """
 
 from __future__ import annotations
 
+import importlib
 import types
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 
 from . import _triton
 
-_SUPPORTED_MODEL_TYPES = ("llama",)
+
+@dataclass(frozen=True)
+class _Arch:
+    """What the patch needs to know of one transformers architecture (same layer layout as Llama)."""
+
+    prefix: str  # class-name prefix in transformers.models.<model_type>.modeling_<model_type>
+    # How stock attention passes `sliding_window` to the attention function: not at all (Llama), from
+    # the config (Mistral), or from the attention module, set per layer from config.layer_types (Qwen2).
+    window: Literal["none", "config", "module"]
+
+
+_ARCHS = {"llama": _Arch("Llama", "none"), "mistral": _Arch("Mistral", "config"),
+          "qwen2": _Arch("Qwen2", "module")}
 _ATTN = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _arch_module(model_type: str):
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
 def _unwrap(model):
@@ -38,48 +60,85 @@ def _unwrap(model):
     return peft_model, base
 
 
-def is_supported(model, *, allow_cpu: bool = False) -> tuple[bool, str]:
-    """Whether `patch_model` can put the fast path into this model, and if not, why."""
+_GPU_HINT = "run on a CUDA GPU (model.device: auto or cuda)"
+
+
+def _refusal(model, allow_cpu: bool) -> tuple[str, str] | None:
+    """(why the fast path cannot take this model, what a user can set to get it), or None if it can."""
     peft_model, base = _unwrap(model)
     cfg = getattr(base, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in _SUPPORTED_MODEL_TYPES:
-        return False, f"architecture {getattr(cfg, 'model_type', None)!r} is not Llama"
+    mt = getattr(cfg, "model_type", None)
+    if mt not in _ARCHS:
+        return (f"model type {mt!r} is not supported yet",
+                f"the fast path covers {', '.join(_ARCHS)}; other models train on the stock path")
     if getattr(cfg, "hidden_act", "silu") != "silu":
-        return False, f"hidden_act {cfg.hidden_act!r} is not silu"
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return False, "base projections have biases"
+        return f"hidden_act {cfg.hidden_act!r} is not silu", "no setting: this checkpoint's MLP is not SwiGLU"
+    if getattr(cfg, "mlp_bias", False):
+        return "the MLP projections have biases", "no setting: this checkpoint's MLP has biases"
     if peft_model is not None:
         for name, pc in peft_model.peft_config.items():
             if getattr(pc, "peft_type", None) is not None and str(pc.peft_type.value) != "LORA":
-                return False, f"adapter {name!r} is {pc.peft_type.value}, not LoRA"
+                return f"adapter {name!r} is {pc.peft_type.value}, not LoRA", "use a LoRA adapter"
             if getattr(pc, "use_dora", False):
-                return False, "DoRA adapters are not supported"
-            if getattr(pc, "lora_dropout", 0.0):
-                return False, f"lora_dropout={pc.lora_dropout} > 0 is not supported"
+                return "DoRA adapters are not supported", "set lora.use_dora: false"
             if getattr(pc, "bias", "none") != "none":
-                return False, f"bias={pc.bias!r} is not supported"
+                return f"bias={pc.bias!r} trains biases", "set lora.bias: none"
             if getattr(pc, "lora_bias", False):
-                return False, "lora_bias is not supported"
+                return "lora_bias is not supported", "use adapters without lora_bias"
         if len(getattr(peft_model, "active_adapters", ["x"])) != 1:
-            return False, "more than one active adapter"
+            return "more than one active adapter", "activate a single adapter"
     try:
         dev = next(base.parameters()).device
     except StopIteration:
-        return False, "model has no parameters"
+        return "model has no parameters", "load a model with weights"
     if dev.type != "cuda" and not allow_cpu:
-        return False, f"model is on {dev.type}: the fast path is for CUDA GPUs"
+        return f"the model is on {dev.type}: the fast path is for CUDA GPUs", _GPU_HINT
+    if any(p.dtype == torch.int8 for p in base.parameters()):  # bitsandbytes 8-bit: W needs its SCB scales
+        return "8-bit base weights are not supported", "set model.use_8bit: false (model.use_4bit: true is QLoRA)"
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None or not len(layers):
-        return False, "no decoder layers found at model.model.layers"
-    return True, "ok"
+        return "no decoder layers found at model.model.layers", "no setting: unexpected model layout"
+    mod, prefix = _arch_module(mt), _ARCHS[mt].prefix
+    for part, cls in (("self_attn", "Attention"), ("mlp", "MLP")):
+        want = getattr(mod, f"{prefix}{cls}")
+        if type(getattr(layers[0], part, None)) is not want:
+            return (f"layers[0].{part} is {type(getattr(layers[0], part, None)).__name__}, not transformers' "
+                    f"{want.__name__}", "set model.trust_remote_code: false to load transformers' own code")
+    return None
 
 
-def _lora_parts(mod):
-    """(base layer, A's nn.Linear, B's nn.Linear, scale) for a projection, or None.
+def is_supported(model, *, allow_cpu: bool = False) -> tuple[bool, str]:
+    """Whether `patch_model` can put the fast path into this model, and if not, why."""
+    refusal = _refusal(model, allow_cpu)
+    return (True, "ok") if refusal is None else (False, refusal[0])
+
+
+class _Proj(NamedTuple):
+    """One projection as the fused nodes see it."""
+
+    base: torch.nn.Module  # the frozen Linear / Linear4bit
+    lora_a: torch.nn.Module | None
+    lora_b: torch.nn.Module | None
+    scale: float
+    dropout: torch.nn.Module | None  # peft's nn.Dropout (None: Identity or no LoRA)
+
+    def p(self) -> float:
+        """The dropout probability for this call: 0 in eval mode, as nn.Dropout."""
+        d = self.dropout
+        return d.p if d is not None and d.training else 0.0
+
+
+def _frozen_bias(base) -> bool:
+    """No bias, or a frozen one (added by the base GEMM, no grad); a trained bias is not for us."""
+    b = getattr(base, "bias", None)
+    return b is None or not b.requires_grad
+
+
+def _lora_parts(mod) -> _Proj | None:
+    """The projection's parts, or None if the fused nodes cannot run it.
 
     The A/B *modules* are kept, not their Parameters: each call reads `.weight` afresh, so whoever
     swaps a parameter on the module (graphs.py does, to capture with fresh autograd leaves) is seen."""
-    adapter = None
     if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
         active = getattr(mod, "active_adapters", None) or [getattr(mod, "active_adapter", None)]
         if len(active) != 1:
@@ -87,51 +146,65 @@ def _lora_parts(mod):
         adapter = active[0]
         if getattr(mod, "merged", False) or getattr(mod, "disable_adapters", False):
             return None
-        if mod.use_dora.get(adapter, False) or adapter in getattr(mod, "lora_magnitude_vector", {}):
+        if mod.use_dora.get(adapter, False) or adapter in getattr(mod, "lora_magnitude_vector", {}) \
+                or adapter in getattr(mod, "lora_variant", {}):
+            return None
+        base = mod.get_base_layer()
+        if not _frozen_bias(base) or not _dense_or_4bit(base):
             return None
         if adapter not in mod.lora_A:
-            base = mod.get_base_layer()
-            return (base, None, None, 0.0) if getattr(base, "bias", None) is None else None
-        if not isinstance(mod.lora_dropout[adapter], torch.nn.Identity):
+            return _Proj(base, None, None, 0.0, None)
+        drop = mod.lora_dropout[adapter]
+        if type(drop) not in (torch.nn.Identity, torch.nn.Dropout):
             return None
         la, lb = mod.lora_A[adapter], mod.lora_B[adapter]
         if getattr(la, "bias", None) is not None or getattr(lb, "bias", None) is not None:
             return None
-        base = mod.get_base_layer()
-        if getattr(base, "bias", None) is not None:
-            return None
-        return base, la, lb, float(mod.scaling[adapter])
-    if isinstance(mod, torch.nn.Linear) and mod.bias is None:
-        return mod, None, None, 0.0
+        return _Proj(base, la, lb, float(mod.scaling[adapter]),
+                     drop if isinstance(drop, torch.nn.Dropout) and drop.p > 0 else None)
+    if isinstance(mod, torch.nn.Linear) and _frozen_bias(mod) and _dense_or_4bit(mod):
+        return _Proj(mod, None, None, 0.0, None)
     return None
+
+
+def _dense_or_4bit(base) -> bool:
+    w = getattr(base, "weight", None)
+    return w is not None and (w.is_floating_point() or getattr(w, "quant_state", None) is not None)
 
 
 def _weights(mods):
     return [None if m is None else m.weight for m in mods]
 
 
-def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
-    from transformers.models.llama import modeling_llama as ml
-
+def _frozen(parts, dtype):
     from .frozen import FrozenWeight
+
+    return tuple(FrozenWeight(p.base.weight, dtype, p.base.bias) for p in parts)
+
+
+def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
     from .lora import lora_linears
     from .rope import apply_rope, rope_supported
 
-    w_qkv = tuple(FrozenWeight(p[0].weight, dtype) for p in parts_qkv)
-    s_qkv = tuple(p[3] for p in parts_qkv)
-    ab_qkv = [m for p in parts_qkv for m in (p[1], p[2])]
-    w_o = (FrozenWeight(parts_o[0].weight, dtype),)
-    ab_o = [parts_o[1], parts_o[2]]
+    ml = _arch_module(model_type)
+    window = _ARCHS[model_type].window
+    w_qkv, w_o = _frozen(parts_qkv, dtype), _frozen((parts_o,), dtype)
+    s_qkv = tuple(p.scale for p in parts_qkv)
+    ab_qkv = [m for p in parts_qkv for m in (p.lora_a, p.lora_b)]
+    ab_o = [parts_o.lora_a, parts_o.lora_b]
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
-        if past_key_values is not None or position_embeddings is None or hidden_states.dtype != dtype:
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        # transformers 5 passes the KV cache as `cache` (`past_key_values` before): with either, or
+        # another dtype, the stock forward runs (it updates the cache; training never has one).
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None \
+                or position_embeddings is None or hidden_states.dtype != dtype:
             return orig_forward(hidden_states, position_embeddings=position_embeddings,
-                                attention_mask=attention_mask, past_key_values=past_key_values,
-                                **kwargs)
+                                attention_mask=attention_mask, **kwargs)
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = lora_linears(hidden_states, w_qkv, s_qkv, _weights(ab_qkv))
+        q, k, v = lora_linears(hidden_states, w_qkv, s_qkv, _weights(ab_qkv), [p.p() for p in parts_qkv])
         q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
         cos, sin = position_embeddings
         if rope_supported(q, cos):  # rotated in the [B, S, H, D] layout, one kernel per tensor
@@ -140,6 +213,10 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = ml.apply_rotary_pos_emb(q, k, cos, sin)
+        if window == "config":
+            kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+        elif window == "module":
+            kwargs["sliding_window"] = self.sliding_window
         attention_interface = ml.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, ml.eager_attention_forward)
         out, weights = attention_interface(
@@ -147,24 +224,23 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype):
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
-        (out,) = lora_linears(out, w_o, (parts_o[3],), _weights(ab_o))
+        (out,) = lora_linears(out, w_o, (parts_o.scale,), _weights(ab_o), (parts_o.p(),))
         return out, weights
 
     return forward
 
 
 def _mlp_forward_factory(orig_forward, parts, dtype):
-    from .frozen import FrozenWeight
     from .lora import lora_mlp
 
-    ws = tuple(FrozenWeight(p[0].weight, dtype) for p in parts)
-    ss = tuple(p[3] for p in parts)
-    ab = [m for p in parts for m in (p[1], p[2])]
+    ws = _frozen(parts, dtype)
+    ss = tuple(p.scale for p in parts)
+    ab = [m for p in parts for m in (p.lora_a, p.lora_b)]
 
     def forward(self, x):
         if x.dtype != dtype:
             return orig_forward(x)
-        return lora_mlp(x, ws, ss, _weights(ab))
+        return lora_mlp(x, ws, ss, _weights(ab), [p.p() for p in parts])
 
     return forward
 
@@ -220,6 +296,7 @@ def _compute_dtype(base) -> torch.dtype:
 def self_check(device) -> dict[str, str]:
     """Runs each Triton kernel once against its PyTorch twin; switches off any that fails."""
     out = {}
+    _triton.ENABLED.setdefault("dropout", True)  # dropout.py's kernel, checked here with the others
     if not _triton.AVAILABLE or torch.device(device).type != "cuda":
         return {k: "off (no Triton/CUDA)" for k in _triton.ENABLED}
     gen = torch.Generator(device=device).manual_seed(0)
@@ -268,8 +345,18 @@ def self_check(device) -> dict[str, str]:
             errs.append(float((a.float() - b.float()).norm() / b.float().norm()))
         return max(errs)
 
+    def chk_dropout():
+        from .dropout import _dropped_torch, _dropped_triton, draw_seed
+
+        x, seed = rnd(37, 4100), draw_seed(device)
+        errs = []
+        for salt, p in ((0, 0.05), (5, 0.5)):  # the kernel and its twin must drop the very same elements
+            a, b = _dropped_triton(x, seed, salt, p), _dropped_torch(x, seed, salt, p)
+            errs.append(float((a.float() - b.float()).abs().max()) + float(((a == 0) != (b == 0)).sum()))
+        return max(errs)
+
     checks = {"swiglu": (chk_swiglu, 1e-2), "rmsnorm": (chk_rmsnorm, 1e-2), "dequant": (chk_dequant, 0.0),
-              "rope": (chk_rope, 1e-2)}
+              "rope": (chk_rope, 1e-2), "dropout": (chk_dropout, 0.0)}
     for name, (fn, tol) in checks.items():
         want = _triton.ENABLED.get(name, False)
         try:
@@ -284,23 +371,25 @@ def self_check(device) -> dict[str, str]:
 
 
 def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = False) -> dict:
-    """Patch a peft LoRA/QLoRA Llama model in place so its training step runs the fast path.
+    """Patch a peft LoRA/QLoRA Llama, Mistral or Qwen2 model in place so its training step runs the fast path.
 
-    Returns a summary: {"patched": bool, "reason": str, "layers": n, "attention": n, "mlp": n,
-    "norms": n, "cross_entropy": bool, "downcast_params": n, "skipped": [...], "triton": {...}}.
-    Never raises for an unsupported model: it returns "patched": False and the reason.
-    `allow_cpu` lets the tests run the same math on the CPU (correct, not faster).
+    Returns a summary: {"patched": bool, "reason": str, "hint": str, "model_type": str, "layers": n,
+    "attention": n, "mlp": n, "norms": n, "cross_entropy": bool, "lora_dropout": p, "downcast_params": n,
+    "skipped": [...], "triton": {...}}. Never raises for an unsupported model: it returns "patched":
+    False, the reason and the hint (what to set to get the fast path). `fast_path_summary` turns it into
+    one line. `allow_cpu` lets the tests run the same math on the CPU (correct, not faster).
     """
     summary: dict = {"patched": False, "layers": 0, "attention": 0, "mlp": 0, "norms": 0,
-                     "cross_entropy": False, "downcast_params": 0, "skipped": []}
-    ok, why = is_supported(model, allow_cpu=allow_cpu)
-    summary["reason"] = why
-    if not ok:
+                     "cross_entropy": False, "lora_dropout": 0.0, "downcast_params": 0, "skipped": []}
+    refusal = _refusal(model, allow_cpu)
+    summary["reason"], summary["hint"] = refusal or ("ok", "")
+    if refusal is not None:
         return summary
     if getattr(model, "_loraforge_patched", False):
         summary.update(model._loraforge_patch_summary, reason="already patched")
         return summary
     _, base = _unwrap(model)
+    mt = summary["model_type"] = base.config.model_type
     dtype = _compute_dtype(base)
     summary["dtype"] = str(dtype).replace("torch.", "")
     device = next(base.parameters()).device
@@ -312,14 +401,17 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
             p.data = p.data.to(dtype)
             summary["downcast_params"] += 1
 
-    from transformers.models.llama import modeling_llama as ml
+    norm_cls = getattr(_arch_module(mt), f"{_ARCHS[mt].prefix}RMSNorm")
 
     def patch_norm(norm, where):
-        if isinstance(norm, ml.LlamaRMSNorm):
+        if type(norm) is norm_cls:
             norm.forward = types.MethodType(_norm_forward_factory(norm.forward, dtype), norm)
             summary["norms"] += 1
         else:
-            summary["skipped"].append(f"{where}: {type(norm).__name__} is not LlamaRMSNorm")
+            summary["skipped"].append(f"{where}: {type(norm).__name__} is not {norm_cls.__name__}")
+
+    def note_dropout(parts):
+        summary["lora_dropout"] = max([summary["lora_dropout"]] + [p.dropout.p for p in parts if p.dropout])
 
     for i, layer in enumerate(base.model.layers):
         summary["layers"] += 1
@@ -327,16 +419,18 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
         parts = [_lora_parts(getattr(attn, n)) for n in (*_ATTN, "o_proj")]
         if all(p is not None for p in parts) and getattr(attn, "head_dim", None):
             attn.forward = types.MethodType(
-                _attn_forward_factory(attn.forward, parts[:3], parts[3], dtype), attn)
+                _attn_forward_factory(attn.forward, parts[:3], parts[3], dtype, mt), attn)
             summary["attention"] += 1
+            note_dropout(parts)
         else:
-            summary["skipped"].append(f"layers.{i}.self_attn: unsupported projection (dropout/DoRA/bias?)")
+            summary["skipped"].append(f"layers.{i}.self_attn: unsupported projection (DoRA/trained bias/8-bit?)")
         parts = [_lora_parts(getattr(mlp, n, None)) for n in _MLP]
         if all(p is not None for p in parts):
             mlp.forward = types.MethodType(_mlp_forward_factory(mlp.forward, parts, dtype), mlp)
             summary["mlp"] += 1
+            note_dropout(parts)
         else:
-            summary["skipped"].append(f"layers.{i}.mlp: unsupported projection (dropout/DoRA/bias?)")
+            summary["skipped"].append(f"layers.{i}.mlp: unsupported projection (DoRA/trained bias/8-bit?)")
         patch_norm(layer.input_layernorm, f"layers.{i}.input_layernorm")
         patch_norm(layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
     patch_norm(base.model.norm, "model.norm")
@@ -351,3 +445,46 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
     model._loraforge_patched = True
     model._loraforge_patch_summary = dict(summary)
     return summary
+
+
+def fast_path_summary(model_or_report) -> str:
+    """One line for a run's start-up: whether it runs the fast path, and if not, why and what to set.
+
+    "fast path: on (fused LoRA with dropout 0.05, CUDA graphs, chunked loss)" or "fast path: off for
+    this run because DoRA adapters are not supported — set lora.use_dora: false". Takes the model
+    (after `patch_model` and `enable_graphed_layers`, or one never patched: then `is_supported` says
+    why) or a `patch_model` report; a caller that chose not to patch passes its own
+    {"patched": False, "reason": ..., "hint": ...}.
+    """
+    model = None if isinstance(model_or_report, dict) else model_or_report
+    if model is None:
+        report = model_or_report
+    elif getattr(model, "_loraforge_patched", False):
+        report = model._loraforge_patch_summary
+    else:
+        reason, hint = _refusal(model, allow_cpu=False) or (
+            "the fast path was not applied to this model", "set model.fast_kernels: true")
+        report = {"patched": False, "reason": reason, "hint": hint}
+    if not report.get("patched"):
+        reason = report.get("reason", "unknown")
+        hint = report.get("hint")
+        if reason == "ok":  # supported, yet nothing was patched: every layer was skipped
+            skipped = report.get("skipped") or ["no decoder layer could be patched"]
+            reason, hint = f"no layer could be patched ({skipped[0]})", hint or "see the skipped list"
+        return f"fast path: off for this run because {reason}" + (f" — {hint}" if hint else "")
+    p = report.get("lora_dropout", 0.0)
+    parts = ["fused LoRA" + (f" with dropout {p:g}" if p else "")]
+    runner = getattr(model, "_loraforge_graphs", None) if model is not None else None
+    if runner is not None:
+        parts.append(f"CUDA graphs off: {runner.stats.disabled}" if runner.stats.disabled else "CUDA graphs")
+    elif model is not None:
+        parts.append("no CUDA graphs")
+    parts.append("chunked loss" if report.get("cross_entropy") else "stock loss")
+    off = [k for k, v in (report.get("triton") or {}).items() if v.startswith("off") and "no Triton" not in v]
+    if off:
+        parts.append(f"Triton off: {', '.join(off)} (their PyTorch twins run)")
+    line = f"fast path: on ({', '.join(parts)})"
+    skipped = report.get("skipped") or []
+    if skipped:
+        line += f"; {len(skipped)} module(s) on the stock path, e.g. {skipped[0]}"
+    return line

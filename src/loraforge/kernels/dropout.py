@@ -1,0 +1,151 @@
+"""Dropout on the LoRA branch's input, as a pure function of (seed, salt, element index).
+
+peft computes base(x) + B(A(dropout(x)))·s: the frozen path never sees the mask. Its `nn.Dropout` keeps a
+full-size mask (or the dropped copy of x) alive until backward, one per adapted projection. Here the mask
+is never stored: keep[i] = hash(seed, salt, i) >= p·2³², so backward regenerates it from the seed, an
+int64 scalar tensor saved per call (8 bytes instead of a [T, in] mask, and without bit-packing
+kernels). Counter-based, not a torch.Generator, for two reasons:
+- the seed is a *device tensor*, never read on the host: no sync, and a CUDA graph can replay the same
+  mask in its forward and in its recompute by reading the seed from a buffer the caller fills
+  (graphs.py does this through `seeds_from`); torch's generators hand each graph replay a new offset;
+- the Triton kernel and its PyTorch twin compute the very same bits, so the CPU tests check the mask
+  that the GPU uses, and `patch.self_check` can demand bit equality.
+
+The hash is two rounds of a 32-bit integer mixer keyed by the seed's two halves and the salt. It is
+written in int64 with every product below 2⁶³ (32-bit values times constants < 2²⁷), so torch and Triton
+agree without relying on wrap-around. Flat indices wrap at 2³² (a [T, in] activation that large is
+16 GiB in bf16). The seeds come from torch's default generator of the activations' device
+(`draw_seed`): `torch.manual_seed` fixes them, and checkpointing's RNG restore replays them in the
+recompute, exactly as it does for peft's `nn.Dropout`.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from . import _triton
+
+_M = 0xFFFFFFFF
+_C = 0x45D9F3B  # Mueller's 32-bit mixer constant (< 2^27, so h * _C < 2^59)
+_SALT_A, _SALT_B = 0x9E3779B1, 0x7F4A7C15  # salts spread over 32 bits (golden-ratio style odd numbers)
+_state = threading.local()
+
+
+def _salt_keys(salt: int) -> tuple[int, int]:
+    return (salt * _SALT_A) & _M, (salt * _SALT_B + 1) & _M
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    h = (((h >> 16) ^ h) * _C) & _M
+    h = (((h >> 16) ^ h) * _C) & _M
+    return (h >> 16) ^ h
+
+
+def _threshold(p: float) -> int:
+    return min(int(p * 2**32), 2**32)
+
+
+def keep_mask(seed: torch.Tensor, salt: int, n: int, p: float) -> torch.Tensor:
+    """The [n] boolean keep mask for (seed, salt): the PyTorch twin of the Triton kernel's test."""
+    sa, sb = _salt_keys(salt)
+    k1 = _mix32((seed & _M) ^ sa)
+    k2 = _mix32(((seed >> 32) & _M) ^ sb)
+    idx = torch.arange(n, device=seed.device, dtype=torch.int64) & _M
+    return _mix32(_mix32(idx ^ k1) ^ k2) >= _threshold(p)
+
+
+def _dropped_torch(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    keep = keep_mask(seed, salt, x.numel(), p).view(x.shape)
+    acc = torch.promote_types(x.dtype, torch.float32)  # scale in fp32 and round once, as the kernel does
+    return torch.where(keep, x.to(acc) * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
+
+
+def triton_enabled() -> bool:
+    return _triton.AVAILABLE and _triton.ENABLED.get("dropout", True)
+
+
+def dropped(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """x ⊙ keep / (1 − p) with keep from (seed, salt) over x's row-major flat index; a new tensor."""
+    x = x.contiguous()
+    if x.is_cuda and triton_enabled():
+        return _dropped_triton(x, seed, salt, p)
+    return _dropped_torch(x, seed, salt, p)
+
+
+def draw_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh seed on `device` from torch's default generator there (no host sync)."""
+    return torch.randint(0, 2**62, (), device=device, dtype=torch.int64)
+
+
+@dataclass
+class _SeedSource:
+    seed: torch.Tensor
+    calls: int = 0  # salts handed out so far
+    users: int = 0  # autograd calls that took a seed
+
+
+@contextmanager
+def seeds_from(seed: torch.Tensor):
+    """Inside: every dropout call takes `seed` (a 0-d int64 device tensor the caller fills) and the next
+    salts in call order, instead of drawing its own seed. A layer run twice in this context with the same
+    seed value (a CUDA graph's forward and its recompute) draws the same masks. Yields the source, whose
+    `users` says whether anything took a seed."""
+    prev = getattr(_state, "source", None)
+    src = _state.source = _SeedSource(seed)
+    try:
+        yield src
+    finally:
+        _state.source = prev
+
+
+def seed_for_call(device: torch.device, n_salts: int) -> tuple[torch.Tensor, int]:
+    """(seed, first salt) for one autograd call that applies up to `n_salts` masks."""
+    src = getattr(_state, "source", None)
+    if src is None:
+        return draw_seed(device), 0
+    first = src.calls
+    src.calls += n_salts
+    src.users += 1
+    return src.seed, first
+
+
+if _triton.AVAILABLE:
+    tl, triton = _triton.tl, _triton.triton
+
+    @triton.jit
+    def _mix32_tl(h):
+        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+        return (h >> 16) ^ h
+
+    @triton.jit
+    def _dropout_kernel(x_ptr, out_ptr, seed_ptr, n, salt_a, salt_b, thr, scale, BLOCK: tl.constexpr):
+        # The same int64 ops as keep_mask: the two must agree bit for bit (patch.self_check checks it).
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        seed = tl.load(seed_ptr).to(tl.int64)
+        k1 = _mix32_tl((seed & 0xFFFFFFFF) ^ salt_a)  # int64 ^ (i32 or i64) promotes to int64
+        k2 = _mix32_tl(((seed >> 32) & 0xFFFFFFFF) ^ salt_b)
+        h = _mix32_tl(_mix32_tl((offs & 0xFFFFFFFF) ^ k1) ^ k2)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(h >= thr, x * scale, 0.0)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_BLOCK = 1024
+
+
+def _dropped_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    n = x.numel()
+    sa, sb = _salt_keys(salt)
+    # Python ints are typed i32 below 2^31 and i64 above by Triton; either way they meet the int64 seed
+    # and hash in the kernel and promote to int64, so every typing computes the same bits.
+    _dropout_kernel[(triton.cdiv(n, _BLOCK),)](x, out, seed, n, sa, sb, _threshold(p), 1.0 / (1.0 - p),
+                                               BLOCK=_BLOCK, num_warps=4)
+    return out

@@ -1,0 +1,234 @@
+"""LoRA dropout inside the fused nodes (kernels/dropout.py, kernels/lora.py): the mask, the gradients, and
+CUDA-graph replays that see the forward's masks again (emulated on the CPU; the tests marked `cuda`
+at the end replay real graphs and check the Triton kernel, and are skipped without a GPU)."""
+
+import pytest
+import torch
+
+from loraforge.kernels.dropout import draw_seed, dropped, keep_mask, seeds_from
+from loraforge.kernels.frozen import FrozenWeight
+from loraforge.kernels.lora import lora_linears, lora_mlp
+
+D = torch.float64
+
+
+def _p(*shape):
+    return torch.randn(*shape, dtype=D, requires_grad=True)
+
+
+def test_mask_is_a_function_of_seed_and_salt():
+    seed = torch.tensor(123456789012345, dtype=torch.int64)
+    n = 1 << 18
+    m = keep_mask(seed, 0, n, 0.1)
+    assert torch.equal(m, keep_mask(seed.clone(), 0, n, 0.1))  # regenerated, not stored
+    assert abs(m.float().mean().item() - 0.9) < 0.005
+    others = [keep_mask(seed, 1, n, 0.1), keep_mask(seed + 1, 0, n, 0.1), keep_mask(seed + 2**32, 0, n, 0.1)]
+    for o in others:  # another salt or either half of another seed: an unrelated mask
+        agree = (m == o).float().mean().item()
+        assert abs(agree - (0.9**2 + 0.1**2)) < 0.005
+    assert keep_mask(seed, 0, 64, 0.0).all()
+    x = torch.randn(7, 9, dtype=torch.bfloat16)
+    y = dropped(x, seed, 3, 0.25)
+    k = keep_mask(seed, 3, x.numel(), 0.25).view(7, 9)
+    assert torch.equal(y, torch.where(k, x.float() / 0.75, 0.0).to(torch.bfloat16))
+
+
+def test_draw_seed_follows_torch_manual_seed():
+    torch.manual_seed(7)
+    a = draw_seed("cpu")
+    torch.manual_seed(7)
+    assert torch.equal(a, draw_seed("cpu")) and a.dtype == torch.int64 and a.dim() == 0
+
+
+def _seeded(fn, seed=torch.tensor(42)):
+    """fn under a fixed seed, salts from 0 on every call (what gradcheck's repeated calls need)."""
+    def run(*args):
+        with seeds_from(seed):
+            return fn(*args)
+    return run
+
+
+def test_lora_linears_with_dropout_gradcheck_and_reference():
+    torch.manual_seed(0)
+    x = _p(2, 3, 6)
+    ws = [FrozenWeight(torch.randn(o, 6, dtype=D), D) for o in (5, 4, 4)]
+    ab = [_p(2, 6), _p(5, 2), None, None, _p(3, 6), _p(4, 3)]
+    scales, ps = (2.0, 0.0, 0.5), (0.3, 0.0, 0.5)
+    f = _seeded(lambda x, *ab: lora_linears(x, ws, scales, list(ab), ps))
+    torch.autograd.gradcheck(f, (x, *ab))
+    # peft's formula with the same masks: base(x) + B(A(drop(x))) * s, the base path undropped
+    q, _, v = f(x, *ab)
+    seed = torch.tensor(42)
+    torch.testing.assert_close(q, x @ ws[0].weight.t() + 2.0 * (dropped(x, seed, 0, 0.3) @ ab[0].t()) @ ab[1].t())
+    torch.testing.assert_close(v, x @ ws[2].weight.t() + 0.5 * (dropped(x, seed, 2, 0.5) @ ab[4].t()) @ ab[5].t())
+
+
+def test_lora_mlp_with_dropout_gradcheck_and_reference():
+    torch.manual_seed(1)
+    x = _p(2, 3, 6)
+    wg, wu, wd = torch.randn(7, 6, dtype=D), torch.randn(7, 6, dtype=D), torch.randn(6, 7, dtype=D)
+    ws = [FrozenWeight(w, D) for w in (wg, wu, wd)]
+    ab = [_p(2, 6), _p(7, 2), _p(2, 6), _p(7, 2), _p(3, 7), _p(6, 3)]
+    scales, ps = (2.0, 1.5, 0.7), (0.2, 0.4, 0.3)
+    f = _seeded(lambda x, *ab: lora_mlp(x, ws, scales, list(ab), ps))
+    torch.autograd.gradcheck(f, (x, *ab))
+    seed = torch.tensor(42)
+    ag, bg, au, bu, ad, bd = ab
+    e = x @ wg.t() + 2.0 * (dropped(x, seed, 0, 0.2) @ ag.t()) @ bg.t()
+    g = x @ wu.t() + 1.5 * (dropped(x, seed, 1, 0.4) @ au.t()) @ bu.t()
+    h = torch.nn.functional.silu(e) * g
+    torch.testing.assert_close(f(x, *ab), h @ wd.t() + 0.7 * (dropped(h, seed, 2, 0.3) @ ad.t()) @ bd.t())
+
+
+def test_no_dropout_draws_no_seed():
+    """p = 0 is the dropout-free path: no seed drawn, the RNG stream as it was before dropout existed."""
+    x = torch.randn(4, 6)
+    ws = [FrozenWeight(torch.randn(5, 6), torch.float32)]
+    ab = [torch.randn(2, 6), torch.randn(5, 2)]
+    state = torch.get_rng_state()
+    lora_linears(x, ws, (1.0,), ab, (0.0,))
+    lora_linears(x, ws, (1.0,), ab)
+    assert torch.equal(state, torch.get_rng_state())
+    lora_linears(x, ws, (1.0,), ab, (0.1,))
+    assert not torch.equal(state, torch.get_rng_state())
+    with seeds_from(torch.tensor(1)) as src:
+        lora_linears(x, ws, (1.0,), ab, (0.0,))
+    assert src.users == 0
+
+
+# ------------------------------------------------------------------ graphs (emulated) with dropout
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+from tinymodels import lm_batch  # noqa: E402
+
+from loraforge.bench.models import build_model, lora_params, make_checkpoint, sync_lora  # noqa: E402
+from loraforge.kernels import patch_model  # noqa: E402
+from loraforge.kernels.graphs import enable_graphed_layers  # noqa: E402
+from loraforge.kernels.offload import decoder_layers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint("tiny", root=str(tmp_path_factory.mktemp("ckpt")), device="cpu")
+
+
+def _with_dropout(model, p):
+    """What peft builds for lora_dropout=p (bench.build_model builds p = 0)."""
+    for mod in model.modules():
+        if hasattr(mod, "lora_dropout") and "default" in mod.lora_dropout:
+            mod.lora_dropout["default"] = torch.nn.Dropout(p)
+    return model
+
+
+def _one_seed_per_layer(model):
+    """Reference for the graphed run: each layer's LoRA calls share one seed drawn before the layer runs
+    (what the graph runner does), kept for the ordinary checkpoint's recompute."""
+    for layer in decoder_layers(model):
+        def checkpoint(fn, *args, _inner=layer._gradient_checkpointing_func, **kwargs):
+            seed = draw_seed(args[0].device)
+
+            def seeded(*a, **k):
+                with seeds_from(seed):
+                    return fn(*a, **k)
+            return _inner(seeded, *args, **kwargs)
+        layer._gradient_checkpointing_func = checkpoint
+
+
+def _grads(model):
+    out = {n: p.grad.detach().clone() for n, p in lora_params(model).items()}
+    for p in lora_params(model).values():
+        p.grad = None
+    return out
+
+
+def test_graphed_layers_replay_the_forwards_masks(ckpt):
+    ref = _with_dropout(build_model(ckpt, 4, "all", stock=False, device="cpu"), 0.2)
+    graphed = _with_dropout(build_model(ckpt, 4, "all", stock=False, device="cpu"), 0.2)
+    for m in (ref, graphed):
+        assert patch_model(m, allow_cpu=True)["lora_dropout"] == 0.2
+    sync_lora(ref, graphed)
+    _one_seed_per_layer(ref)
+    runner = enable_graphed_layers(graphed, emulate=True, min_repeats=1)
+    vocab = ref.config.vocab_size
+    batches = [lm_batch(vocab, 2, 24, seed=1), lm_batch(vocab, 2, 24, seed=2)]
+    losses = {}
+    for name, m in (("ref", ref), ("graphed", graphed)):
+        torch.manual_seed(5)
+        l1, l2 = (m(**b).loss for b in batches)  # both forwards before the backward: seeds must be kept
+        (l1 + l2).backward()
+        losses[name] = (l1.item(), l2.item())
+    assert losses["ref"] == pytest.approx(losses["graphed"], rel=1e-6)
+    g_ref, g_graphed = _grads(ref), _grads(graphed)
+    for n in g_ref:
+        torch.testing.assert_close(g_graphed[n], g_ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert runner.stats.captured == 2 and runner.stats.fallbacks == 0
+    assert all(g.seeded for g in runner.graphs.values())
+    # and dropout is really on: another seed, another loss
+    torch.manual_seed(6)
+    assert graphed(**batches[0]).loss.item() != pytest.approx(losses["graphed"][0], rel=1e-6)
+
+
+def test_graphed_layers_without_dropout_draw_nothing(ckpt):
+    m = build_model(ckpt, 4, "all", stock=False, device="cpu")
+    patch_model(m, allow_cpu=True)
+    runner = enable_graphed_layers(m, emulate=True, min_repeats=1)
+    b = lm_batch(m.config.vocab_size, 2, 16)
+    m(**b).loss.backward()
+    state = torch.get_rng_state()
+    m(**b).loss.backward()
+    assert torch.equal(state, torch.get_rng_state())
+    assert runner.stats.replays and not any(g.seeded for g in runner.graphs.values())
+
+
+# ------------------------------------------------------------------ on a GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_triton_dropout_is_bit_exact_with_its_twin():
+    from loraforge.kernels import _triton
+    from loraforge.kernels.dropout import _dropped_torch, _dropped_triton
+
+    assert _triton.AVAILABLE
+    g = torch.Generator(device="cuda").manual_seed(0)
+    seeds = [draw_seed("cuda"), torch.tensor(2**62 - 1, device="cuda"), torch.tensor(0, device="cuda")]
+    for shape in ((1, 7), (37, 4100), (513, 11008)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.randn(*shape, device="cuda", generator=g).to(dtype)
+            for seed in seeds:
+                for salt, p in ((0, 0.05), (1, 0.1), (6, 0.5), (2**20 + 3, 0.9)):
+                    a, b = _dropped_triton(x, seed, salt, p), _dropped_torch(x, seed, salt, p)
+                    assert torch.equal(a, b), (shape, dtype, int(seed), salt, p)
+
+
+@pytest.fixture(scope="module")
+def gpu_ckpt(tmp_path_factory):
+    return make_checkpoint("tiny", root=str(tmp_path_factory.mktemp("ckpt")), device="cuda")
+
+
+@cuda
+def test_cuda_graphs_with_dropout_match_ordinary_checkpointing(gpu_ckpt):
+    ref = _with_dropout(build_model(gpu_ckpt, 16, "all", stock=False), 0.1)
+    graphed = _with_dropout(build_model(gpu_ckpt, 16, "all", stock=False), 0.1)
+    for m in (ref, graphed):
+        assert patch_model(m)["patched"]
+    sync_lora(ref, graphed)
+    _one_seed_per_layer(ref)
+    runner = enable_graphed_layers(graphed, min_repeats=1)
+    batch = lm_batch(ref.config.vocab_size, 3, 96, device="cuda")
+    grads = {}
+    for step in range(3):  # step 1 captures, then replays; the same seeds drawn in the same order
+        for name, m in (("ref", ref), ("graphed", graphed)):
+            torch.manual_seed(step)
+            loss = m(**batch).loss
+            loss.backward()
+            grads[name] = (loss.item(), _grads(m))
+        assert grads["graphed"][0] == pytest.approx(grads["ref"][0], rel=2e-3)
+        for n, g in grads["ref"][1].items():
+            rel = float((grads["graphed"][1][n].float() - g.float()).norm() / g.float().norm())
+            assert rel < 1e-2, (step, n, rel)
+    assert runner.stats.captured == 2 and not runner.stats.disabled
+    assert all(g.seeded for g in runner.graphs.values())
