@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,29 +154,82 @@ def run_max_context_bench(out_dir: str | Path = "bench/results", shape: str = "l
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if device == "cuda":
         require_cuda("the max-context search")
-    t0 = time.time()
+    t0 = time.time()  # the budget counts from here, setup included
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env_lf = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    state_path = out_dir / f"context-state-{device}-{shape}.json"
-    state: dict[str, Any] = {}
-    if resume and state_path.exists():
-        state = json.loads(state_path.read_text())
-        log(f"resuming from {state_path}")
-    host = host_available()
-    row_path: Path | None = None
+    run = _Run(out_dir=out_dir, state_path=out_dir / f"context-state-{device}-{shape}.json", shape=shape,
+               device=device, root=root, probe_layers=probe_layers, resolution=resolution, verify=verify,
+               speed_steps=speed_steps, stock_max=stock_max, simulate_limit=simulate_limit,
+               t0=t0, budget_s=budget_s, log=log)
+    if resume and run.state_path.exists():
+        run.state = json.loads(run.state_path.read_text())
+        log(f"resuming from {run.state_path}")
+    run.host = host_available()
+    for name in sides:
+        ss = run.state.setdefault(name, {})
+        if ss.get("done"):
+            log(f"{name}: already done in the state file ({run.state_path.name})")
+            continue
+        if "search" in ss:
+            search = Search.from_dict(ss["search"])
+        elif name == "stock":  # always to 1,024 whatever `resolution` says: that is stock_qlora_baseline's maxctx
+            search = Search(stock_start, stock_hi, 1024)
+        else:
+            search = Search(loraforge_start, loraforge_hi or 1 << 20, resolution)
+        if run.left() < 60:
+            log(f"{name}: no time left in this call's budget; run again to continue")
+            break
+        worker = _start_worker(run, name)
+        if worker is None:
+            break
+        # An explicit loraforge_hi is the caller's to keep, even past what host memory allows.
+        if name == "loraforge" and run.state.get("loraforge_host_cap") and not loraforge_hi:
+            search.hi = min(search.hi, run.state["loraforge_host_cap"])
+        ss["search"] = search.to_dict()
+        run.save()
+        side = _Side(name, ss, search, worker, probe=name == "loraforge" and probe_layers > 0)
+        if not _run_side(run, side):
+            break
+    row = _result_row(run.state, shape)
+    log(f"max-context bench: {json.dumps(row) if row else 'nothing measured yet'}"
+        + (f" -> {run.row_path}" if run.row_path else ""))
+    return row or run.state
 
-    def save():
-        nonlocal row_path
-        state_path.write_text(json.dumps(state, indent=1))
-        row = _result_row(state, shape)
+
+@dataclass
+class _Run:
+    """One call of the bench: its settings, its clock, and the search state, which is written out after
+    every change so that a call cut off by its time budget loses nothing."""
+
+    out_dir: Path
+    state_path: Path
+    shape: str
+    device: str
+    root: str | None
+    probe_layers: int
+    resolution: int
+    verify: bool
+    speed_steps: int
+    stock_max: int | None
+    simulate_limit: int | None
+    t0: float
+    budget_s: float
+    log: Callable[[str], None]
+    state: dict[str, Any] = field(default_factory=dict)
+    host: float = 0.0  # bytes of host memory free when the call began
+    row_path: Path | None = None  # the report last written, for the closing log line
+
+    def save(self) -> None:
+        self.state_path.write_text(json.dumps(self.state, indent=1))
+        row = _result_row(self.state, self.shape)
         if row is not None:
-            row_path = out_dir / f"context-{row['date']}-{device_tag(row['device'])}.json"
-            row_path.write_text(json.dumps(row, indent=1))
+            self.row_path = self.out_dir / f"context-{row['date']}-{device_tag(row['device'])}.json"
+            self.row_path.write_text(json.dumps(row, indent=1))
 
-    def left() -> float:
-        return budget_s - (time.time() - t0)
+    def left(self) -> float:
+        return self.budget_s - (time.time() - self.t0)
 
+    @staticmethod
     def est_time(side_state: dict, n: int) -> float:
         """Seconds of a full step at n, from the longest timed trial so far: attention makes long steps
         grow faster than linearly (length^1.8 here), a probe is taken as 35% of a full step (+10%)."""
@@ -187,144 +241,182 @@ def run_max_context_bench(out_dir: str | Path = "bench/results", shape: str = "l
         r = n / t["len"]
         return 1.1 * full * (r ** 1.8 if r > 1 else r)
 
-    for side in sides:
-        ss = state.setdefault(side, {})
-        if ss.get("done"):
-            log(f"{side}: already done in the state file ({state_path.name})")
-            continue
-        if side == "stock":
-            srch = Search.from_dict(ss["search"]) if "search" in ss else Search(stock_start, stock_hi, 1024)
-        else:
-            hi = loraforge_hi or 1 << 20
-            srch = Search.from_dict(ss["search"]) if "search" in ss else Search(loraforge_start, hi, resolution)
-        if left() < 60:
-            log(f"{side}: no time left in this call's budget; run again to continue")
-            break
-        log(f"{side}: starting worker")
-        w = WorkerProc(side, shape, device, root, probe_layers if side == "loraforge" else 0,
-                       env_lf if side == "loraforge" else {}, log)
-        ready = w.read(max(60.0, left()))
-        if not ready or ready.get("timeout") or ready.get("op") != "ready":
-            w.kill()
-            log(f"{side}: worker did not start ({ready})")
-            break
-        ss["worker"] = ready
-        state["device"] = ready.get("device", device)
-        if device == "cuda" and "loraforge_host_cap" not in state:
-            L, h = _shape_dims(shape)
-            state["host_available_gib"] = round(host / 2**30, 1)
-            state["loraforge_host_cap"] = int(0.9 * host / ((L - 1) * h * 2)) // 1024 * 1024
-            try:
-                state["predicted"] = predicted_max_lengths(shape, ready["total_gib"] * 2**30, 0.9 * host)
-            except Exception as e:  # the prediction is a report, never a reason to stop the bench
-                state["predicted"] = {"error": str(e)[:200]}
-        if side == "loraforge" and state.get("loraforge_host_cap") and not loraforge_hi:
-            srch.hi = min(srch.hi, state["loraforge_host_cap"])
-        log(f"{side}: {json.dumps(ready)}")
-        ss["search"] = srch.to_dict()
-        save()
-        stopped = False
-        try:
-            # tokens/s at the stock maximum (the stock side measures it after its search)
-            if side == "loraforge" and "speed" not in ss:
-                n_ref = stock_max or state.get("stock", {}).get("max_context") or 11264
-                r = w.ask({"op": "speed", "n": n_ref, "warm": 1, "steps": speed_steps}, max(30.0, left()))
-                if r is None or r.get("timeout"):
-                    raise _Stop(f"speed at {n_ref}: {r}")
-                ss["speed"] = r
-                log(f"{side}: speed {json.dumps(r)}")
-                save()
-            probe = side == "loraforge" and probe_layers > 0
-            while True:
-                n = srch.next_length()
-                if n is None:
-                    break
-                need = est_time(ss["search"], n) * (PROBE_SHARE if probe else 1.0)
-                if need > left():
-                    raise _Stop(f"next trial ({n} tokens, ~{need:.0f} s) does not fit the {left():.0f} s left")
-                req: dict[str, Any] = {"op": "fits", "n": n}
-                if side == "loraforge":
-                    req["probe"] = probe
-                if simulate_limit is not None:
-                    req["simulate_limit"] = simulate_limit
-                r = w.ask(req, max(10.0, left()))
-                if r is None:  # died (host OOM killer, CUDA error): that length does not train
-                    r = {"len": n, "ok": False, "why": "worker died"}
-                    w.kill()
-                    w = _restart(side, shape, device, root, probe_layers, env_lf, log)
-                elif r.get("timeout"):
-                    raise _Stop(f"trial at {n} ran past the budget; killed")
-                r.pop("op", None)
-                srch.record(r.pop("len"), r.pop("ok"), **r)
-                ss["search"] = srch.to_dict()
-                log(f"{side}: trial {json.dumps(srch.trials[-1] | {'len': n})}")
-                save()
-            if side == "stock":
-                ss["max_context"] = srch.good
-                if "speed" not in ss and srch.good:
-                    r = w.ask({"op": "speed", "n": srch.good, "warm": 1, "steps": speed_steps}, max(30.0, left()))
-                    if r is None or r.get("timeout"):
-                        raise _Stop(f"speed at {srch.good}: {r}")
-                    ss["speed"] = r
-            else:
-                ss["probe_max_context"] = srch.good if probe else None
-                if probe and verify:
-                    _verify(w, ss, srch, resolution, left, est_time, log, save, simulate_limit)
-                else:
-                    ss["max_context"] = srch.good
-            ss["done"] = "max_context" in ss
-            save()
-        except _Stop as s:
-            stopped = True
-            log(f"{side}: stopped: {s}; state saved in {state_path}, run again to continue")
-            save()
-        finally:
-            w.close() if not stopped else w.kill()
-        if stopped:
-            break
-    row = _result_row(state, shape)
-    log(f"max-context bench: {json.dumps(row) if row else 'nothing measured yet'}"
-        + (f" -> {row_path}" if row_path else ""))
-    return row or state
+
+@dataclass
+class _Side:
+    """One side's work in this call. `ss` is that side's entry in the run's state, so what is written
+    to it is saved with the next `_Run.save()`."""
+
+    name: str
+    ss: dict[str, Any]
+    search: Search
+    worker: WorkerProc  # replaced when a trial kills it
+    probe: bool  # loraforge's search by probe trials, then a full step to verify
 
 
 class _Stop(Exception):
-    pass
+    """Ends this call early with the state saved (budget spent, worker lost); the next call resumes."""
 
 
-def _restart(side, shape, device, root, probe_layers, env_lf, log) -> WorkerProc:
-    w = WorkerProc(side, shape, device, root, probe_layers, env_lf if side == "loraforge" else {}, log)
-    ready = w.read(600)
-    if not ready or ready.get("op") != "ready":
-        raise _Stop(f"{side} worker did not restart")
+_LF_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def _spawn(run: _Run, name: str) -> WorkerProc:
+    lf = name == "loraforge"
+    # The stock worker takes no probe trials, so it is given no probe layers.
+    return WorkerProc(name, run.shape, run.device, run.root, run.probe_layers if lf else 0,
+                      _LF_ENV if lf else {}, run.log)
+
+
+def _start_worker(run: _Run, name: str) -> WorkerProc | None:
+    """The side's worker once it reports ready (recorded in the state), or None if it never did."""
+    run.log(f"{name}: starting worker")
+    w = _spawn(run, name)
+    ready = w.read(max(60.0, run.left()))
+    if not ready or ready.get("timeout") or ready.get("op") != "ready":
+        w.kill()
+        run.log(f"{name}: worker did not start ({ready})")
+        return None
+    run.state[name]["worker"] = ready
+    run.state["device"] = ready.get("device", run.device)
+    if run.device == "cuda" and "loraforge_host_cap" not in run.state:
+        _record_host_limits(run, ready)
+    run.log(f"{name}: {json.dumps(ready)}")
     return w
 
 
-def _verify(w, ss, srch, resolution, left, est_time, log, save, simulate_limit) -> None:
+def _record_host_limits(run: _Run, ready: dict) -> None:
+    """The loraforge length host memory allows, and the memory model's prediction. Taken from the first
+    GPU worker to come up: the prediction needs the GPU's size, and only a worker touches CUDA."""
+    L, h = _shape_dims(run.shape)
+    run.state["host_available_gib"] = round(run.host / 2**30, 1)
+    # Offloaded checkpointing keeps every layer's bf16 input but the last one's in host memory, and the
+    # worker's offloader may use 90% of what is free (context_worker.py), so longer cannot train.
+    run.state["loraforge_host_cap"] = int(0.9 * run.host / ((L - 1) * h * 2)) // 1024 * 1024
+    try:
+        run.state["predicted"] = predicted_max_lengths(run.shape, ready["total_gib"] * 2**30, 0.9 * run.host)
+    except Exception as e:  # the prediction is a report, never a reason to stop the bench
+        run.state["predicted"] = {"error": str(e)[:200]}
+
+
+def _run_side(run: _Run, side: _Side) -> bool:
+    """Speed, search and result of one side; False when it stopped early, which ends this call."""
+    stopped = False
+    try:
+        if side.name == "loraforge" and "speed" not in side.ss:
+            _loraforge_speed(run, side)
+        _search(run, side)
+        _finish(run, side)
+    except _Stop as s:
+        stopped = True
+        run.log(f"{side.name}: stopped: {s}; state saved in {run.state_path}, run again to continue")
+        run.save()
+    finally:
+        # a stopped call is out of time (or its worker is lost): no waiting up to 60 s for a clean quit
+        if stopped:
+            side.worker.kill()
+        else:
+            side.worker.close()
+    return not stopped
+
+
+def _loraforge_speed(run: _Run, side: _Side) -> None:
+    """tokens/s at the stock maximum, so that both sides' speeds compare at one length (the stock side
+    measures its own after its search). Without a stock result, 11,264: the stock maximum on an 80 GB
+    GPU (bench/NOTES.md)."""
+    n_ref = run.stock_max or run.state.get("stock", {}).get("max_context") or 11264
+    side.ss["speed"] = _speed(run, side.worker, n_ref)
+    run.log(f"{side.name}: speed {json.dumps(side.ss['speed'])}")
+    run.save()
+
+
+def _search(run: _Run, side: _Side) -> None:
+    """Trials until the search closes, each saved as it lands; none is started that the budget would
+    not see finish."""
+    while (n := side.search.next_length()) is not None:
+        need = run.est_time(side.ss["search"], n) * (PROBE_SHARE if side.probe else 1.0)
+        if need > run.left():
+            raise _Stop(f"next trial ({n} tokens, ~{need:.0f} s) does not fit the {run.left():.0f} s left")
+        req = _fits_request(run, n, side.probe if side.name == "loraforge" else None)
+        r = side.worker.ask(req, max(10.0, run.left()))
+        if r is None:  # died (host OOM killer, CUDA error): that length does not train
+            r = {"len": n, "ok": False, "why": "worker died"}
+            side.worker.kill()
+            side.worker = _restart(run, side.name)
+        elif r.get("timeout"):
+            raise _Stop(f"trial at {n} ran past the budget; killed")
+        r.pop("op", None)
+        side.search.record(r.pop("len"), r.pop("ok"), **r)
+        side.ss["search"] = side.search.to_dict()
+        run.log(f"{side.name}: trial {json.dumps(side.search.trials[-1] | {'len': n})}")
+        run.save()
+
+
+def _restart(run: _Run, name: str) -> WorkerProc:
+    w = _spawn(run, name)
+    ready = w.read(600)
+    if not ready or ready.get("op") != "ready":
+        raise _Stop(f"{name} worker did not restart")
+    return w
+
+
+def _finish(run: _Run, side: _Side) -> None:
+    """The side's result from its search: stock adds its speed at its maximum; loraforge's probe
+    maximum is confirmed by a full step, since a probe only runs part of the backward pass."""
+    ss, search = side.ss, side.search
+    if side.name == "stock":
+        ss["max_context"] = search.good
+        if "speed" not in ss and search.good:
+            ss["speed"] = _speed(run, side.worker, search.good)
+    else:
+        ss["probe_max_context"] = search.good if side.probe else None
+        if side.probe and run.verify:
+            _verify(run, side)
+        else:
+            ss["max_context"] = search.good
+    ss["done"] = "max_context" in ss
+    run.save()
+
+
+def _verify(run: _Run, side: _Side) -> None:
     """A full step at the probe maximum; on failure step down by `resolution`, at most twice."""
-    tries = ss.setdefault("verify", [])
-    n = tries[-1]["len"] - resolution if tries and not tries[-1]["ok"] else srch.good
+    tries = side.ss.setdefault("verify", [])
+    n = tries[-1]["len"] - run.resolution if tries and not tries[-1]["ok"] else side.search.good
     for _ in range(3 - len([t for t in tries if not t["ok"]])):
         if n <= 0:
             break
-        need = est_time({"trials": srch.trials + tries}, n) * 1.0
-        if need > left():
-            raise _Stop(f"verification step at {n} (~{need:.0f} s) does not fit the {left():.0f} s left")
-        req = {"op": "fits", "n": n, "probe": False}
-        if simulate_limit is not None:
-            req["simulate_limit"] = simulate_limit
-        r = w.ask(req, max(10.0, left()))
+        need = run.est_time({"trials": side.search.trials + tries}, n)  # a full step: no probe share
+        if need > run.left():
+            raise _Stop(f"verification step at {n} (~{need:.0f} s) does not fit the {run.left():.0f} s left")
+        r = side.worker.ask(_fits_request(run, n, False), max(10.0, run.left()))
         if r is None or r.get("timeout"):
             raise _Stop(f"verification at {n}: {r}")
         r.pop("op", None)
         tries.append(r)
-        log(f"loraforge: verify {json.dumps(r)}")
-        save()
+        run.log(f"loraforge: verify {json.dumps(r)}")
+        run.save()
         if r["ok"]:
-            ss["max_context"] = n
+            side.ss["max_context"] = n
             return
-        n -= resolution
-    ss["max_context"] = None
+        n -= run.resolution
+    side.ss["max_context"] = None
+
+
+def _speed(run: _Run, w: WorkerProc, n: int) -> dict:
+    r = w.ask({"op": "speed", "n": n, "warm": 1, "steps": run.speed_steps}, max(30.0, run.left()))
+    if r is None or r.get("timeout"):
+        raise _Stop(f"speed at {n}: {r}")
+    return r
+
+
+def _fits_request(run: _Run, n: int, probe: bool | None) -> dict[str, Any]:
+    """A trial at n; `probe` None leaves it out (the stock side, which has no probe trials)."""
+    req: dict[str, Any] = {"op": "fits", "n": n}
+    if probe is not None:
+        req["probe"] = probe
+    if run.simulate_limit is not None:
+        req["simulate_limit"] = run.simulate_limit
+    return req
 
 
 def _shape_dims(shape: str) -> tuple[int, int]:
