@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from loraforge.config import LoRAConfig, ModelConfig, RunConfig, TrainingConfig
-from loraforge.kernels import patch_model
-from loraforge.kernels.graphs import enable_graphed_layers
 from loraforge.model.load import load_model, pick_placement, resolve_model_path
 from loraforge.model.lora import attach_lora
-from loraforge.train.long_context import apply_long_context, long_context_switches
+from loraforge.train.fast_path import apply_fast_path
+from loraforge.train.long_context import apply_long_context
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -107,29 +106,13 @@ def load_loraforge(run: RunConfig) -> Any:
     return attach_lora(model, run.lora)
 
 
-def apply_fast_path(model: Any, run: RunConfig, *, allow_cpu: bool = False,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The fast path as `LLAMATrainer._apply_fast_kernels` applies it (one process): `patch_model` on a GPU
-    when `model.fast_kernels`, then CUDA graphs when `model.cuda_graphs`, checkpointing is on and nothing
-    offloads. `allow_cpu`: patch on the CPU too (the same math without Triton; CPU smoke runs)."""
-    cuda = next(model.parameters()).device.type == "cuda"
-    if not run.model.fast_kernels or not (cuda or allow_cpu):
-        return {}
-    summary = patch_model(model, allow_cpu=allow_cpu)
-    log(f"fast kernels: {summary}")
-    if (cuda and summary.get("patched") and run.model.cuda_graphs and run.training.gradient_checkpointing
-            and not long_context_switches(run.training)["offload_activations"]):
-        enable_graphed_layers(model, log=log)
-    return summary
-
-
 def build_loraforge(run: RunConfig, *, allow_cpu: bool = False, log: Callable[[str], None] = print,
                     **offload_kwargs: Any) -> tuple[Any, dict[str, Any]]:
     """loraforge's model as `loraforge train` builds it for `run`; (model, {"patch", "long_context"})."""
     model = load_loraforge(run)
-    summary = apply_fast_path(model, run, allow_cpu=allow_cpu, log=log)
+    fast = apply_fast_path(model, run, allow_cpu=allow_cpu, log=log)
     lc = apply_long_context(model, run.training, log=log, **offload_kwargs)
-    return model, {"patch": summary, "long_context": lc}
+    return model, {"patch": fast.report, "long_context": lc}
 
 
 def build_model(path: str, r: int, targets: str, *, stock: bool, device: str = "cuda", quant: bool = True) -> Any:

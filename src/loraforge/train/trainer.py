@@ -38,6 +38,7 @@ from loraforge.train.distributed import (
     loss_scale,
     sum_over_processes,
 )
+from loraforge.train.fast_path import FastPath, apply_fast_path
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.progress import TrainProgress
 from loraforge.train.sampler import MicroBatchStream
@@ -160,7 +161,7 @@ class LLAMATrainer:
         self.tokenizer: Any = None
         self.data: Any = None
         self.accelerator: Any = None
-        self._graphs: Any = None  # the CUDA-graph runner, when the fast kernels replay layers as graphs
+        self.fast_path = FastPath()  # what the GPU fast path did for this run (setup fills it)
         self._signal: int | None = None  # SIGTERM/SIGINT received during train()
         self._previous_handlers: dict[int, Any] = {}
 
@@ -202,9 +203,7 @@ class LLAMATrainer:
                              placement=placement, sharded=fsdp)
         self.model = attach_lora(model, cfg.lora)
         fit_plugins_to_model(acc, self.model, cfg.training)
-        # The fast kernels read the packed NF4 bytes as uint8; FSDP stores them in the compute dtype.
-        if placement.device.type == "cuda" and cfg.model.fast_kernels and not fsdp:
-            self._apply_fast_kernels()
+        self.fast_path = apply_fast_path(self.model, cfg, processes=acc.num_processes, sharded=fsdp, log=self.log)
         from loraforge.train.long_context import apply_long_context
 
         apply_long_context(self.model, cfg.training, log=self.log)  # no-op unless long_context / its switches
@@ -213,32 +212,6 @@ class LLAMATrainer:
                    else str(placement.dtype).replace("torch.", ""))
         self.log(f"model {cfg.model.model_name}: {total / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable "
                  f"({100 * trainable / total:.2f}%), on {placement.device}, {weights}")
-
-    def _apply_fast_kernels(self) -> None:
-        try:
-            from loraforge.kernels import patch_model
-        except ImportError as e:  # the kernels need triton; a CPU-only install may not have it
-            self.log(f"fast kernels unavailable ({e}); using the stock path")
-            return
-        summary = patch_model(self.model)
-        self.log(f"fast kernels: {summary}")
-        cfg = self.config
-        from loraforge.train.long_context import long_context_switches
-
-        if not summary.get("patched") or not cfg.model.cuda_graphs:
-            return
-        if not cfg.training.gradient_checkpointing:
-            self.log("CUDA graphs: off (they replay checkpointed layers; training.gradient_checkpointing is false)")
-        elif long_context_switches(cfg.training).get("offload_activations"):
-            self.log("CUDA graphs: off (long-context offloading runs its own checkpoint)")
-        elif self.accelerator.num_processes > 1:
-            self.log("CUDA graphs: off under several processes (not yet measured with DDP's gradient hooks)")
-        else:
-            from loraforge.kernels.graphs import enable_graphed_layers
-
-            self._graphs = enable_graphed_layers(self.model, log=self.log)
-            self.log("CUDA graphs: on (each checkpointed layer is captured once its batch shape repeats; "
-                     "data.packing gives one shape)")
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -253,8 +226,8 @@ class LLAMATrainer:
             self._write_run_record(run_dir)
         # CUDA graphs replay a captured shape: rows padded to a multiple of 128 give a few shapes that
         # recur (packing gives exactly one); otherwise a multiple of 8 suits the tensor cores.
-        on_gpu = self.accelerator.device.type == "cuda"
-        collate = PadCollator(self.tokenizer.pad_token_id, (128 if self._graphs is not None else 8) if on_gpu else None)
+        multiple = (128 if self.fast_path.graphs is not None else 8) if self.accelerator.device.type == "cuda" else None
+        collate = PadCollator(self.tokenizer.pad_token_id, multiple)
         stream = self._micro_batch_stream()
         accum = tcfg.gradient_accumulation_steps
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(
@@ -495,7 +468,8 @@ class LLAMATrainer:
                 self.tokenizer.save_pretrained(adapter_dir)
                 (run_dir / "loraforge_run.json").write_text(json.dumps(
                     {"model_name": cfg.model.model_name, "data_kind": self.data.kind,
-                     "template": cfg.data.template, "system_prompt": cfg.data.system_prompt}, indent=1))
+                     "template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
+                     "fast_path": self.fast_path.line}, indent=1))
         except Exception as e:  # a full disk: tokenizers and safetensors raise their own error types
             if not ckpt.is_write_failure(e):
                 raise

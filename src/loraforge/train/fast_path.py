@@ -1,0 +1,66 @@
+"""The GPU fast path as a run gets it: the fused kernels (kernels/patch.py), then CUDA graphs where they
+apply, and one human line saying which and, when off, why and what to set. `loraforge train` and the
+benchmark both call `apply_fast_path`, so the bench times exactly what users run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraforge.config import RunConfig
+from loraforge.kernels.graphs import enable_graphed_layers
+from loraforge.kernels.patch import fast_path_summary, patch_model
+from loraforge.train.long_context import long_context_switches
+
+
+@dataclass
+class FastPath:
+    """What `apply_fast_path` did: the patch report, the graph runner (or None) and the one-line summary."""
+
+    report: dict[str, Any] = field(default_factory=dict)
+    graphs: Any = None
+    line: str = ""
+
+
+def _declined(reason: str, hint: str) -> dict[str, Any]:
+    return {"patched": False, "reason": reason, "hint": hint}
+
+
+def apply_fast_path(model: Any, run: RunConfig, *, processes: int = 1, sharded: bool = False,
+                    allow_cpu: bool = False, log: Callable[[str], None] = print) -> FastPath:
+    """Patch `model` in place when the run allows it, capture CUDA graphs when they apply, log one line.
+
+    `sharded` (FSDP): no patch — the kernels read the packed NF4 bytes as uint8, FSDP stores them in the
+    compute dtype. `allow_cpu`: patch on the CPU too (the same math without Triton; tests and smoke runs).
+    """
+    cuda = next(model.parameters()).device.type == "cuda"
+    if not run.model.fast_kernels:
+        report = _declined("model.fast_kernels is false", "set model.fast_kernels: true")
+    elif sharded:
+        report = _declined("FSDP shards the 4-bit weights in the compute dtype, which the fused kernels cannot "
+                           "read", "use DDP (training.distributed_strategy) when the model fits one GPU")
+    elif not (cuda or allow_cpu):
+        report = _declined("the model is on the CPU", "run on a CUDA GPU (model.device: auto)")
+    else:  # without Triton (a CPU-only torch) the kernels run their PyTorch twins, and the report says so
+        report = patch_model(model, allow_cpu=allow_cpu)
+    graphs = _graphs(model, run, report, cuda=cuda, processes=processes, log=log)
+    line = fast_path_summary(model if report.get("patched") else report)
+    log(line)
+    return FastPath(report, graphs, line)
+
+
+def _graphs(model: Any, run: RunConfig, report: dict[str, Any], *, cuda: bool, processes: int,
+            log: Callable[[str], None]) -> Any:
+    if not (cuda and report.get("patched") and run.model.cuda_graphs):
+        return None
+    if not run.training.gradient_checkpointing:
+        log("CUDA graphs: off (they replay checkpointed layers; training.gradient_checkpointing is false)")
+    elif long_context_switches(run.training)["offload_activations"]:
+        log("CUDA graphs: off (long-context offloading runs its own checkpoint)")
+    elif processes > 1:
+        log("CUDA graphs: off under several processes (not yet measured with DDP's gradient hooks)")
+    else:
+        return enable_graphed_layers(model, log=log)
+    return None
