@@ -32,6 +32,10 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       rope_theta=500000.0, max_position_embeddings=8192),
+    # Mistral-7B-v0.1: Llama's layout with GQA and sliding-window attention
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, sliding_window=4096,
+                       max_position_embeddings=32768),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                  max_position_embeddings=1024),
@@ -43,15 +47,16 @@ ROOT = os.environ.get("LORAFORGE_BENCH_CKPT", "/dev/shm/loraforge-ckpt")
 
 def make_checkpoint(shape: str, root: str = ROOT, device: str = "cuda") -> str:
     """Random bf16 weights of the real shape, written once (the stock baseline does the same)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = f"{root}/{shape}"
     if os.path.exists(f"{path}/config.json"):
         return path
-    cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    spec = dict(SHAPES[shape])
+    cfg = AutoConfig.for_model(spec.pop("model_type", "llama"), **spec, tie_word_embeddings=False)
     with torch.device(device):
         torch.manual_seed(0)
-        m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        m = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     m.save_pretrained(path, max_shard_size="50GB")
     del m
     gc.collect()
@@ -61,18 +66,19 @@ def make_checkpoint(shape: str, root: str = ROOT, device: str = "cuda") -> str:
 
 
 def bench_run(path: str, r: int, targets: str, *, device: str = "cuda", quant: bool = True,
-              long_context: bool = False, cuda_graphs: bool = True) -> RunConfig:
+              long_context: bool = False, cuda_graphs: bool = True, lora_dropout: float = 0.0) -> RunConfig:
     """The run a benchmark case stands for: bf16 compute, NF4 double-quant (`quant`), LoRA r with alpha 2r
-    and no dropout on q,v (`targets="qv"`) or all linears, batch 1, paged AdamW 32-bit."""
+    and `lora_dropout` on q,v (`targets="qv"`) or all linears, batch 1, paged AdamW 32-bit."""
     return RunConfig(
         model=ModelConfig(model_name=path, use_4bit=quant, bnb_4bit_compute_dtype="bfloat16", dtype="bfloat16",
                           attn_implementation="sdpa", device=device, cuda_graphs=cuda_graphs),
-        lora=LoRAConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+        lora=LoRAConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
                         target_modules="qv" if targets == "qv" else "all-linear"),
         training=TrainingConfig(per_device_train_batch_size=1, optim="paged_adamw_32bit", long_context=long_context))
 
 
-def build_stock(path: str, r: int, targets: str, *, device: str = "cuda", quant: bool = True) -> Any:
+def build_stock(path: str, r: int, targets: str, *, device: str = "cuda", quant: bool = True,
+                lora_dropout: float = 0.0) -> Any:
     """The stock QLoRA stack, as the baseline builds it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -90,7 +96,7 @@ def build_stock(path: str, r: int, targets: str, *, device: str = "cuda", quant:
                                                 gradient_checkpointing_kwargs=ck)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ck)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
                                              target_modules=QV if targets == "qv" else ALL,
                                              task_type="CAUSAL_LM"))
     model.train()  # from_pretrained returns eval mode, where HF skips gradient checkpointing
