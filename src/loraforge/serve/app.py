@@ -112,7 +112,7 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    body = error_body(f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error",
+    body = error_body(f"{exc.detail}: {request.method} {request.url.path[:200]}", "invalid_request_error",
                       code="not_found" if exc.status_code == 404 else None)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
