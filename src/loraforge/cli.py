@@ -191,9 +191,11 @@ def merge(
 @app.command()
 def serve(
     run: Annotated[list[Path], typer.Argument(help="Run or adapter folders (several adapters share one base).")],
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to listen on (beyond loopback: needs --api-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="LORAFORGE_API_KEY", help="Require this bearer key.")] = None,
+    insecure_no_key: Annotated[bool, typer.Option(
+        "--insecure-no-key", help="Allow a non-loopback --host without an API key (refused otherwise).")] = False,
     max_concurrency: Annotated[int, typer.Option(help="Requests generated at once; more wait in a queue.")] = 8,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens.")] = 4096,
@@ -207,9 +209,9 @@ def serve(
     _allow_remote_code(trust_remote_code)
     from loraforge.serve.app import run_server
 
-    run_server([str(r) for r in run], host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
-               max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens, timeout=timeout,
-               fast_decode=fast_decode)
+    run_server([str(r) for r in run], host=host, port=port, api_key=api_key, insecure_no_key=insecure_no_key,
+               max_concurrency=max_concurrency, max_tokens_limit=max_tokens_limit,
+               max_prompt_tokens=max_prompt_tokens, timeout=timeout, fast_decode=fast_decode)
 
 
 @app.command()

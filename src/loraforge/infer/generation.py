@@ -126,10 +126,19 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a formatted prompt, with the tokenizer's special tokens unless the text starts with BOS.
 
     Chat templates of Llama 2/3 and Mistral write the BOS token themselves; letting the tokenizer add
-    another would give the model a double BOS it never saw in training.
+    another would give the model a double BOS it never saw in training. An empty prompt is the start of a
+    document, as in OpenAI's completions: the BOS token, else the EOS (GPT-2 style vocabularies separate
+    documents with it) — a model cannot continue zero tokens.
     """
     bos = getattr(tokenizer, "bos_token", None)
-    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+    ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+    if not ids:
+        start = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None), None)
+        if start is None:
+            raise DataError("The prompt is empty and the tokenizer has neither a BOS nor an EOS token to "
+                            "start from; give a prompt.")
+        ids = [int(start)]
+    return ids
 
 
 def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[list[int]], decoding: Decoding, *,

@@ -3,7 +3,8 @@
 Endpoints: POST /v1/chat/completions and /v1/completions (streaming as server-sent events ending with
 `data: [DONE]`, or one JSON body), GET /v1/models, GET /health. `model` picks an adapter by name (the
 run folder's name); only loaded names are accepted, so a request can never name a path. Errors use the
-OpenAI shape `{"error": {"message", "type", "param", "code"}}` so OpenAI clients report them properly.
+OpenAI shape `{"error": {"message", "type", "param", "code"}}` so OpenAI clients report them properly;
+client input never ends in a 5xx (how a body is read and what it may hold: `serve/schema.py`).
 
 The routes live at module level on `router`; what they serve (the engine, the limits) is the app's
 `Server`, in `app.state.server`, which `create_app` puts there and the `server` dependency hands out.
@@ -13,21 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.serve.engine import Engine, QueueFull, ShuttingDown
 from loraforge.serve.engine import Request as GenRequest
+from loraforge.serve.schema import APIError, ChatRequest, CompletionRequest, Sampling, error_body, read_body
 
 
 @dataclass
@@ -40,65 +47,6 @@ class Limits:
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON is ~250K tokens of text: far above any prompt limit
     timeout: float = 120.0
     default_max_tokens: int = 256
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False  # a last chunk with no choices and the request's token counts
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, seed, ...)
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return [s for s in stops if s]
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status)
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 @dataclass
@@ -125,6 +73,7 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
     app.state.server = Server(engine, limits)
     app.middleware("http")(_guard)
     app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(HTTPException, _on_http_error)  # unknown paths and methods, in OpenAI's shape
     app.include_router(router)
     return app
 
@@ -146,8 +95,10 @@ async def _guard(request: Request, call_next: Any) -> Response:
         if not hmac.compare_digest(token.encode(), limits.api_key.encode()):
             return APIError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>'.",
                             "invalid_request_error", code="invalid_api_key").response()
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+    length = request.headers.get("content-length", "")
+    # isascii: "²".isdigit() is True and int("²") raises; over 18 digits is over any limit (and int() of
+    # thousands of digits raises too)
+    if length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > limits.max_body_bytes):
         return APIError(413, f"Request body is {length} bytes; the limit is {limits.max_body_bytes}.",
                         code="request_too_large").response()
     try:
@@ -158,6 +109,12 @@ async def _guard(request: Request, call_next: Any) -> Response:
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
+
+
+async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    body = error_body(f"{exc.detail}: {request.method} {request.url.path[:200]}", "invalid_request_error",
+                      code="not_found" if exc.status_code == 404 else None)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -188,10 +145,13 @@ async def chat_completions(request: Request, srv: ServerDep) -> Response:
     adapter = _pick_adapter(srv.engine, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
-    if adapter.data_kind == "chat":
-        text = adapter.formatter(messages)
-    else:  # alpaca/text runs were trained on one prompt: answer the last user message
-        text = adapter.formatter(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
+    try:
+        if adapter.data_kind == "chat":
+            text = adapter.formatter(messages)
+        else:  # alpaca/text runs were trained on one prompt: answer the last user message
+            text = adapter.formatter(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
+    except LoraforgeError as e:  # e.g. a chat template that refuses this order of roles
+        raise APIError(400, str(e), param="messages", code="invalid_messages") from None
     max_tokens = body.max_completion_tokens or body.max_tokens
     return await _respond(srv, body, adapter.name, text, max_tokens, chat=True)
 
@@ -213,32 +173,27 @@ async def completions(request: Request, srv: ServerDep) -> Response:
 
 async def _parse(request: Request, model: type[BaseModel], limits: Limits) -> Any:
     raw = bytearray()
-    async for chunk in request.stream():  # chunked bodies carry no content-length: count as we read
-        raw += chunk
-        if len(raw) > limits.max_body_bytes:
-            raise APIError(413, f"Request body exceeds {limits.max_body_bytes} bytes.", code="request_too_large")
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(422, f"Request body is not valid JSON: {e}.", code="invalid_json") from e
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise APIError(422, f"Invalid request: {param}: {first['msg']} ({e.error_count()} error(s)).",
-                       param=param, code="invalid_value") from e
+        async for chunk in request.stream():  # chunked bodies carry no content-length: count as we read
+            raw += chunk
+            if len(raw) > limits.max_body_bytes:
+                raise APIError(413, f"Request body exceeds {limits.max_body_bytes} bytes.",
+                               code="request_too_large")
+    except ClientDisconnect:  # it sent less than its Content-Length and hung up: nobody reads this answer
+        raise APIError(400, "The client hung up before sending the whole body.", code="incomplete_body") from None
+    return read_body(bytes(raw), model)
 
 
 def _pick_adapter(engine: Engine, name: str) -> Any:
     adapter = engine.adapters.get(name)
     if adapter is None:
-        raise APIError(404, f"The model {name!r} does not exist. Served models: {', '.join(engine.adapters)}.",
+        shown = repr(name[:100]) + ("..." if len(name) > 100 else "")
+        raise APIError(404, f"The model {shown} does not exist. Served models: {', '.join(engine.adapters)}.",
                        param="model", code="model_not_found")
     return adapter
 
 
-async def _respond(srv: Server, body: _Sampling, model: str, text: str, max_tokens: int | None, *,
+async def _respond(srv: Server, body: Sampling, model: str, text: str, max_tokens: int | None, *,
                    chat: bool) -> Response:
     """Check the request against the limits, queue it, and answer: a stream of events or one JSON body."""
     limits, engine = srv.limits, srv.engine
@@ -246,13 +201,19 @@ async def _respond(srv: Server, body: _Sampling, model: str, text: str, max_toke
     if max_tokens > limits.max_tokens_limit:
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens_limit}.",
                        param="max_tokens", code="max_tokens_too_large")
-    ids = engine.encode(text)
+    try:
+        ids = engine.encode(text)  # an empty prompt is the start of a document (OpenAI's answer to it)
+    except LoraforgeError as e:
+        raise APIError(400, str(e), param="messages" if chat else "prompt", code="invalid_prompt") from None
     if len(ids) > limits.max_prompt_tokens:
         raise APIError(400, f"The prompt is {len(ids)} tokens; this server allows at most "
                             f"{limits.max_prompt_tokens}.", param="messages" if chat else "prompt",
                        code="context_length_exceeded")
     loop = asyncio.get_running_loop()
-    req = GenRequest(adapter=model, input_ids=ids, max_tokens=max_tokens, temperature=body.temperature,
+    # Below 1e-4 sampling is greedy in all but name, and at 1e-300 the scaled logits overflow to inf and
+    # sampling fails; the engine's batching rounds temperatures to 4 decimals anyway (Request.group).
+    temperature = body.temperature if body.temperature >= 1e-4 else 0.0
+    req = GenRequest(adapter=model, input_ids=ids, max_tokens=max_tokens, temperature=temperature,
                      top_p=body.top_p, stop=body.stops(), deadline=time.monotonic() + limits.timeout,
                      loop=loop, events=asyncio.Queue())
     try:
@@ -345,12 +306,34 @@ def _usage(req: GenRequest) -> dict[str, int]:
             "total_tokens": len(req.input_ids) + len(req.tokens)}
 
 
+def check_exposure(host: str, api_key: str | None, insecure_no_key: bool) -> None:
+    """Refuse (ConfigError: exit 2) to listen beyond this machine without an API key, unless told to."""
+    if api_key or _is_loopback(host):
+        return
+    if not insecure_no_key:
+        raise ConfigError(f"--host {host} makes the server reachable from other machines, and no API key is set: "
+                          "anyone who reaches it can use the model. Set --api-key (or LORAFORGE_API_KEY), or pass "
+                          "--insecure-no-key if every machine on this network may use it.")
+    print(f"warning: serving on {host} without an API key (--insecure-no-key): anyone who reaches this "
+          "address can use the model.", file=sys.stderr, flush=True)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name (resolving it could name any interface), or "" (every interface)
+        return False
+
+
 def run_server(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_concurrency: int = 8, max_tokens_limit: int = 1024, max_prompt_tokens: int = 4096,
-               timeout: float = 120.0, fast_decode: bool | None = None) -> None:
+               insecure_no_key: bool = False, max_concurrency: int = 8, max_tokens_limit: int = 1024,
+               max_prompt_tokens: int = 4096, timeout: float = 120.0, fast_decode: bool | None = None) -> None:
     """Load the runs and serve until SIGINT/SIGTERM; in-flight requests get up to 30 s to finish."""
     import uvicorn
 
+    check_exposure(host, api_key, insecure_no_key)  # before loading the model: a mistake shows at once
     engine = Engine(runs, max_batch=max_concurrency, max_waiting=4 * max_concurrency, fast_decode=fast_decode)
     limits = Limits(api_key=api_key or None, max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                     timeout=timeout)

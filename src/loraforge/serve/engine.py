@@ -79,6 +79,7 @@ class Request:
     sent: str = ""
     finish_reason: str | None = None
     text: str = ""  # decoded so far (incrementally, see Engine._advance)
+    stop_searched: int = 0  # text[:stop_searched] was searched for stop strings (see find_stop)
     prefix_offset: int = 0
     read_offset: int = 0
     outbox: list | None = None  # while set, events collect here and go to the loop in one call per step
@@ -138,6 +139,30 @@ def _flush(outbox: list) -> None:
             loop.call_soon_threadsafe(_deliver, items)
         except RuntimeError:  # the loop is closed: the clients are gone
             pass
+
+
+def find_stop(text: str, stops: list[str], searched: int) -> int:
+    """Where the first stop string in `text` begins, or -1, given that `text[:searched]` was searched before
+    (and held none). Only the new text and the longest stop's length minus one before it (a stop string may
+    straddle the two) is searched, so a whole answer costs time linear in its length; searching all of it at
+    every token was quadratic (a 1,000,000-character stop string held the worker for 37 s)."""
+    start = max(0, searched - max(map(len, stops)) + 1)
+    return min((at for s in stops if (at := text.find(s, start)) >= 0), default=-1)
+
+
+def stop_prefix_len(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that is the beginning of a stop string (to hold back)."""
+    longest = 0
+    for s in stops:
+        if len(s) < 2 or s.find(text[-1:], 0, len(s) - 1) < 0:  # usual: the last character is in no stop's head
+            continue
+        i = text.find(s[0], max(0, len(text) - len(s) + 1))
+        while i >= 0 and len(text) - i > longest:  # the first (earliest) match is this stop's longest
+            if s.startswith(text[i:]):
+                longest = len(text) - i
+                break
+            i = text.find(s[0], i + 1)
+    return longest
 
 
 def _adapter_name(path: Path) -> str:
@@ -464,8 +489,9 @@ class Engine:
             return
         req.tokens.append(token)
         text = self._detokenize(req)
-        for s in req.stop:
-            at = text.find(s)
+        if req.stop:
+            at = find_stop(text, req.stop, req.stop_searched)
+            req.stop_searched = len(text)
             if at >= 0:
                 self._send(req, text[:at])
                 req.finish_reason = "stop"
@@ -478,8 +504,7 @@ class Engine:
         if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
             return
         # Hold back a tail that could be the start of a stop string, so no part of one is ever sent.
-        hold = max((k for s in req.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self._send(req, text[: len(text) - hold])
+        self._send(req, text[: len(text) - stop_prefix_len(text, req.stop)])
 
     def _detokenize(self, req: Request) -> str:
         """The text of req.tokens, decoding only a short window per new token.
@@ -499,6 +524,7 @@ class Engine:
         elif not new.startswith(prefix):  # the window re-tokenized its left context: decode in full
             req.text = decode(req.tokens, skip_special_tokens=True)
             req.prefix_offset = req.read_offset = len(req.tokens)
+            req.stop_searched = 0  # text already searched may have changed (rare): search it again
             return req.text
         return req.text  # tokens not yet committed (half a character, no text yet) wait for the next
 
