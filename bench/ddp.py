@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -75,6 +76,9 @@ def write_data(path: Path, n: int, words: int = 700) -> Path:
 
 def run_case(case: str, shape_dir: Path, data: Path, out: Path, gpus: int, strategy: str, a, tag: str = "") -> dict:
     run_dir = out / f"{case}-{gpus}gpu{'-' + tag if tag else ''}"
+    # The case's scratch folder: an earlier bench's run there is removed (a run folder takes one run, and
+    # moved-aside copies would pile up in /dev/shm).
+    shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"model.model_name={shape_dir}", f"data.dataset={data}", "data.format=text", "data.max_length=512",
                  "data.validation_split=0.0", "lora.r=16", "lora.lora_alpha=32", "lora.target_modules=all-linear",
                  "lora.lora_dropout=0.0", f"training.output_dir={run_dir}", f"training.max_steps={a.warm + a.steps}",

@@ -73,10 +73,15 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
     resume_from: Annotated[Path | None, typer.Option(help="Continue from this checkpoint folder.")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Run folder (same as training.output_dir=...).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start afresh in a run folder that holds an earlier run, moving that run aside to "
+                            "FOLDER.old-TIME (same as training.overwrite_output_dir=true).")] = False,
 ) -> None:
     """Fine-tune a model with LoRA/QLoRA.
 
     Writes the run folder: config.yaml, metrics.jsonl, checkpoints/, adapter/ (PEFT format), loss_curve.png.
+    A folder that holds an earlier run is refused unless you --resume it or --overwrite it; one run at a
+    time trains into a folder.
 
     Examples:
 
@@ -97,6 +102,8 @@ def train(
         extra.append(f"training.output_dir={output_dir}")
     if resume or resume_from:
         extra.append(f"training.resume_from_checkpoint={resume_from or 'latest'}")
+    if overwrite:
+        extra.append("training.overwrite_output_dir=true")
     cfg = load_config(config, extra)
     result = LLAMATrainer.from_config(cfg).train()
     typer.echo(f"done: {result.steps} steps in {result.train_seconds:.0f}s; adapter in {result.adapter_dir}")

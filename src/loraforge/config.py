@@ -187,6 +187,9 @@ class TrainingConfig(_Section):
     max_nonfinite_steps: int = opt(5, "Stop (with a checkpoint) after this many non-finite losses in a row.", ge=1)
     seed: int = opt(42, "Seed for weights init, dropout and data order.", ge=0, le=SEED_MAX)
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to continue from.")
+    overwrite_output_dir: bool = opt(False, "Start afresh in an output_dir that holds an earlier run, moving that "
+                                     "run aside to <output_dir>.old-<time> (without this or resume_from_checkpoint "
+                                     "such a folder is refused).")
     report_to: list[Literal["wandb", "tensorboard", "mlflow"]] = opt(
         [], "Experiment trackers beside the local JSONL log.")
     run_name: str | None = opt(None, "Name shown in trackers.")
@@ -399,6 +402,9 @@ def _training_cross(self: TrainingConfig, where: str) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{where}.output_dir = {self.output_dir!r} is an existing file, not a folder: "
                           "choose a folder for the run (it is created if missing).")
+    if self.overwrite_output_dir and self.resume_from_checkpoint:
+        raise ConfigError(f"{where}.overwrite_output_dir and {where}.resume_from_checkpoint are both set: "
+                          "choose one (--overwrite starts afresh, --resume continues the run in the folder).")
 
 
 def _lora_cross(self: LoRAConfig, where: str) -> None:

@@ -33,7 +33,9 @@ def run_demo(out: Path = Path("runs/demo"), steps: int | None = None) -> dict:
     from loraforge.train.trainer import LLAMATrainer
 
     console = Console(stderr=True)
-    overrides = [f"training.output_dir={out}"] + ([f"training.max_steps={steps}"] if steps else [])
+    # The demo's folder is its own: an earlier demo run there is moved aside (to <out>.old-<time>).
+    overrides = [f"training.output_dir={out}", "training.resume_from_checkpoint=null",
+                 "training.overwrite_output_dir=true"] + ([f"training.max_steps={steps}"] if steps else [])
     cfg = load_config(demo_config_path(), overrides)
     console.rule("[bold]loraforge demo")
     console.print(f"model {cfg.model.model_name} · data {cfg.data.dataset} · LoRA r={cfg.lora.r} "

@@ -30,3 +30,8 @@ class ResourceError(LoraforgeError):
 
 class TrainingError(LoraforgeError):
     """Training had to stop (e.g. repeated non-finite losses); a checkpoint was written first."""
+
+
+class RunFolderError(LoraforgeError):
+    """A run folder cannot be used as asked: it holds another run, another process is training into it,
+    or none of its checkpoints is intact."""

@@ -57,14 +57,16 @@ class TrainRecipe:
                 "HF_HUB_OFFLINE": "1", "LORAFORGE_CACHE": str(self.cache), "NO_COLOR": "1", "COLUMNS": "200",
                 "LORAFORGE_TEST_SAVE_DELAY": str(save_delay)}
 
-    def start(self, run_dir: Path, log: Path, *, resume: bool = False, save_delay: float = 0.0) -> subprocess.Popen:
-        cmd = [*FAULT_CLI, *self.args(run_dir), *(["--resume"] if resume else [])]
+    def start(self, run_dir: Path, log: Path, *, resume: bool = False, save_delay: float = 0.0,
+              flags: tuple[str, ...] = ()) -> subprocess.Popen:
+        cmd = [*FAULT_CLI, *self.args(run_dir), *(["--resume"] if resume else []), *flags]
         with log.open("w") as f:
             return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(save_delay),
                                     start_new_session=True)
 
-    def run(self, run_dir: Path, log: Path, *, resume: bool = False, timeout: float = 300) -> int:
-        proc = self.start(run_dir, log, resume=resume)
+    def run(self, run_dir: Path, log: Path, *, resume: bool = False, timeout: float = 300,
+            flags: tuple[str, ...] = ()) -> int:
+        proc = self.start(run_dir, log, resume=resume, flags=flags)
         try:
             return proc.wait(timeout=timeout)
         finally:

@@ -2,7 +2,9 @@
 
 A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when
 complete (rename is atomic on POSIX), with a `COMPLETE` marker written last inside it. A crash mid-save
-leaves only a `.tmp-*` folder, which is never loaded and is cleaned up on the next save. Each checkpoint
+leaves only a `.tmp-*` folder, which is never loaded and is cleaned up on the next save. Just before the
+marker, `manifest.json` records every file's size and sha256, so a checkpoint damaged after it was written
+(a truncated copy, a zeroed file, a hand edit) is recognized before it is loaded. Each checkpoint
 holds the adapter, optimizer, scheduler, grad scaler, every library's RNG state (one file per process:
 dropout masks differ between processes) and the trainer state (step and data position). Tensors are
 saved with torch.save and loaded with `weights_only=True`.
@@ -10,20 +12,32 @@ saved with torch.save and loaded with `weights_only=True`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from loraforge.errors import ResourceError
+from loraforge.errors import ConfigError, ResourceError, RunFolderError
 
 MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
+
+
+class DamagedCheckpoint(RunFolderError):
+    """A checkpoint whose files are not those that were written (or cannot be read)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path} is damaged: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 @dataclass
@@ -107,11 +121,14 @@ def save_checkpoint(root: Path, state: TrainerState, model: Any, optimizer: Any,
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        for f in tmp.rglob("*"):
+        files: dict[str, dict[str, Any]] = {}
+        for f in sorted(tmp.rglob("*")):
             if f.is_file():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
-        (tmp / MARKER).write_text("ok\n")
+                files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        _write_synced(tmp / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
+        _write_synced(tmp / MARKER, "ok\n")
         if final.exists():  # a previous run stopped at the same step; the new one replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -127,6 +144,58 @@ def save_checkpoint(root: Path, state: TrainerState, model: Any, optimizer: Any,
     return final
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path, size: int | None = None) -> str:
+    """sha256 of the file's first `size` bytes (all of it by default), read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    left = math.inf if size is None else size
+    with path.open("rb") as f:
+        while left > 0 and (block := f.read(min(left, 1 << 23))):
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path` by its manifest (None: every file is as written).
+
+    A checkpoint without a manifest (written before loraforge recorded one) is trusted as before: by its
+    marker, with unreadable files reported when loading. The manifest may come from someone else's folder,
+    so its names are only read inside the checkpoint, as plain files, no more bytes than recorded.
+    """
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        entries = [(str(name), int(info["bytes"]), str(info["sha256"])) for name, info in files.items()]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} cannot be read ({type(e).__name__}: {e})"
+    inside = path.resolve()
+    for name, size, digest in entries:
+        f = path / name
+        try:
+            outside = not f.resolve().is_relative_to(inside)
+        except (OSError, RuntimeError):  # a symlink loop
+            outside = True
+        if outside:
+            return f"{MANIFEST} names {name!r}, not a file of the checkpoint"
+        if not f.is_file():
+            return f"{name} is missing"
+        actual = f.stat().st_size
+        if actual != size:
+            return f"{name} has {actual:,} bytes, {size:,} were written"
+        if _sha256(f, size) != digest:
+            return f"{name} has changed since it was written (sha256 differs)"
+    return None
+
+
 def is_write_failure(e: BaseException) -> bool:
     """A failed file write, however the library reports it. On a full disk Python raises OSError, but
     torch.save raises RuntimeError from its zip writer ("[enforce fail at inline_container.cc] unexpected
@@ -140,7 +209,9 @@ def is_write_failure(e: BaseException) -> bool:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file() and (path / "trainer_state.json").is_file() and (path / "adapter").is_dir()
+    """The write finished (the marker is there). Whether the files are still as written is for `damage`
+    and the loader to say: a marked checkpoint that lost a file is reported as damaged, not passed over."""
+    return (path / MARKER).is_file()
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -175,29 +246,83 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scal
                     rank: int = 0, world_size: int = 1) -> TrainerState:
     """Restore everything saved by save_checkpoint into live objects; returns the trainer state.
 
-    Process `rank` takes its own RNG state (and its own optimizer shard when the state was sharded). A
-    run resumed with a different number of processes keeps the adapter, optimizer (unsharded), schedule
-    and data position, but its dropout masks differ from the uninterrupted run's.
+    Every file is read before anything is restored, so a damaged checkpoint (DamagedCheckpoint, naming
+    the file) leaves the live objects untouched and the caller can fall back to an earlier one. Process
+    `rank` takes its own RNG state (and its own optimizer shard when the state was sharded). A run resumed
+    with a different number of processes keeps the adapter, optimizer (unsharded), schedule and data
+    position, but its dropout masks differ from the uninterrupted run's.
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from loraforge.errors import ConfigError
-
-    weights = path / "adapter" / "adapter_model.safetensors"
-    set_peft_model_state_dict(model, load_file(str(weights), device=str(next(model.parameters()).device)))
+    problem = damage(path)
+    if problem:
+        raise DamagedCheckpoint(path, problem)
     if (path / "optimizer.pt").is_file():
         opt_file = path / "optimizer.pt"
     else:
         saved_ranks = len(list(path.glob("optimizer-rank*.pt")))
+        if saved_ranks == 0:
+            raise DamagedCheckpoint(path, "optimizer.pt is missing")
         if saved_ranks != world_size:
             raise ConfigError(f"{path} holds optimizer state sharded over {saved_ranks} processes; resume it "
                               f"with {saved_ranks} processes, not {world_size}.")
         opt_file = path / f"optimizer-rank{rank}.pt"
-    optimizer.load_state_dict(torch.load(opt_file, weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if scaler is not None and (path / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng_file = path / f"rng-rank{rank}.pt"
-    set_rng_state(torch.load(rng_file if rng_file.is_file() else path / "rng-rank0.pt", weights_only=True))
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    device = str(next(model.parameters()).device)
+    weights = _read(path, "adapter/adapter_model.safetensors", lambda f: load_file(str(f), device=device))
+    opt_state = _read(path, opt_file.name, lambda f: torch.load(f, weights_only=True, map_location="cpu"))
+    sched_state = _read(path, "scheduler.pt", lambda f: torch.load(f, weights_only=True))
+    scaler_state = _read(path, "scaler.pt", lambda f: torch.load(f, weights_only=True)) \
+        if scaler is not None and (path / "scaler.pt").is_file() else None
+    rng = _read(path, rng_file.name if rng_file.is_file() else "rng-rank0.pt", _rng_file)
+    state = _read(path, "trainer_state.json", _trainer_state)
+    try:
+        set_peft_model_state_dict(model, weights)
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(sched_state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path} does not fit this run's model and optimizer ({type(e).__name__}: "
+                          f"{str(e)[:300]}); resume with the settings it was trained with (its run folder's "
+                          "config.yaml).") from e
+    if scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+    set_rng_state(rng)
+    return state
+
+
+def _read(path: Path, name: str, reader: Any) -> Any:
+    """`reader(path / name)`, any failure to read it reported as a DamagedCheckpoint naming the file."""
+    f = path / name
+    if not f.is_file():
+        raise DamagedCheckpoint(path, f"{name} is missing")
+    try:
+        return reader(f)
+    except Exception as e:  # noqa: BLE001 - torch, safetensors and json each raise their own types
+        raise DamagedCheckpoint(path, f"{name} cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _rng_file(f: Path) -> dict[str, Any]:
+    rng = torch.load(f, weights_only=True)
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= rng.keys():
+        raise ValueError("not an RNG state")
+    return rng
+
+
+def _trainer_state(f: Path) -> TrainerState:
+    """trainer_state.json, every field of the type TrainerState declares."""
+    raw = json.loads(f.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    types = {"int": int, "float": float, "float | None": float, "int | None": int}
+    for fd in fields(TrainerState):
+        value = raw.get(fd.name, fd.default)
+        want = types[str(fd.type)]
+        ok = (value is None and "None" in str(fd.type)) or (
+            isinstance(value, (int, float) if want is float else int) and not isinstance(value, bool))
+        if not ok or (want is int and value is not None and value < 0):
+            raise ValueError(f"{fd.name} = {value!r} is not {'a count' if want is int else fd.type}")
+    unknown = set(raw) - {fd.name for fd in fields(TrainerState)}
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    return TrainerState(**raw)

@@ -21,6 +21,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
 
 
+def is_first_process() -> bool:
+    """Whether this is the job's process 0 (also when alone), known before Accelerate is set up: launchers
+    give each process its global RANK."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def bind_process_gpu(model_cfg: ModelConfig) -> None:
     """Under a launcher each process owns one GPU: make it the current device.
 

@@ -91,7 +91,9 @@ def run_sweep(config: Path | None, overrides: list[str], *, trials: int = 10, sp
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
     # Pruning needs intermediate evaluations: without eval_steps, evaluate four times per trial.
-    fixed = [*overrides, "training.resume_from_checkpoint=null", "eval.num_generation_samples=0"]
+    # A trial folder is the sweep's own: a trial of an earlier sweep in it is moved aside, never mixed in.
+    fixed = [*overrides, "training.resume_from_checkpoint=null", "training.overwrite_output_dir=true",
+             "eval.num_generation_samples=0"]
     if base.training.eval_steps == 0 and base.training.max_steps >= 4:
         fixed.append(f"training.eval_steps={base.training.max_steps // 4}")
     points: dict[int, list[str]] = {}
@@ -124,7 +126,8 @@ def run_sweep(config: Path | None, overrides: list[str], *, trials: int = 10, sp
     if not done:
         raise ConfigError(f"no trial completed (see {out}/trials.csv); widen the space or run more steps.")
     best = study.best_trial
-    best_cfg = load_config(config, [*overrides, *points[best.number], f"training.output_dir={out / 'best-run'}"])
+    best_cfg = load_config(config, [*overrides, *points[best.number], f"training.output_dir={out / 'best-run'}",
+                                    "training.overwrite_output_dir=false"])
     best_cfg.save(out / "best.yaml")
     _print_table(rows, best.number, out)
     return {"best_value": best.value, "best_params": best.params, "best_config": out / "best.yaml", "trials": rows}

@@ -1,23 +1,24 @@
 """`LLAMATrainer`: the one training loop, used by the CLI, the Python API, the demo and the benchmarks.
 
-Read `train()` top to bottom: set up the run folder; load data (bad data fails before the model loads);
-load the model and attach LoRA; build optimizer and schedule; resume if asked; then the loop — one
-optimizer step (`_optimizer_step`: count the step's labelled tokens, forward/backward each micro-batch
-with the loss normalized by that count, clip, step), log, evaluate, checkpoint — and finally save the
-adapter. What several processes need (Accelerate's state, FSDP/DeepSpeed, the collectives) is in
-distributed.py.
+`train()` claims the run folder (one run per folder, see runfolder.py); read `_train()` top to bottom:
+load data (bad data fails before the model loads); load the model and attach LoRA; write the run
+record; build optimizer and schedule; resume if asked; then the loop — one optimizer step
+(`_optimizer_step`: count the step's labelled tokens, forward/backward each micro-batch with the loss
+normalized by that count, clip, step), log, evaluate, checkpoint — and finally save the adapter. What
+several processes need (Accelerate's state, FSDP/DeepSpeed, the collectives) is in distributed.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,14 @@ from torch.utils.data import DataLoader
 
 from loraforge.config import DataConfig, EvalConfig, LoRAConfig, ModelConfig, RunConfig, TrainingConfig
 from loraforge.data.collate import PadCollator
-from loraforge.errors import ConfigError, ResourceError, TrainingError
+from loraforge.errors import ConfigError, ResourceError, RunFolderError, TrainingError
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.distributed import (
     bind_process_gpu,
     build_accelerator,
     fit_plugins_to_model,
     gradient_sync,
+    is_first_process,
     is_fsdp,
     is_sharded,
     loss_scale,
@@ -41,6 +43,7 @@ from loraforge.train.distributed import (
 from loraforge.train.fast_path import FastPath, apply_fast_path
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.progress import TrainProgress
+from loraforge.train.runfolder import claim
 from loraforge.train.sampler import MicroBatchStream
 from loraforge.train.tracking import MetricsLog, Trackers
 
@@ -85,6 +88,7 @@ class _Run:
     trackers: Trackers | None
     progress: TrainProgress
     t0: float = 0.0  # perf_counter at which the run (including earlier sessions it resumes) started
+    saved_step: int | None = None  # the step of the last checkpoint this session wrote
 
 
 @dataclass
@@ -163,6 +167,8 @@ class LLAMATrainer:
         self.accelerator: Any = None
         self.fast_path = FastPath()  # what the GPU fast path did for this run (setup fills it)
         self._signal: int | None = None  # SIGTERM/SIGINT received during train()
+        self._signals = 0  # how many of them
+        self._saving = False  # a checkpoint is being written (a second signal then waits for it)
         self._previous_handlers: dict[int, Any] = {}
 
     @classmethod
@@ -217,10 +223,23 @@ class LLAMATrainer:
 
     def train(self, on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
         """Run the training loop. `on_eval(step, metrics)` is called after every evaluation (the sweep
-        uses it to report to Optuna; it may raise to stop the run, e.g. optuna.TrialPruned)."""
-        cfg, tcfg = self.config, self.config.training
+        uses it to report to Optuna; it may raise to stop the run, e.g. optuna.TrialPruned).
+
+        The run folder is claimed first (runfolder.py): locked for this run, and refused when it holds
+        another run unless training.resume_from_checkpoint or training.overwrite_output_dir says what to
+        do with it. The first process claims it for all (a launcher ends the others if it refuses).
+        """
+        tcfg = self.config.training
         run_dir = Path(tcfg.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not is_first_process():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return self._train(run_dir, on_eval)
+        with claim(run_dir, resume=bool(tcfg.resume_from_checkpoint), overwrite=tcfg.overwrite_output_dir,
+                   log=self.log):
+            return self._train(run_dir, on_eval)
+
+    def _train(self, run_dir: Path, on_eval: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
+        cfg, tcfg = self.config, self.config.training
         self.setup()
         if self.accelerator.is_main_process:
             self._write_run_record(run_dir)
@@ -324,7 +343,10 @@ class LLAMATrainer:
     def _write_run_record(self, run_dir: Path) -> None:
         """config.yaml, environment.json and data_stats.json: what the run was, beside its results."""
         acc = self.accelerator
-        self.config.save(run_dir / "config.yaml")
+        # The record is what the run was, not what to do with the folder next time: overwriting is not
+        # carried over (a later `loraforge train RUN/config.yaml` must not move this run aside unasked).
+        record = replace(self.config, training=replace(self.config.training, overwrite_output_dir=False))
+        record.save(run_dir / "config.yaml")
         (run_dir / "environment.json").write_text(
             json.dumps(environment_info(acc.device, acc.num_processes), indent=1))
         stats = {k: asdict(v) for k, v in self.data.stats.items()}
@@ -363,12 +385,7 @@ class LLAMATrainer:
         scaler = getattr(acc, "scaler", None)
 
         ckpt_root = run_dir / "checkpoints"
-        state = ckpt.TrainerState()
-        resume_from = self._resume_path(ckpt_root)
-        if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, acc.unwrap_model(model), optimizer.optimizer, scheduler, scaler,
-                                         rank=acc.process_index, world_size=acc.num_processes)
-            self.log(f"resumed from {resume_from} at step {state.step}")
+        state, resume_from = self._resume(ckpt_root, acc.unwrap_model(model), optimizer.optimizer, scheduler, scaler)
         is_main = acc.is_main_process
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
             if is_main else None
@@ -446,7 +463,8 @@ class LLAMATrainer:
         a signal that landed during the step counts too.
         """
         if requested or (self.accelerator.num_processes == 1 and self._signal is not None):
-            path = self._save(run)
+            # The step's regular checkpoint may just have been written (the signal landed during it).
+            path = run.ckpt_root / f"step-{run.state.step}" if run.saved_step == run.state.step else self._save(run)
             raise Preempted(self._signal or signal.SIGTERM, path)
 
     def _emit(self, run: _Run, record: dict[str, Any]) -> None:
@@ -488,20 +506,47 @@ class LLAMATrainer:
             adapter_dir=adapter_dir, run_dir=run_dir, best_checkpoint=best if best and best.exists() else None,
             stopped_early=stopped_early, data_stats={k: asdict(v) for k, v in self.data.stats.items()})
 
-    def _resume_path(self, ckpt_root: Path) -> Path | None:
-        choice = self.config.training.resume_from_checkpoint
+    def _resume(self, ckpt_root: Path, model: Any, optimizer: Any, scheduler: Any,
+                scaler: Any) -> tuple[ckpt.TrainerState, Path | None]:
+        """The state to start from, restored into the live objects, and the checkpoint it came from.
+
+        With "latest", the newest complete checkpoint whose files are as written: a damaged one is
+        skipped with one line saying what is wrong with it. When every complete checkpoint is damaged the
+        run stops (RunFolderError) rather than silently starting over; with none at all it starts afresh.
+        """
+        acc, choice = self.accelerator, self.config.training.resume_from_checkpoint
         if not choice:
-            return None
+            return ckpt.TrainerState(), None
+        complete = ckpt.list_checkpoints(ckpt_root)
         if choice == "latest":
-            path = ckpt.latest_checkpoint(ckpt_root)
-            if path is None:
+            candidates = complete[::-1]
+            if not candidates:
                 self.log(f"resume: no complete checkpoint in {ckpt_root}; starting from the beginning")
-            return path
-        path = Path(choice)
-        if not ckpt.is_complete(path):
+                return ckpt.TrainerState(), None
+        elif ckpt.is_complete(Path(choice)):
+            candidates = [Path(choice)]
+        else:
             raise ConfigError(f"training.resume_from_checkpoint: {choice!r} is not a complete checkpoint "
-                              f"(complete ones: {[p.name for p in ckpt.list_checkpoints(ckpt_root)] or 'none'}).")
-        return path
+                              f"(complete ones: {[p.name for p in complete] or 'none'}).")
+        damaged: list[ckpt.DamagedCheckpoint] = []
+        for path in candidates:
+            try:
+                state = ckpt.load_checkpoint(path, model, optimizer, scheduler, scaler, rank=acc.process_index,
+                                             world_size=acc.num_processes)
+            except ckpt.DamagedCheckpoint as e:
+                damaged.append(e)
+                self.log(f"resume: skipping {path}: damaged, {e.reason}")
+                continue
+            self.log(f"resumed from {path} at step {state.step}")
+            return state, path
+        if choice != "latest":
+            raise RunFolderError(f"training.resume_from_checkpoint: {damaged[0]}. Choose another checkpoint "
+                                 f"(complete ones: {[p.name for p in complete]}), or --resume for the newest "
+                                 "intact one.")
+        reasons = "; ".join(f"{e.path.name}: {e.reason}" for e in damaged)
+        raise RunFolderError(f"no intact checkpoint to resume from in {ckpt_root} ({reasons}). Start afresh with "
+                             "--overwrite (the damaged run is moved aside), or resume from a copy of a good "
+                             "checkpoint with --resume-from.")
 
     def _save(self, run: _Run) -> Path:
         """Write a checkpoint (rank 0 writes; every rank must call this, at the same step)."""
@@ -520,10 +565,16 @@ class LLAMATrainer:
             rng = gather_object(rng)
             opt_state = gather_object(opt_state) if opt_state is not None else None
         if acc.is_main_process:
-            path = ckpt.save_checkpoint(root, state, acc.unwrap_model(run.model), inner, run.scheduler, run.scaler,
-                                        rng_states=rng, optimizer_states=opt_state, adapter_state=adapter_state)
-            ckpt.rotate(root, self.config.training.save_total_limit, state.best_step)
+            self._saving = True
+            try:
+                path = ckpt.save_checkpoint(root, state, acc.unwrap_model(run.model), inner, run.scheduler,
+                                            run.scaler, rng_states=rng, optimizer_states=opt_state,
+                                            adapter_state=adapter_state)
+                ckpt.rotate(root, self.config.training.save_total_limit, state.best_step)
+            finally:
+                self._saving = False
         acc.wait_for_everyone()
+        run.saved_step = state.step
         return path
 
     def _save_adapter(self, model: Any, adapter_dir: Path) -> None:
@@ -556,17 +607,36 @@ class LLAMATrainer:
     def _install_signal_handlers(self) -> None:
         self._previous_handlers = {}
 
+        self._signals = 0
+
+        # The second signal waits too: schedulers and impatient hands often signal twice, and stopping
+        # in the middle of the checkpoint write would lose the step the first signal asked to save.
         def handler(signum: int, frame: Any) -> None:
-            if self._signal is not None:  # a second signal: stop now
+            self._signals += 1
+            name = signal.Signals(signum).name
+            if self._signals == 1:
+                self._signal = signum
+                self._say(f"{name} received: finishing this step, then saving a checkpoint")
+            elif self._signals == 2:
+                doing = "the checkpoint being written" if self._saving else "this step, then saving a checkpoint"
+                self._say(f"{name} received again: waiting for {doing} (a third signal stops at once, without "
+                          "it; the earlier checkpoints stay intact)")
+            else:
                 raise KeyboardInterrupt
-            self._signal = signum
-            self.log(f"{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint")
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous_handlers[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a server); signals stay as they are
                 pass
+
+    def _say(self, message: str) -> None:
+        """Log from a signal handler. The signal may land inside a print to the same stream, which Python's
+        buffered writer refuses ("reentrant call"); then the message goes straight to stderr's descriptor."""
+        try:
+            self.log(message)
+        except RuntimeError:
+            os.write(2, message.encode() + b"\n")
 
     def _restore_signal_handlers(self) -> None:
         for sig, h in self._previous_handlers.items():
