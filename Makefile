@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(VENV)/bin/loraforge demo
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not long and not gpu"
+	$(VENV)/bin/pytest -q -m "not long and not gpu" --durations=15
 
 test-long: $(STAMP)
 	$(VENV)/bin/pytest -q -m "long"

@@ -180,8 +180,21 @@ def _damaged_copy(finished: Path, tmp_path: Path, name: str, kind: str, *, old: 
     return run_dir
 
 
-@pytest.mark.parametrize(("name", "kind", "old"), [*[(*c, False) for c in CASES], *[(*c, True) for c in OLD_CASES]],
-                         ids=[f"{n}-{k}" for n, k in CASES] + [f"old-{n}-{k}" for n, k in OLD_CASES])
+# Each case trains and resumes a run (~6 s on 2 cores): `make test` takes one damage of each kind and of
+# each file class; `make test-long` takes all of them.
+DEFAULT = {("adapter/adapter_model.safetensors", "truncated", False), ("optimizer.pt", "zero-byte", False),
+           ("rng-rank0.pt", "random", False), ("scheduler.pt", "missing", False),
+           ("trainer_state.json", "bad-json", False), ("manifest.json", "random", False),
+           ("optimizer.pt", "missing", True)}
+
+
+def _damage_cases() -> list:
+    cases = [(*c, False) for c in CASES] + [(*c, True) for c in OLD_CASES]
+    return [pytest.param(*c, id=("old-" if c[2] else "") + f"{c[0]}-{c[1]}",
+                         marks=() if c in DEFAULT else pytest.mark.long) for c in cases]
+
+
+@pytest.mark.parametrize(("name", "kind", "old"), _damage_cases())
 def test_a_damaged_checkpoint_is_skipped_and_the_run_resumes_exactly_from_the_previous(
         recipe: TrainRecipe, finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, kind: str,
         old: bool):
