@@ -109,7 +109,7 @@ def source_cache_key(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> str |
         return None
     template = cfg.template
     if load_user_template(template) and Path(template).expanduser().is_file():
-        template = Path(template).expanduser().read_text()
+        template = Path(template).expanduser().read_text(encoding="utf-8")
     settings = {k: getattr(cfg, k) for k in ("max_length", "train_on_inputs", "system_prompt", "validation_split",
                                               "max_eval_samples", "skip_invalid", "seed", "streaming")}
     return cache.cache_key(source=ident, spec=dataclasses.asdict(spec), validation=val_ident, template=template,
@@ -216,7 +216,7 @@ def _meta(data: SourceData) -> dict[str, Any]:
 
 
 def from_cache(path: Path, streaming: bool) -> SourceData:
-    meta = json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     splits = {s: cache.TokenStore(path / s) for s in ("train", "validation")}
     stats = {k: DataStats(**v) for k, v in meta["stats"].items()}
     for s in stats.values():

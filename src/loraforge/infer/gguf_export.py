@@ -94,7 +94,7 @@ def write_gguf(model_dir: str | Path, out_file: str | Path) -> Path:
     from safetensors import safe_open
 
     model_dir, out_file = Path(model_dir), Path(out_file)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") not in ("llama", "mistral"):
         raise ModelLoadError(f"GGUF export supports Llama-architecture models; {model_dir} is "
                              f"{config.get('model_type')!r}. Use llama.cpp's convert_hf_to_gguf.py.")

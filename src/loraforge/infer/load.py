@@ -101,7 +101,7 @@ def load(run_or_adapter: str | Path, *, quantize: str | None = None, device: str
         mcfg = ModelConfig(**{**run.model.__dict__, "device": device})
     elif adapter_dir is not None:
         try:
-            cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+            cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON ({e}).") from None
         if not isinstance(cfg, dict):

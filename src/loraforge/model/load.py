@@ -101,7 +101,7 @@ def hub_token() -> str | None:
     # $XDG_CACHE_HOME/huggingface (huggingface_hub's rules).
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     login = Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")).expanduser()
-    return (login.read_text().strip() or None) if login.is_file() else None
+    return (login.read_text(encoding="utf-8").strip() or None) if login.is_file() else None
 
 
 def _http_status(err: BaseException) -> int | None:

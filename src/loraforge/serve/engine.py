@@ -249,7 +249,8 @@ class Engine:
         if cfg is not None:
             return cfg.model.model_name
         if adapter_dir is not None:
-            return json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+            adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+            return adapter_cfg.get("base_model_name_or_path", "")
         return str(run)
 
     # ---------------------------------------------------------------------------------------------------

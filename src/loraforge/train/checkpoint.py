@@ -173,7 +173,7 @@ def damage(path: Path) -> str | None:
     if not manifest.is_file():
         return None
     try:
-        files = json.loads(manifest.read_text())["files"]
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
         entries = [(str(name), int(info["bytes"]), str(info["sha256"])) for name, info in files.items()]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} cannot be read ({type(e).__name__}: {e})"
@@ -311,7 +311,7 @@ def _rng_file(f: Path) -> dict[str, Any]:
 
 def _trainer_state(f: Path) -> TrainerState:
     """trainer_state.json, every field of the type TrainerState declares."""
-    raw = json.loads(f.read_text())
+    raw = json.loads(f.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
         raise ValueError("not a JSON object")
     types = {"int": int, "float": float, "float | None": float, "int | None": int}

@@ -82,7 +82,7 @@ def _holder(lock: Path) -> str:
     info = None
     for _ in range(20):  # the holder may be between taking the lock and writing its name: up to 1 s
         try:
-            info = json.loads(lock.read_text()[:4096])
+            info = json.loads(lock.read_text(encoding="utf-8")[:4096])
         except (OSError, ValueError):
             info = None
         if isinstance(info, dict):

@@ -41,7 +41,7 @@ def load_space(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return DEFAULT_SPACE
     try:
-        space = yaml.safe_load(Path(path).read_text())
+        space = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"--space {path}: cannot read it ({e}).") from e
     if not isinstance(space, dict) or not space:

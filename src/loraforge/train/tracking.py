@@ -21,7 +21,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.is_file():
-            keep = [ln for ln in path.read_text().splitlines()
+            keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
         elif resume_step is None and path.exists():
