@@ -2,7 +2,8 @@
 plus token-length statistics and the record counts.
 
 A preview answers in seconds whatever the source's size: it reads the source lazily, renders the first
-`n` usable records, and measures lengths on the first `SAMPLE_RECORDS` records. The whole set is measured
+`n` usable records, and measures lengths on the first `SAMPLE_RECORDS` records (fewer when they take over
+`SAMPLE_SECONDS`: long conversations render slowly). The whole set is measured
 only when a run already tokenized it with the same settings (the tokenization cache) or when asked to
 (`whole=True`, which tokenizes everything and leaves it in the cache for the run). The screen says which.
 """
@@ -10,6 +11,8 @@ only when a run already tokenized it with the same settings (the tokenization ca
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
@@ -28,7 +31,8 @@ from loraforge.data.types import DataStats, SourceSpec
 from loraforge.model.load import load_tokenizer, resolve_tokenizer_path
 
 TRAINED_STYLE = "black on green3"
-SAMPLE_RECORDS = 200  # ~1 s of tokenizing chat records on one core: enough for a median and a p95
+SAMPLE_RECORDS = 200  # enough for a median and a p95
+SAMPLE_SECONDS = 2.0  # chitchat's long conversations tokenize at ~80 a second on one core
 
 
 @dataclasses.dataclass
@@ -38,6 +42,7 @@ class Lengths:
     lengths: list[int]
     stats: DataStats
     scope: str  # "sample" | "cache" | "all"
+    timed_out: bool = False  # the sample stopped at SAMPLE_SECONDS, before SAMPLE_RECORDS
 
 
 def length_stats(lengths: list[int], max_length: int, truncated: int) -> dict[str, float]:
@@ -91,9 +96,20 @@ def measure(cfg: DataConfig, tokenizer: Any, *, whole: bool = False) -> tuple[li
         return (list(data.train[:64]), Lengths([len(e["input_ids"]) for e in data.train], data.stats["train"], "all"),
                 data.fmt)
     stats = DataStats()
-    raw = islice(sources.iter_source(cfg.dataset, cfg.split), SAMPLE_RECORDS)
+    stopped: list[bool] = []
+    raw = _until(islice(sources.iter_source(cfg.dataset, cfg.split), SAMPLE_RECORDS),
+                 time.monotonic() + SAMPLE_SECONDS, stopped)
     examples = [e for e, _ in iter_examples(raw, lenient, tokenizer, fmt, stats, cfg.column_mapping)]
-    return examples, Lengths([len(e["input_ids"]) for e in examples], stats, "sample"), fmt
+    return examples, Lengths([len(e["input_ids"]) for e in examples], stats, "sample", bool(stopped)), fmt
+
+
+def _until(records: Iterator[Any], deadline: float, stopped: list[bool], at_least: int = 20) -> Iterator[Any]:
+    """The records, ending early once `deadline` has passed (after `at_least` of them); `stopped` says so."""
+    for i, r in enumerate(records):
+        if i >= at_least and time.monotonic() > deadline:
+            stopped.append(True)
+            return
+        yield r
 
 
 def _scope_line(lengths: Lengths, whole_flag: str) -> str:
@@ -101,9 +117,9 @@ def _scope_line(lengths: Lengths, whole_flag: str) -> str:
         return "every training record (from the tokenization cache of a run with these settings)"
     if lengths.scope == "all":
         return "every training record"
-    if lengths.stats.read < SAMPLE_RECORDS:
+    if lengths.stats.read < SAMPLE_RECORDS and not lengths.timed_out:
         return f"every record (all {lengths.stats.read})"
-    return f"a sample: the first {SAMPLE_RECORDS} records ({whole_flag} measures every record)"
+    return f"a sample: the first {lengths.stats.read} records ({whole_flag} measures every record)"
 
 
 def preview(cfg: DataConfig, model: ModelConfig, *, n: int = 3, whole: bool = False,
