@@ -159,7 +159,10 @@ def materialize_gguf_tokenizer(gguf: str | Path, cache_dir: str | None = None, *
         from transformers import AutoTokenizer  # seconds to import: only when a tokenizer is converted
 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        declared = gguf_special_tokens(gguf)
+        # Reading the GGUF metadata again costs as much as the conversion itself (seconds, for a file of
+        # 100 MB): skipped when `special_tokens` already names every token it would give.
+        given = set(special_tokens or {})
+        declared = {} if {"bos_token", "eos_token", "unk_token"} <= given else gguf_special_tokens(gguf)
         declared.pop("pad_token", None)  # often = EOS in GGUF files; the pad is chosen below / by fix_tokenizer
         _set_special_tokens(tokenizer, {**declared, **(special_tokens or {})})
         if pad_token and pad_token in tokenizer.get_vocab():
