@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
@@ -52,14 +54,23 @@ def test_config_command_lists_every_setting():
     assert "training.learning_rate = 0.0002" in out.stdout and "lora.target_modules = 'qv'" in out.stdout
 
 
-def test_bench_without_a_gpu_or_with_an_unknown_case_is_a_clear_error(tmp_path: Path):
+def test_max_context_bench_without_a_gpu_or_with_an_unknown_shape_is_a_clear_error(tmp_path: Path):
     import torch
 
     r = run_cli("bench", "--max-context", "--shape", "llama-9000")
     assert r.returncode == 2 and "not a benchmark shape" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if not torch.cuda.is_available():
+        r = run_cli("bench", "--max-context", "--out", str(tmp_path))
+        assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# Each bench command imports the whole stack (~10 s on 2 cores): the speed bench's two in `make test-long`.
+@pytest.mark.long
+def test_speed_bench_without_a_gpu_or_with_an_unknown_case_is_a_clear_error():
+    import torch
+
     r = run_cli("bench", "--case", "llama-9000")
     assert r.returncode == 2 and "unknown bench case" in r.stderr and "Traceback" not in r.stderr, r.stderr
     if not torch.cuda.is_available():
-        for args in (("bench",), ("bench", "--max-context", "--out", str(tmp_path))):
-            r = run_cli(*args)
-            assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        r = run_cli("bench")
+        assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -111,6 +111,9 @@ def crash_and_compare(recipe: TrainRecipe, root: Path, modes: list[str], seed: i
     return history
 
 
+# ~47 s on 2 cores: `make test` keeps the SIGTERM resume (tests/train/test_resume.py) and the damaged-
+# checkpoint resumes; SIGKILL at three and ten random points runs in `make test-long`.
+@pytest.mark.long
 def test_sigkill_three_times_then_resume_matches_uninterrupted(recipe: TrainRecipe, tmp_path: Path):
     crash_and_compare(recipe, tmp_path, ["ckpt", "step", "ckpt"], seed=11)
 

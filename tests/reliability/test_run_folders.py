@@ -284,6 +284,7 @@ def _signals_inside_the_save(recipe: TrainRecipe, run_dir: Path, log: Path, step
         kill(proc)
 
 
+@pytest.mark.long  # ~42 s on 2 cores (a real process, a slowed save): in `make test-long`
 def test_a_second_sigterm_during_the_save_waits_for_it_a_third_stops_at_once(recipe: TrainRecipe,
                                                                              tmp_path: Path):
     run_dir, ref_dir = tmp_path / "run", tmp_path / "ref"
