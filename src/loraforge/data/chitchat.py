@@ -9,6 +9,7 @@ left out, leaving 4,018.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -52,14 +53,21 @@ _TOTAL: dict[str, int] = {}
 def load_chitchat() -> list[tuple[str, list[dict[str, str]]]]:
     """All conversations with a reply as (conversation id, messages), in the file's order. Those where
     only one person wrote are left out (nothing to train on); `coverage_note` says how many."""
-    data = json.loads(chitchat_path().read_text(encoding="utf-8"))
+    return list(_conversations(str(chitchat_path())))
+
+
+@functools.lru_cache(maxsize=1)
+def _conversations(path: str) -> tuple[tuple[str, list[dict[str, str]]], ...]:
+    # Parsed once per process (~1 s): a preview reads the source twice, to tell its format and to sample
+    # it. Readers build new records from these messages and never change them.
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     out = []
     for conv_id, conv in data.items():
         messages = conversation_to_messages(conv)
         if any(m["role"] == "assistant" for m in messages):
             out.append((conv_id, messages))
     _TOTAL["all"], _TOTAL["with_reply"] = len(data), len(out)
-    return out
+    return tuple(out)
 
 
 def coverage_note() -> str:
