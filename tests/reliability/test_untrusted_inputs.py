@@ -337,3 +337,19 @@ def test_src_reads_only_safetensors_json_and_yaml():
             for m in re.finditer(pattern, text):
                 bad.append(f"{path.relative_to(SRC)}:{text.count(chr(10), 0, m.start()) + 1}: {what}")
     assert not bad, bad
+
+
+def test_a_data_folder_mixing_formats_is_refused_not_half_read(tmp_path: Path) -> None:
+    # datasets read only the .jsonl here and dropped the .csv's records without a word.
+    from loraforge.data import sources
+    from loraforge.errors import DataError
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (folder / "b.csv").write_text("instruction,output\nc,d\n")
+    with pytest.raises(DataError, match=r"mixes data formats \(1 \.csv file, 1 \.jsonl file\)"):
+        list(sources.iter_source(str(folder)))
+    (folder / "b.csv").unlink()
+    (folder / "dataset_info.json").write_text("{}")  # metadata beside the data is not a second format
+    assert [r.data["output"] for r in sources.iter_source(str(folder))] == ["b"]

@@ -114,6 +114,9 @@ def read_dataset(path: str, split: str = "train") -> Iterator[RawRecord]:
     import datasets
 
     p = Path(path).expanduser()
+    saved = p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file())
+    if p.is_dir() and not saved:
+        _one_format(p)
     try:
         if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
             ds: Any = datasets.load_from_disk(str(p))
@@ -133,6 +136,24 @@ def read_dataset(path: str, split: str = "train") -> Iterator[RawRecord]:
     where = f"{path}[{split}]"
     for i, row in enumerate(ds):
         yield RawRecord(row, where, i)
+
+
+_DATASET_METADATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"}
+
+
+def _one_format(folder: Path) -> None:
+    """A folder of data files must hold one format: `datasets` reads only the most common one and drops the
+    others without a word (a folder with a .jsonl and a .csv gave the .jsonl's records alone)."""
+    found: dict[str, int] = {}
+    for f in folder.rglob("*"):
+        suffix = "".join(f.suffixes[-2:]) if f.suffix == ".gz" else f.suffix
+        if (f.is_file() and not f.name.startswith(".") and f.name not in _DATASET_METADATA
+                and suffix.removesuffix(".gz") in DATA_SUFFIXES):
+            found[suffix] = found.get(suffix, 0) + 1
+    if len(found) > 1:
+        kinds = ", ".join(f"{n} {s} file{'s' * (n > 1)}" for s, n in sorted(found.items()))
+        raise DataError(f"data.dataset: the folder {folder} mixes data formats ({kinds}); a folder is read as one "
+                        "format. Point data.dataset at one file or one format's folder, or list each in data.sources.")
 
 
 def identity(path: str, split: str = "train") -> str | None:
