@@ -1,6 +1,6 @@
 """loraforge: fine-tune Llama-family models with LoRA and QLoRA.
 
-The public names (those of the user's specification) are imported lazily, so `import loraforge` is
+The public names (LLAMATrainer, the config sections, load, pipeline, ...) are imported lazily, so `import loraforge` is
 cheap and the command line starts fast.
 """
 

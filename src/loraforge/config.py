@@ -7,7 +7,7 @@ Unknown keys, wrong types and out-of-range values are refused with a message tha
 value and what is allowed, plus a close match for a misspelt key.
 
 The names and defaults of `ModelConfig`, `LoRAConfig`, `DataConfig`, `TrainingConfig` and `EvalConfig`
-follow the user's specification; fields beyond it have defaults that keep the specified behaviour.
+follow the names peft and transformers users know; fields beyond them have defaults that keep the specified behaviour.
 """
 
 from __future__ import annotations

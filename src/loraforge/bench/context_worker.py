@@ -86,7 +86,7 @@ class _Worker:
         """One training step at batch 1 x n; returns whether it stopped early as a probe."""
         x = torch.randint(0, self.vocab, (1, n), device=self.device)
         if self.side == "stock":
-            # stock_qlora_baseline.maxctx.fits, statement for statement
+            # the stock baseline's one-step fit test, statement for statement
             self.model(input_ids=x, labels=x).loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """The `bench --max-context` search: the longest batch-1 sequence each stack trains for one step.
 
 It finds, by search, the longest batch-1 sequence that trains one step for (a) the stock stack — exactly
-`stock_qlora_baseline.py maxctx`: peft's `prepare_model_for_kbit_training`, non-reentrant checkpointing,
+`bench/models.build_stock`: peft's `prepare_model_for_kbit_training`, non-reentrant checkpointing,
 SDPA, paged AdamW 32-bit; and (b) `loraforge train` with `training.long_context=true`, and the tokens/s of
 both at the stock maximum. Each side runs in its own worker process (context_worker.py); the parent only
 orchestrates and writes results, and never touches CUDA. The search state is saved after every trial, so
@@ -32,7 +32,7 @@ from loraforge.model.memory import max_trainable_length, memory_model
 
 @dataclass
 class Search:
-    """Doubling from `start`, then bisection until bad - good <= resolution (stock_qlora_baseline's
+    """Doubling from `start`, then bisection until bad - good <= resolution (the stock baseline's
     maxctx: midpoints rounded down to resolution/2). `bad` is the smallest length known not to fit
     (or, with `bad_untested`, the first doubling step past `hi`)."""
 
@@ -172,7 +172,7 @@ def run_max_context_bench(out_dir: str | Path = "bench/results", shape: str = "l
             continue
         if "search" in ss:
             search = Search.from_dict(ss["search"])
-        elif name == "stock":  # always to 1,024 whatever `resolution` says: that is stock_qlora_baseline's maxctx
+        elif name == "stock":  # always to 1,024 whatever `resolution` says: that is the stock baseline's resolution
             search = Search(stock_start, stock_hi, 1024)
         else:
             search = Search(loraforge_start, loraforge_hi or 1 << 20, resolution)
@@ -447,7 +447,7 @@ def _result_row(state: dict, shape: str) -> dict | None:
         "stock_trials": (st.get("search") or {}).get("trials"),
         "loraforge_trials": lsearch.get("trials"), "loraforge_verify": lf.get("verify"),
         "stock_speed": sspeed, "loraforge_speed": lspeed,
-        "stock_setup": "stock_qlora_baseline.py maxctx: prepare_model_for_kbit_training (fp32 upcasts), "
+        "stock_setup": "bench/models.py build_stock: prepare_model_for_kbit_training (fp32 upcasts), "
                        "non-reentrant checkpointing, SDPA, NF4 double-quant, r16 all-linear, PagedAdamW32bit",
         "loraforge_setup": "bf16 frozen weights, fused LoRA kernels (patch_model), chunked linear CE, "
                            "offloaded non-reentrant checkpointing, SDPA is_causal, PagedAdamW32bit, "

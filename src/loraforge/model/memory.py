@@ -30,8 +30,8 @@ prefetched stay on the GPU: 3 x h x act per token; the other L-1 live in host me
 
 **Logits phase.** The lm_head output, its fp32 copy in transformers' loss, the log-softmax and, in
 backward, its gradient: about 12 bytes per token per vocabulary entry. Calibrated on the stock path's
-measured peaks (H100, SPEC.md; the stock path's persistent bytes are exact from the shapes, and its
-checkpoints are fp32):
+measured peaks (H100, bench/results/speed-2026-11-22-h100*; the stock path's persistent bytes are
+exact from the shapes, and its checkpoints are fp32):
   7B r16 all 4x512: 6.25 GiB - 4.56 persistent - 1.00 checkpoints = 0.69 GiB = 11.3 B x 2048 x 32000
   7B r8 q,v 4x512:  5.97 - 4.14 - 1.00 = 0.83 GiB = 13.6 B x 2048 x 32000
   7B r16 all 2x2048: 8.01 - 4.56 - 2.00 = 1.45 GiB = 11.9 B x 4096 x 32000
@@ -57,7 +57,7 @@ phase (0.95 GiB) and the logits phase (0.73 GiB) are close; the estimate takes t
 **Attention** is O(tokens) with SDPA's flash / memory-efficient kernels. The stock stack runs attention in
 fp32 (its upcast norms turn q, k, v fp32) with grouped-query heads (`enable_gqa`), a combination only
 SDPA's math kernel takes: tokens² scores, softmax and their gradients per head. Calibration (H100 80 GB,
-SPEC.md, Llama-3-8B shape, QLoRA r16 all-linear, batch 1, stock stack): 8,192 tokens -> 44 GiB and
+bench/results/context-*-h100.json, Llama-3-8B, QLoRA r16 all-linear, batch 1, stock stack): 8,192 tokens -> 44 GiB and
 11,264 -> 74.5 GiB. With the per-token terms above, the quadratic term is `ATTN_MATH_COPIES` x heads x
 4 bytes x s²; 3.6 copies gives 45.4 GiB and 74.2 GiB at the two points (+3%, -0.4%) and predicts 11,264
 as the stock maximum on 80 GB, as measured.
@@ -342,7 +342,7 @@ def memory_model(config: Any, run: RunConfig, *, stack: Stack = "loraforge") -> 
     """Batch-1 memory per sequence length: {'fixed': bytes, 'per_token': bytes, 'quadratic': bytes per
     token², plus the parts}.
 
-    stack="stock": transformers + peft + bitsandbytes as SPEC.md measures it (fp32 upcasts, full
+    stack="stock": transformers + peft + bitsandbytes as bench/models.build_stock runs it (fp32 upcasts, full
     logits). stack="loraforge": loraforge's build (compute-dtype frozen weights, fused kernels when
     `model.fast_kernels`, chunked loss with the fast kernels or `chunked_cross_entropy`, offloading
     per `training.long_context` / `offload_activations`).
