@@ -1,5 +1,7 @@
-"""The patched model computes what stock peft computes, in fp32 on the CPU: Llama, Mistral (sliding window)
-and Qwen2 (q/k/v biases, per-layer sliding window), with and without LoRA dropout.
+"""The patched model computes what stock peft computes, in fp32 on the CPU: Llama, Mistral (sliding window),
+Qwen2 (q/k/v biases, per-layer sliding window), Qwen3 (q/k norms), Gemma 2 (GeGLU, four norms of the
+form x̂·(1 + w), attention and final logit soft-capping), Gemma 3 (q/k norms, local and global RoPE) and
+Phi-3 (fused qkv and gate_up projections), with and without LoRA dropout.
 
 The fused nodes regenerate dropout masks from a seed (kernels/dropout.py), so peft's `nn.Dropout`
 cannot draw the same ones; instead each peft dropout module is replaced by one that applies the mask the
@@ -25,7 +27,23 @@ QWEN2 = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidd
              max_window_layers=1)  # layer 0 full attention, layer 1 a window of 8
 LLAMA_BIAS = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
-OVERRIDES = {"mistral": {"sliding_window": 8}}  # shorter than the batch, so the window shows in the mask
+QWEN3 = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+             num_attention_heads=4, num_key_value_heads=2, layer_types=["full_attention", "sliding_attention"],
+             use_sliding_window=True, sliding_window=8)
+# Gemma: soft-capping low enough to bend these small logits, norms' weights away from 0 (see _nonzero_norms)
+GEMMA2 = dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+              num_attention_heads=4, num_key_value_heads=2, sliding_window=8, query_pre_attn_scalar=16,
+              attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+GEMMA3 = dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+              num_attention_heads=4, num_key_value_heads=2, sliding_window=8, query_pre_attn_scalar=16,
+              layer_types=["sliding_attention", "full_attention"])
+PHI3 = dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+NEW_ARCHS = {"qwen3": QWEN3, "gemma2": GEMMA2, "gemma3": GEMMA3, "phi3": PHI3}
+TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+# Mistral and Phi-3: a window shorter than the batch, so it shows in the mask. Gemma: eager attention,
+# the one that soft-caps (SDPA cannot), as transformers recommends for Gemma 2.
+OVERRIDES = {"mistral": {"sliding_window": 8}, "gemma2": {"attn_implementation": "eager"}}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +51,10 @@ def tiny(tmp_path_factory, embedded_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(ARCHS, "qwen2", QWEN2)
         mp.setitem(ARCHS, "llama_bias", LLAMA_BIAS)
+        for name, spec in NEW_ARCHS.items():
+            mp.setitem(ARCHS, name, spec)
         return {a: make_tiny_model(tmp_path_factory.mktemp(a), a, tokenizer_dir=embedded_model_dir)
-                for a in ("llama3", "mistral", "qwen2", "llama_bias")}
+                for a in ("llama3", "mistral", "qwen2", "llama_bias", *NEW_ARCHS)}
 
 
 @pytest.fixture
@@ -43,12 +63,24 @@ def fp32_fast_path(monkeypatch):
     monkeypatch.setattr(patch_mod, "_compute_dtype", lambda base: torch.float32)
 
 
-def _build(path, arch, dropout, targets=ALL):
+def _nonzero_norms(model):
+    """Gemma initialises its norm weights to 0 (scale 1 + w = 1): draw them, so x̂·(1 + w) is tested."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _build(path, arch, dropout, targets=None):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
-                                             **OVERRIDES.get(arch, {}))
+    targets = targets or TARGETS.get(arch, ALL)
+    kw = {"attn_implementation": "sdpa", **OVERRIDES.get(arch, {})}
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    if arch.startswith("gemma"):
+        _nonzero_norms(m)
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
                                      task_type="CAUSAL_LM"))
@@ -56,7 +88,7 @@ def _build(path, arch, dropout, targets=ALL):
     return m
 
 
-def _pair(tiny, arch, dropout, targets=ALL):
+def _pair(tiny, arch, dropout, targets=None):
     stock, fast = _build(tiny[arch], arch, dropout, targets), _build(tiny[arch], arch, dropout, targets)
     s = patch_mod.patch_model(fast, allow_cpu=True)
     assert s["patched"] and s["attention"] == 2 and s["mlp"] == 2 and not s["skipped"], s
@@ -88,11 +120,20 @@ def _record_masks(monkeypatch):
     return seen
 
 
-def _dropout_modules(model):
-    return [m.lora_dropout for m in model.modules() if hasattr(m, "lora_dropout") and "default" in m.lora_dropout]
+def _dropout_modules(model, targets):
+    """peft's dropout modules in forward order (Phi-3 declares o_proj before qkv_proj)."""
+    found = [(n, m.lora_dropout) for n, m in model.named_modules()
+             if hasattr(m, "lora_dropout") and "default" in m.lora_dropout]
+
+    def order(item):
+        name = item[0]
+        layer = int(name.split("layers.")[1].split(".")[0])
+        return layer, targets.index(name.rsplit(".", 1)[-1])
+
+    return [d for _, d in sorted(found, key=order)]
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "llama_bias"])
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "llama_bias", *NEW_ARCHS])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_patched_matches_stock_peft(tiny, fp32_fast_path, monkeypatch, arch, dropout):
     stock, fast = _pair(tiny, arch, dropout)
@@ -100,10 +141,10 @@ def test_patched_matches_stock_peft(tiny, fp32_fast_path, monkeypatch, arch, dro
     masks = _record_masks(monkeypatch)
     ls, gs = _one_step(fast, batch)
     if dropout:
-        # q, k, v, o, gate, up, down of each layer, in forward order = peft's module order; the
-        # checkpoint's recompute and the backward drew no new masks
-        assert len(masks) == 7 * 2 and set(masks.values()) == {dropout}
-        for dmod, (seed, salt) in zip(_dropout_modules(stock), masks, strict=True):
+        # q, k, v, o, gate, up, down of each layer (Phi-3: qkv, o, gate_up, down), in forward order =
+        # peft's module order; the checkpoint's recompute and the backward drew no new masks
+        assert len(masks) == len(TARGETS.get(arch, ALL)) * 2 and set(masks.values()) == {dropout}
+        for dmod, (seed, salt) in zip(_dropout_modules(stock, TARGETS.get(arch, ALL)), masks, strict=True):
             dmod["default"] = _SameMask(seed, salt, dropout)
     else:
         assert not masks
@@ -141,7 +182,7 @@ def test_dropout_is_deterministic_and_off_in_eval(tiny, fp32_fast_path):
     assert res["loss_rel_diff"] < 1e-5 and res["max_rel_grad_diff"] < 1e-4, res
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_attention_gets_the_stock_arguments(tiny, fp32_fast_path, monkeypatch, arch):
     """The attention function sees what stock attention passes it: sliding_window for Mistral (from the
     config) and Qwen2 (per layer), none for Llama; q/k/v as stock computes them."""
@@ -166,7 +207,8 @@ def test_attention_gets_the_stock_arguments(tiny, fp32_fast_path, monkeypatch, a
         for a, b in zip(qkv_s, qkv_f, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     windows = [kw.get("sliding_window", "absent") for *_, kw in calls[:2]]
-    assert windows == {"llama3": ["absent"] * 2, "mistral": [8, 8], "qwen2": [None, 8]}[arch]
+    assert windows == {"llama3": ["absent"] * 2, "mistral": [8, 8], "qwen2": [None, 8], "qwen3": [None, 8],
+                       "gemma3": [8, None], "phi3": [8, 8]}[arch]
 
 
 def test_generation_with_a_kv_cache_runs_the_stock_attention(tiny, fp32_fast_path):

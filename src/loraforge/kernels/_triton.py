@@ -53,41 +53,57 @@ if AVAILABLE:
         tl.store(out_ptr + offs2, vals, mask=offs2 < 2 * n_bytes)
 
     @triton.jit
-    def _swiglu_fwd_kernel(e_ptr, g_ptr, h_ptr, n, BLOCK: tl.constexpr):
+    def _gate_act(e, ACT: tl.constexpr):
+        """(act(e), act'(e)) in fp32: ACT 0 is SiLU (SwiGLU), 1 is tanh-approximated GELU (Gemma's GeGLU)."""
+        if ACT == 0:
+            sig = tl.sigmoid(e)
+            f = e * sig
+            df = sig * (1.0 + e * (1.0 - sig))
+        else:
+            k = 0.7978845608028654  # sqrt(2/pi)
+            t = 2.0 * tl.sigmoid(2.0 * k * (e + 0.044715 * e * e * e)) - 1.0  # tanh, from the sigmoid Triton has
+            f = 0.5 * e * (1.0 + t)
+            df = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * k * (1.0 + 0.134145 * e * e)
+        return f, df
+
+    @triton.jit
+    def _swiglu_fwd_kernel(e_ptr, g_ptr, h_ptr, n, BLOCK: tl.constexpr, ACT: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        h = e * tl.sigmoid(e) * g
-        tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+        f, _ = _gate_act(e, ACT)
+        tl.store(h_ptr + offs, (f * g).to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(dh_ptr, e_ptr, g_ptr, h_ptr, de_ptr, dg_ptr, n, BLOCK: tl.constexpr):
-        # Recomputes h = silu(e)*g (the down projection's LoRA grad needs it) next to de and dg.
+    def _swiglu_bwd_kernel(dh_ptr, e_ptr, g_ptr, h_ptr, de_ptr, dg_ptr, n, BLOCK: tl.constexpr,
+                           ACT: tl.constexpr):
+        # Recomputes h = act(e)*g (the down projection's LoRA grad needs it) next to de and dg.
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(e)
-        f = e * sig
+        f, df = _gate_act(e, ACT)
         tl.store(h_ptr + offs, (f * g).to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(dg_ptr + offs, (dh * f).to(dg_ptr.dtype.element_ty), mask=mask)
-        de = dh * g * sig * (1.0 + e * (1.0 - sig))
-        tl.store(de_ptr + offs, de.to(de_ptr.dtype.element_ty), mask=mask)
+        tl.store(de_ptr + offs, (dh * g * df).to(de_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr,
+                            FP32_SCALE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         # Same rounding as transformers' LlamaRMSNorm: normalize in fp32, round to the input dtype,
-        # then multiply by the weight in that dtype.
-        xn = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+        # then multiply by the weight in that dtype; Gemma's (FP32_SCALE) multiplies in fp32 first.
+        xn = x * rstd
+        if not FP32_SCALE:
+            xn = xn.to(y_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * n_cols + cols, (xn * w).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + row, rstd)
@@ -172,18 +188,22 @@ def nf4_dequant(weight: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def swiglu_fwd(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+_ACTS = {"silu": 0, "gelu_tanh": 1}
+
+
+def swiglu_fwd(e: torch.Tensor, g: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """h = act(e)·g for a gated MLP: SwiGLU (silu) or GeGLU (gelu_tanh)."""
     h = torch.empty_like(e)
     n = e.numel()
-    _swiglu_fwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](e, g, h, n, BLOCK=_EW_BLOCK, num_warps=4)
+    _swiglu_fwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](e, g, h, n, BLOCK=_EW_BLOCK, ACT=_ACTS[act], num_warps=4)
     return h
 
 
-def swiglu_bwd(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
+def swiglu_bwd(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, act: str = "silu"):
     h, de, dg = torch.empty_like(e), torch.empty_like(e), torch.empty_like(g)
     n = e.numel()
     _swiglu_bwd_kernel[(triton.cdiv(n, _EW_BLOCK),)](dh, e, g, h, de, dg, n, BLOCK=_EW_BLOCK,
-                                                      num_warps=4)
+                                                      ACT=_ACTS[act], num_warps=4)
     return h, de, dg
 
 
@@ -192,12 +212,13 @@ def _row_block(n_cols: int) -> tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
-def rmsnorm_fwd(x2d: torch.Tensor, w: torch.Tensor, eps: float):
+def rmsnorm_fwd(x2d: torch.Tensor, w: torch.Tensor, eps: float, fp32_scale: bool = False):
     rows, n_cols = x2d.shape
     y = torch.empty_like(x2d)
     rstd = torch.empty(rows, device=x2d.device, dtype=torch.float32)
     block, warps = _row_block(n_cols)
-    _rmsnorm_fwd_kernel[(rows,)](x2d, w, y, rstd, n_cols, eps, BLOCK=block, num_warps=warps)
+    _rmsnorm_fwd_kernel[(rows,)](x2d, w, y, rstd, n_cols, eps, BLOCK=block, FP32_SCALE=fp32_scale,
+                                 num_warps=warps)
     return y, rstd
 
 

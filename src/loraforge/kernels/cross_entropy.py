@@ -18,7 +18,7 @@ CHUNK_BYTES = 256 * 2**20
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, denom, chunk_rows):
+    def forward(ctx, hidden, weight, targets, denom, chunk_rows, softcap=None):
         # hidden [T, d]; weight [V, d] (frozen); targets [T] int64 with IGNORE; denom: 0-dim tensor.
         need_grad = hidden.requires_grad
         grad = torch.empty_like(hidden) if need_grad else None
@@ -30,6 +30,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_rows]
             t = targets[start:start + chunk_rows]
             logits = (h @ w.t()).to(acc)  # [c, V]
+            if softcap:  # Gemma 2: logits c·tanh(z/c); dz gets the factor 1 - tanh²
+                tanh = logits.div_(softcap).tanh_()
+                logits = tanh * softcap
             lse = torch.logsumexp(logits, dim=-1)
             valid = t != IGNORE
             tsafe = torch.where(valid, t, 0)
@@ -39,6 +42,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # softmax - onehot, in place over the fp32 logits, scaled per row (0 where ignored).
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs.scatter_add_(1, tsafe[:, None], torch.full_like(lse[:, None], -1.0))
+                if softcap:
+                    probs.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+                    del tanh
                 probs.mul_((valid.to(acc) * inv)[:, None])
                 torch.matmul(probs.to(hidden.dtype), w, out=grad[start:start + chunk_rows])
             del logits
@@ -49,13 +55,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return grad * dloss.to(grad.dtype), None, None, None, None
+        return grad * dloss.to(grad.dtype), None, None, None, None, None
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
                    *, shift_labels: torch.Tensor | None = None, num_items_in_batch=None,
-                   chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """Loss of hidden [B, S, d] through lm_head weight [V, d] against labels [B, S]."""
+                   chunk_bytes: int = CHUNK_BYTES, softcap: float | None = None) -> torch.Tensor:
+    """Loss of hidden [B, S, d] through lm_head weight [V, d] against labels [B, S]; `softcap`: Gemma 2's
+    final logit soft-capping (a second fp32 chunk is live then, so chunks are half as long)."""
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden.device)
@@ -66,5 +73,5 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         denom = num_items_in_batch.to(hidden.device)
     else:
         denom = torch.tensor(float(num_items_in_batch), device=hidden.device)
-    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
-    return LinearCrossEntropy.apply(h, weight, targets, denom, chunk_rows)
+    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0] * (2 if softcap else 1)))
+    return LinearCrossEntropy.apply(h, weight, targets, denom, chunk_rows, softcap)

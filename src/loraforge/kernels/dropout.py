@@ -136,6 +136,44 @@ if _triton.AVAILABLE:
         y = tl.where(h >= thr, x * scale, 0.0)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _mix32_u32(h):
+        # uint32 products wrap mod 2^32: the same bits as the int64 product & 0xFFFFFFFF, at a quarter
+        # of the integer work (a GPU has no native 64-bit multiply).
+        h = ((h >> 16) ^ h) * 0x45D9F3B
+        h = ((h >> 16) ^ h) * 0x45D9F3B
+        return (h >> 16) ^ h
+
+    @triton.jit
+    def _keep32(offs, seed_ptr, salt_a, salt_b, thr):
+        seed = tl.load(seed_ptr).to(tl.int64)
+        k1 = _mix32_tl((seed & 0xFFFFFFFF) ^ salt_a).to(tl.uint32)  # per-call keys: scalars, in int64
+        k2 = _mix32_tl(((seed >> 32) & 0xFFFFFFFF) ^ salt_b).to(tl.uint32)
+        h = _mix32_u32(_mix32_u32(offs.to(tl.uint32) ^ k1) ^ k2)
+        return h.to(tl.int64) >= thr
+
+    @triton.jit
+    def _dropout32_kernel(x_ptr, out_ptr, seed_ptr, n, salt_a, salt_b, thr, scale, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        keep = _keep32(offs, seed_ptr, salt_a, salt_b, thr)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, tl.where(keep, x * scale, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dropout_add32_kernel(acc_ptr, x_ptr, seed_ptr, n, salt_a, salt_b, thr, scale, alpha,
+                              BLOCK: tl.constexpr):
+        # acc += alpha · drop(x), the dropped value rounded to x's dtype first as `dropped` rounds it
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        keep = _keep32(offs, seed_ptr, salt_a, salt_b, thr)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(keep, x * scale, 0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+        a = tl.load(acc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(acc_ptr + offs, (a + alpha * d).to(acc_ptr.dtype.element_ty), mask=mask)
+
 
 _BLOCK = 1024
 
@@ -146,6 +184,21 @@ def _dropped_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) ->
     sa, sb = _salt_keys(salt)
     # Python ints are typed i32 below 2^31 and i64 above by Triton; either way they meet the int64 seed
     # and hash in the kernel and promote to int64, so every typing computes the same bits.
-    _dropout_kernel[(triton.cdiv(n, _BLOCK),)](x, out, seed, n, sa, sb, _threshold(p), 1.0 / (1.0 - p),
-                                               BLOCK=_BLOCK, num_warps=4)
+    kernel = _dropout32_kernel if _triton.ENABLED.get("dropout32", True) else _dropout_kernel
+    kernel[(triton.cdiv(n, _BLOCK),)](x, out, seed, n, sa, sb, _threshold(p), 1.0 / (1.0 - p),
+                                      BLOCK=_BLOCK, num_warps=4)
     return out
+
+
+def dropped_add_(acc: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
+                 alpha: float) -> torch.Tensor:
+    """acc += alpha · dropped(x, seed, salt, p), in place, one pass on CUDA (backward's dX of the LoRA
+    branch: no dropped copy of x written and read back)."""
+    x = x.contiguous()
+    if acc.is_cuda and acc.is_contiguous() and triton_enabled() and _triton.ENABLED.get("dropout32", True):
+        sa, sb = _salt_keys(salt)
+        n = x.numel()
+        _dropout_add32_kernel[(triton.cdiv(n, _BLOCK),)](acc, x, seed, n, sa, sb, _threshold(p), 1.0 / (1.0 - p),
+                                                         float(alpha), BLOCK=_BLOCK, num_warps=4)
+        return acc
+    return acc.add_(dropped(x, seed, salt, p), alpha=alpha)

@@ -13,8 +13,11 @@ product: dA = s·(dY B)ᵀ X and dB = s·dYᵀ (X Aᵀ), 2·T·r·(in+out) FLOPs
 LoRA dropout (peft's `lora_dropout`): the mask applies to the LoRA branch's input only, y = X Wᵀ +
 s·(drop(X) Aᵀ) Bᵀ, one independent mask per projection as peft draws them. No mask is kept: each call
 saves one seed (dropout.py: an int64 device scalar) and backward regenerates drop(X) from it, so
-dropout adds no saved activation, only transient [T, in] copies. With p = 0 (or in eval mode, where
-the patch passes p = 0) no seed is drawn and the code below is the dropout-free path unchanged.
+dropout adds no saved activation, only transient [T, in] copies. A recompute followed at once by its
+backward (`keeping_dense`) hands its drop(X) to that backward, and backward adds the masked dX term in
+one pass (`dropped_add_`), so dropout costs two [T, in] passes per projection beyond the forward's.
+With p = 0 (or in eval mode, where the patch passes p = 0) no seed is drawn and the code below is the
+dropout-free path unchanged.
 
 Frozen base biases (Qwen2's q/k/v) are added by the base GEMM (`addmm`); they get no gradient.
 
@@ -28,10 +31,9 @@ import threading
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from . import _triton
-from .dropout import dropped, seed_for_call
+from .dropout import dropped, dropped_add_, seed_for_call
 from .frozen import FrozenWeight
 
 _state = threading.local()
@@ -66,6 +68,10 @@ class _Drop:
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         return dropped(t, self.seed, self.salt, self.p)
 
+    def add_to(self, acc: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
+        """acc += alpha · drop(t), without the dropped copy."""
+        return dropped_add_(acc, t, self.seed, self.salt, self.p, alpha)
+
 
 def _drops(ps, device) -> tuple:
     """A `_Drop` per projection with p > 0 (None elsewhere), one seed for the call; all None (and no
@@ -76,34 +82,40 @@ def _drops(ps, device) -> tuple:
     return tuple(_Drop(seed, first + i, p) if p > 0 else None for i, p in enumerate(ps))
 
 
-def _lora_forward(x2d, w, a, b, s, drop=None, bias=None):
+def _lora_forward(x2d, w, a, b, s, drop=None, bias=None, kept=None):
     """x2d [T, in] -> [T, out]: base GEMM (+ frozen bias), then the LoRA term accumulated into it (β=1,
-    α=s), its input dropped by `drop` when given."""
+    α=s), its input dropped by `drop` when given. `kept`: a list that receives drop(X) for a backward
+    that follows at once (`keeping_dense`), which then need not draw it again."""
     out = x2d @ w.t() if bias is None else torch.addmm(bias, x2d, w.t())
     if a is not None:
-        out.addmm_((x2d if drop is None else drop(x2d)) @ a.t(), b.t(), alpha=s)
+        xl = x2d if drop is None else drop(x2d)
+        if kept is not None and drop is not None:
+            kept.append(xl)
+        out.addmm_(xl @ a.t(), b.t(), alpha=s)
     return out
 
 
-def _lora_backward(dy2d, x2d, w, a, b, s, dx, drop=None):
+def _lora_backward(dy2d, x2d, w, a, b, s, dx, drop=None, xl=None):
     """Accumulates dX of one projection into `dx` (or creates it) and returns (dx, dA, dB).
 
-    With `drop`, the LoRA branch saw drop(X) = X ⊙ m: dA and dB use drop(X) (regenerated from the seed),
-    and the branch's part of dX, s·(dY B) A, is masked the same way: ∂drop(X)/∂X = m."""
+    With `drop`, the LoRA branch saw drop(X) = X ⊙ m: dA and dB use drop(X) (regenerated from the seed
+    unless the forward kept it: `xl`), and the branch's part of dX, s·(dY B) A, is masked the same way:
+    ∂drop(X)/∂X = m."""
     if dx is None:
         dx = dy2d @ w
     else:
         dx.addmm_(dy2d, w)
     if a is None:
         return dx, None, None
-    xl = x2d if drop is None else drop(x2d)
+    if xl is None:
+        xl = x2d if drop is None else drop(x2d)
     dyb = dy2d @ b  # [T, r]
     da = (dyb.t() @ xl).mul_(s)  # [r, in]
     db = (dy2d.t() @ (xl @ a.t())).mul_(s)  # [out, r]
     if drop is None:
         dx.addmm_(dyb, a, alpha=s)
     else:
-        dx.add_(drop(dyb @ a), alpha=s)
+        drop.add_to(dx, dyb @ a, s)
     return dx, da, db
 
 
@@ -126,14 +138,18 @@ class LoRALinears(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         outs, dense, keep = [], [], _keep()
         drops = _drops(ps, x.device)
+        kept_x: list = []
         for i, fw in enumerate(weights):
             a, b = _cast(ab[2 * i], x.dtype), _cast(ab[2 * i + 1], x.dtype)
             w = fw.dense()
-            out = _lora_forward(x2d, w, a, b, scales[i], drops[i], fw.bias_as(x.dtype))
+            kept = [] if keep else None
+            out = _lora_forward(x2d, w, a, b, scales[i], drops[i], fw.bias_as(x.dtype), kept)
             outs.append(out.view(*x.shape[:-1], -1))
+            kept_x.append(kept[0] if kept else None)
             if keep:
                 dense.append(w)
         ctx.dense = tuple(dense) if keep else None
+        ctx.kept_x = kept_x
         ctx.weights, ctx.scales, ctx.drops = weights, scales, drops
         ctx.save_for_backward(x, *ab)
         return tuple(outs)
@@ -152,7 +168,7 @@ class LoRALinears(torch.autograd.Function):
                 continue
             w = ctx.dense[i] if ctx.dense is not None else fw.dense()
             dx, da, db = _lora_backward(d.reshape(-1, d.shape[-1]), x2d, w, a, b, ctx.scales[i], dx,
-                                        ctx.drops[i])
+                                        ctx.drops[i], ctx.kept_x[i])
             grads += [_grad_like(da, a_p), _grad_like(db, b_p)]
         if dx is not None:
             dx = dx.view(x.shape)
@@ -164,34 +180,59 @@ def _acc(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _gate_act(ef: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(e), act'(e)) in e's (accumulation) dtype: SiLU for SwiGLU, tanh-GELU for Gemma's GeGLU."""
+    if act == "silu":
+        sig = torch.sigmoid(ef)
+        return ef * sig, sig * (1 + ef * (1 - sig))
+    k = 0.7978845608028654  # sqrt(2/pi)
+    t = torch.tanh(k * (ef + 0.044715 * ef.pow(3)))
+    return 0.5 * ef * (1 + t), 0.5 * (1 + t) + 0.5 * ef * (1 - t * t) * k * (1 + 0.134145 * ef * ef)
+
+
+def swiglu_forward(e: torch.Tensor, g: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """h = act(e)·g, the gated MLP's middle (SwiGLU; GeGLU with act="gelu_tanh")."""
     if e.is_cuda and _triton.enabled("swiglu"):
-        return _triton.swiglu_fwd(e, g)
+        return _triton.swiglu_fwd(e, g, act)
     acc = _acc(e.dtype)
-    return (F.silu(e.to(acc)) * g.to(acc)).to(e.dtype)
+    return (_gate_act(e.to(acc), act)[0] * g.to(acc)).to(e.dtype)
 
 
-def swiglu_backward(dh, e, g):
-    """Returns (h, de, dg) for h = silu(e)·g, computing in fp32 like the Triton kernel."""
+def swiglu_backward(dh, e, g, act: str = "silu"):
+    """Returns (h, de, dg) for h = act(e)·g, computing in fp32 like the Triton kernel."""
     if e.is_cuda and _triton.enabled("swiglu"):
-        return _triton.swiglu_bwd(dh, e, g)
+        return _triton.swiglu_bwd(dh, e, g, act)
     acc = _acc(e.dtype)
     ef, gf, dhf = e.to(acc), g.to(acc), dh.to(acc)
-    sig = torch.sigmoid(ef)
-    f = ef * sig
-    h = (f * gf).to(e.dtype)
-    dg = (dhf * f).to(g.dtype)
-    de = (dhf * gf * sig * (1 + ef * (1 - sig))).to(e.dtype)
-    return h, de, dg
+    f, df = _gate_act(ef, act)
+    return (f * gf).to(e.dtype), (dhf * gf * df).to(e.dtype), (dhf * f).to(g.dtype)
+
+
+class GatedAct(torch.autograd.Function):
+    """h = act(e)·g with e, g halves of one fused gate_up projection (Phi-3); saves e and g."""
+
+    @staticmethod
+    def forward(ctx, e, g, act):
+        e, g = e.contiguous(), g.contiguous()
+        ctx.act = act
+        ctx.save_for_backward(e, g)
+        return swiglu_forward(e, g, act)
+
+    @staticmethod
+    def backward(ctx, dh):
+        e, g = ctx.saved_tensors
+        _, de, dg = swiglu_backward(dh.contiguous(), e, g, ctx.act)
+        return de, dg, None
 
 
 class LoRAMLP(torch.autograd.Function):
-    """down(silu(gate(X)) · up(X)) with LoRA on any of the three. Saves X, e = gate(X), g = up(X).
+    """down(act(gate(X)) · up(X)) with LoRA on any of the three. Saves X, e = gate(X), g = up(X).
 
-    `ps`: the LoRA dropout probability of gate, up and down (down's LoRA input is h = silu(e)·g)."""
+    `ps`: the LoRA dropout probability of gate, up and down (down's LoRA input is h = act(e)·g);
+    `act`: "silu" (SwiGLU: Llama, Mistral, Qwen) or "gelu_tanh" (GeGLU: Gemma)."""
 
     @staticmethod
-    def forward(ctx, x, weights, scales, ps, ag, bg, au, bu, ad, bd):
+    def forward(ctx, x, weights, scales, ps, act, ag, bg, au, bu, ad, bd):
         x2d = x.reshape(-1, x.shape[-1])
         dt = x.dtype
         keep = _keep()
@@ -204,12 +245,14 @@ class LoRAMLP(torch.autograd.Function):
             return w
 
         drops = _drops(ps, x.device)
-        e = _lora_forward(x2d, expand(weights[0]), _cast(ag, dt), _cast(bg, dt), scales[0], drops[0])
-        g = _lora_forward(x2d, expand(weights[1]), _cast(au, dt), _cast(bu, dt), scales[1], drops[1])
-        h = swiglu_forward(e, g)
-        y = _lora_forward(h, expand(weights[2]), _cast(ad, dt), _cast(bd, dt), scales[2], drops[2])
+        kept = [[] if keep else None for _ in range(3)]
+        e = _lora_forward(x2d, expand(weights[0]), _cast(ag, dt), _cast(bg, dt), scales[0], drops[0], None, kept[0])
+        g = _lora_forward(x2d, expand(weights[1]), _cast(au, dt), _cast(bu, dt), scales[1], drops[1], None, kept[1])
+        h = swiglu_forward(e, g, act)
+        y = _lora_forward(h, expand(weights[2]), _cast(ad, dt), _cast(bd, dt), scales[2], drops[2], None, kept[2])
+        ctx.kept_x = [k[0] if k else None for k in kept]
         ctx.dense = tuple(dense) if keep else None
-        ctx.weights, ctx.scales, ctx.drops = weights, scales, drops
+        ctx.weights, ctx.scales, ctx.drops, ctx.act = weights, scales, drops, act
         ctx.save_for_backward(x, e, g, ag, bg, au, bu, ad, bd)
         return y.view(*x.shape[:-1], -1)
 
@@ -225,26 +268,27 @@ class LoRAMLP(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, dy.shape[-1])
         ad_c, bd_c = _cast(ad, dt), _cast(bd, dt)
-        # dh = dY Wdᵀ-side (+ LoRA), then SwiGLU backward, which also rebuilds h for dA_down/dB_down.
+        # dh = dY Wdᵀ-side (+ LoRA), then the gate's backward, which also rebuilds h for dA_down/dB_down.
         dh = dy2d @ w(2)
         if ad_c is not None:
             dyb = dy2d @ bd_c
             if dd_drop is None:
                 dh.addmm_(dyb, ad_c, alpha=sd)
             else:
-                dh.add_(dd_drop(dyb @ ad_c), alpha=sd)
-        h, de, dg = swiglu_backward(dh, e, g)
+                dd_drop.add_to(dh, dyb @ ad_c, sd)
+        h, de, dg = swiglu_backward(dh, e, g, ctx.act)
         del dh
         dad = dbd = None
+        kept_g, kept_u, kept_d = ctx.kept_x
         if ad_c is not None:
             if dd_drop is not None:
-                h = dd_drop(h)
+                h = kept_d if kept_d is not None else dd_drop(h)
             dad = (dyb.t() @ h).mul_(sd)
             dbd = (dy2d.t() @ (h @ ad_c.t())).mul_(sd)
         del h
-        dx, dau, dbu = _lora_backward(dg, x2d, w(1), _cast(au, dt), _cast(bu, dt), su, None, du_drop)
-        dx, dag, dbg = _lora_backward(de, x2d, w(0), _cast(ag, dt), _cast(bg, dt), sg, dx, dg_drop)
-        return (dx.view(x.shape), None, None, None,
+        dx, dau, dbu = _lora_backward(dg, x2d, w(1), _cast(au, dt), _cast(bu, dt), su, None, du_drop, kept_u)
+        dx, dag, dbg = _lora_backward(de, x2d, w(0), _cast(ag, dt), _cast(bg, dt), sg, dx, dg_drop, kept_g)
+        return (dx.view(x.shape), None, None, None, None,
                 _grad_like(dag, ag), _grad_like(dbg, bg), _grad_like(dau, au), _grad_like(dbu, bu),
                 _grad_like(dad, ad), _grad_like(dbd, bd))
 
@@ -255,6 +299,16 @@ def lora_linears(x, weights, scales, ab, ps=None):
     return LoRALinears.apply(x, tuple(weights), tuple(scales), ps, *ab)
 
 
-def lora_mlp(x, weights, scales, ab, ps=None):
+def lora_mlp(x, weights, scales, ab, ps=None, act: str = "silu"):
     ps = tuple(ps) if ps is not None else (0.0, 0.0, 0.0)
-    return LoRAMLP.apply(x, tuple(weights), tuple(scales), ps, *ab)
+    return LoRAMLP.apply(x, tuple(weights), tuple(scales), ps, act, *ab)
+
+
+def lora_fused_mlp(x, weights, scales, ab, ps=None, act: str = "silu"):
+    """Phi-3's MLP: down(act(gate) · up) with [gate | up] = gate_up(X), one LoRA projection each way."""
+    ps = tuple(ps) if ps is not None else (0.0, 0.0)
+    (gu,) = LoRALinears.apply(x, (weights[0],), (scales[0],), ps[:1], *ab[:2])
+    e, g = gu.chunk(2, dim=-1)
+    h = GatedAct.apply(e, g, act)
+    (y,) = LoRALinears.apply(h, (weights[1],), (scales[1],), ps[1:], *ab[2:])
+    return y

@@ -1,14 +1,16 @@
-"""Put the fast path into a peft LoRA/QLoRA Llama, Mistral or Qwen2 model, in place.
+"""Put the fast path into a peft LoRA/QLoRA model of the Llama family, in place: Llama, Mistral, Qwen2/2.5,
+Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 (`_ARCHS` says what differs between them).
 
 What changes (per decoder layer, forward methods of instances only, so that transformers' own
 gradient checkpointing of the decoder layer, peft's parameters and `save_pretrained` stay as
 they are):
-- self_attn: q/k/v in one `LoRALinears` node (X saved once), o_proj in another; RoPE and the attention
-  call as transformers does them for that architecture (Mistral and Qwen2 pass their sliding window).
-- mlp: one `LoRAMLP` node.
-- input/post-attention/final RMSNorm: `RMSNormFrozen`.
+- self_attn: q/k/v in one `LoRALinears` node (X saved once; Phi-3's fused qkv_proj is a node of one),
+  o_proj in another; the q/k norms (Qwen3, Gemma 3), RoPE and the attention call as transformers does
+  them for that architecture (sliding windows, Gemma 2's logit soft-capping).
+- mlp: one `LoRAMLP` node, SwiGLU or GeGLU (Gemma); Phi-3's gate_up_proj: two nodes and the gate.
+- every RMSNorm of the layer and the final one: `RMSNormFrozen` (Gemma's x̂·(1 + w) too).
 - the causal-LM head, when labels are given and grad is on: `causal_lm_loss`, which returns the
-  loss and no logits (`outputs.logits is None`).
+  loss and no logits (`outputs.logits is None`); Gemma 2's final soft-capping inside it.
 - frozen fp32 floating-point parameters (peft's `prepare_model_for_kbit_training` upcasts norms,
   embeddings and lm_head) go back to the compute dtype: the fp32 copies turn the residual stream,
   attention and the logits fp32 (research/performance.md section 1.2: −23% GPU time).
@@ -31,22 +33,43 @@ from . import _triton
 
 @dataclass(frozen=True)
 class _Arch:
-    """What the patch needs to know of one transformers architecture (same layer layout as Llama)."""
+    """What the patch needs to know of one transformers architecture (Llama's layer layout, or a variant)."""
 
-    prefix: str  # class-name prefix in transformers.models.<model_type>.modeling_<model_type>
+    prefix: str  # class-name prefix in the modeling module
     # How stock attention passes `sliding_window` to the attention function: not at all (Llama), from
-    # the config (Mistral), or from the attention module, set per layer from config.layer_types (Qwen2).
+    # the config (Mistral, Phi-3), or from the attention module, set per layer from config.layer_types.
     window: Literal["none", "config", "module"]
+    module: str = ""  # transformers.models.<module>.modeling_<module>; "" = the model_type
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k before RoPE (Qwen3, Gemma 3)
+    act: Literal["silu", "gelu_tanh"] = "silu"  # the MLP's gate: SwiGLU, or GeGLU (Gemma)
+    act_field: str = "hidden_act"  # the config field naming it
+    plus_one: bool = False  # Gemma's RMSNorm: x̂·(1 + w), in fp32
+    softcap: bool = False  # Gemma 2 soft-caps attention logits (passed to the attention function)
+    fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj
 
 
+_GEMMA = dict(act="gelu_tanh", act_field="hidden_activation", plus_one=True)
 _ARCHS = {"llama": _Arch("Llama", "none"), "mistral": _Arch("Mistral", "config"),
-          "qwen2": _Arch("Qwen2", "module")}
+          "qwen2": _Arch("Qwen2", "module"), "qwen3": _Arch("Qwen3", "module", qk_norm=True),
+          "gemma2": _Arch("Gemma2", "module", softcap=True, **_GEMMA),
+          "gemma3_text": _Arch("Gemma3", "module", module="gemma3", qk_norm=True, **_GEMMA),
+          "phi3": _Arch("Phi3", "config", fused=True)}
+_ACT_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")}
 _ATTN = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+def _attn_names(arch: _Arch) -> tuple[str, ...]:
+    return ("qkv_proj",) if arch.fused else _ATTN
+
+
+def _mlp_names(arch: _Arch) -> tuple[str, ...]:
+    return ("gate_up_proj", "down_proj") if arch.fused else _MLP
+
+
 def _arch_module(model_type: str):
-    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    name = _ARCHS[model_type].module or model_type
+    return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
 
 
 def _unwrap(model):
@@ -71,8 +94,11 @@ def _refusal(model, allow_cpu: bool) -> tuple[str, str] | None:
     if mt not in _ARCHS:
         return (f"model type {mt!r} is not supported yet",
                 f"the fast path covers {', '.join(_ARCHS)}; other models train on the stock path")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"hidden_act {cfg.hidden_act!r} is not silu", "no setting: this checkpoint's MLP is not SwiGLU"
+    arch = _ARCHS[mt]
+    act = getattr(cfg, arch.act_field, None) or arch.act
+    if act not in _ACT_NAMES[arch.act]:
+        return (f"{arch.act_field} {act!r} is not {_ACT_NAMES[arch.act][0]}",
+                f"no setting: this checkpoint's MLP is not the {arch.prefix} gated MLP the kernels fuse")
     if getattr(cfg, "mlp_bias", False):
         return "the MLP projections have biases", "no setting: this checkpoint's MLP has biases"
     if peft_model is not None:
@@ -98,7 +124,7 @@ def _refusal(model, allow_cpu: bool) -> tuple[str, str] | None:
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None or not len(layers):
         return "no decoder layers found at model.model.layers", "no setting: unexpected model layout"
-    mod, prefix = _arch_module(mt), _ARCHS[mt].prefix
+    mod, prefix = _arch_module(mt), arch.prefix
     for part, cls in (("self_attn", "Attention"), ("mlp", "MLP")):
         want = getattr(mod, f"{prefix}{cls}")
         if type(getattr(layers[0], part, None)) is not want:
@@ -187,7 +213,8 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
     from .rope import apply_rope, rope_supported
 
     ml = _arch_module(model_type)
-    window = _ARCHS[model_type].window
+    arch = _ARCHS[model_type]
+    window = arch.window
     w_qkv, w_o = _frozen(parts_qkv, dtype), _frozen((parts_o,), dtype)
     s_qkv = tuple(p.scale for p in parts_qkv)
     ab_qkv = [m for p in parts_qkv for m in (p.lora_a, p.lora_b)]
@@ -204,8 +231,13 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
         kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = lora_linears(hidden_states, w_qkv, s_qkv, _weights(ab_qkv), [p.p() for p in parts_qkv])
-        q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
+        qkv = lora_linears(hidden_states, w_qkv, s_qkv, _weights(ab_qkv), [p.p() for p in parts_qkv])
+        if arch.fused:  # Phi-3: one projection, [q | k | v] along its output
+            nq, nkv = self.config.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+            qkv = qkv[0].split((nq, nkv, nkv), dim=-1)
+        q, k, v = (t.reshape(hidden_shape) for t in qkv)
+        if arch.qk_norm:  # per head, before RoPE (Qwen3, Gemma 3): the norms are patched like the others
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         if rope_supported(q, cos):  # rotated in the [B, S, H, D] layout, one kernel per tensor
             q, k = apply_rope(q, k, cos, sin)
@@ -217,11 +249,13 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
             kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
         elif window == "module":
             kwargs["sliding_window"] = self.sliding_window
+        if arch.softcap:
+            kwargs["softcap"] = self.attn_logit_softcapping
         attention_interface = ml.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, ml.eager_attention_forward)
         out, weights = attention_interface(
             self, q, k, v, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
+            dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         (out,) = lora_linears(out, w_o, (parts_o.scale,), _weights(ab_o), (parts_o.p(),))
@@ -230,28 +264,35 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
     return forward
 
 
-def _mlp_forward_factory(orig_forward, parts, dtype):
-    from .lora import lora_mlp
+def _mlp_forward_factory(orig_forward, parts, dtype, arch: _Arch):
+    from .lora import lora_fused_mlp, lora_mlp
 
     ws = _frozen(parts, dtype)
     ss = tuple(p.scale for p in parts)
     ab = [m for p in parts for m in (p.lora_a, p.lora_b)]
+    fn = lora_fused_mlp if arch.fused else lora_mlp
 
     def forward(self, x):
         if x.dtype != dtype:
             return orig_forward(x)
-        return lora_mlp(x, ws, ss, _weights(ab), [p.p() for p in parts])
+        return fn(x, ws, ss, _weights(ab), [p.p() for p in parts], arch.act)
 
     return forward
 
 
-def _norm_forward_factory(orig_forward, dtype):
+def _norm_forward_factory(orig_forward, dtype, plus_one: bool):
     from .norm import rms_norm
 
     def forward(self, hidden_states):
         if hidden_states.dtype != dtype or self.weight.requires_grad:
             return orig_forward(hidden_states)
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        eps = getattr(self, "variance_epsilon", None) or self.eps
+        if plus_one:  # Gemma: x̂·(1 + w) in fp32; w is frozen, so 1 + w is made once per device
+            w = getattr(self, "_loraforge_w1", None)
+            if w is None or w.device != self.weight.device:
+                w = self._loraforge_w1 = 1.0 + self.weight.detach().float()
+            return rms_norm(hidden_states, w, eps, fp32_scale=True)
+        return rms_norm(hidden_states, self.weight, eps)
 
     return forward
 
@@ -275,7 +316,8 @@ def _lm_forward_factory(orig_forward):
                              position_ids=position_ids, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head.weight, labels,
-                              shift_labels=shift_labels, num_items_in_batch=num_items)
+                              shift_labels=shift_labels, num_items_in_batch=num_items,
+                              softcap=getattr(self.config, "final_logit_softcapping", None))
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states,
                                       attentions=outputs.attentions)
@@ -346,14 +388,25 @@ def self_check(device) -> dict[str, str]:
         return max(errs)
 
     def chk_dropout():
-        from .dropout import _dropped_torch, _dropped_triton, draw_seed
+        from .dropout import _dropped_torch, _dropped_triton, draw_seed, dropped_add_
 
         x, seed = rnd(37, 4100), draw_seed(device)
         errs = []
-        for salt, p in ((0, 0.05), (5, 0.5)):  # the kernel and its twin must drop the very same elements
-            a, b = _dropped_triton(x, seed, salt, p), _dropped_torch(x, seed, salt, p)
-            errs.append(float((a.float() - b.float()).abs().max()) + float(((a == 0) != (b == 0)).sum()))
-        return max(errs)
+        for kernel32 in (True, False):  # the uint32 hash (the default) and the int64 one it falls back to
+            _triton.ENABLED["dropout32"] = kernel32
+            for salt, p in ((0, 0.05), (5, 0.5)):  # the kernel and its twin must drop the very same elements
+                a, b = _dropped_triton(x, seed, salt, p), _dropped_torch(x, seed, salt, p)
+                err = float((a.float() - b.float()).abs().max()) + float(((a == 0) != (b == 0)).sum())
+                if kernel32:
+                    acc = rnd(37, 4100)
+                    want = acc.float() + 0.5 * b.float()
+                    got = dropped_add_(acc.clone(), x, seed, salt, p, 0.5).float()
+                    err += float(((got - want).abs() > 1e-2 * want.abs() + 1e-2).sum())
+                errs.append(err)
+            if kernel32 and max(errs) == 0:
+                return 0.0  # the uint32 kernels agree: they stay on
+        _triton.ENABLED["dropout32"] = False
+        return max(errs[2:])
 
     checks = {"swiglu": (chk_swiglu, 1e-2), "rmsnorm": (chk_rmsnorm, 1e-2), "dequant": (chk_dequant, 0.0),
               "rope": (chk_rope, 1e-2), "dropout": (chk_dropout, 0.0)}
@@ -401,11 +454,12 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
             p.data = p.data.to(dtype)
             summary["downcast_params"] += 1
 
-    norm_cls = getattr(_arch_module(mt), f"{_ARCHS[mt].prefix}RMSNorm")
+    arch = _ARCHS[mt]
+    norm_cls = getattr(_arch_module(mt), f"{arch.prefix}RMSNorm")
 
     def patch_norm(norm, where):
         if type(norm) is norm_cls:
-            norm.forward = types.MethodType(_norm_forward_factory(norm.forward, dtype), norm)
+            norm.forward = types.MethodType(_norm_forward_factory(norm.forward, dtype, arch.plus_one), norm)
             summary["norms"] += 1
         else:
             summary["skipped"].append(f"{where}: {type(norm).__name__} is not {norm_cls.__name__}")
@@ -416,23 +470,26 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
     for i, layer in enumerate(base.model.layers):
         summary["layers"] += 1
         attn, mlp = layer.self_attn, layer.mlp
-        parts = [_lora_parts(getattr(attn, n)) for n in (*_ATTN, "o_proj")]
+        parts = [_lora_parts(getattr(attn, n, None)) for n in (*_attn_names(arch), "o_proj")]
         if all(p is not None for p in parts) and getattr(attn, "head_dim", None):
             attn.forward = types.MethodType(
-                _attn_forward_factory(attn.forward, parts[:3], parts[3], dtype, mt), attn)
+                _attn_forward_factory(attn.forward, parts[:-1], parts[-1], dtype, mt), attn)
             summary["attention"] += 1
             note_dropout(parts)
         else:
             summary["skipped"].append(f"layers.{i}.self_attn: unsupported projection (DoRA/trained bias/8-bit?)")
-        parts = [_lora_parts(getattr(mlp, n, None)) for n in _MLP]
+        parts = [_lora_parts(getattr(mlp, n, None)) for n in _mlp_names(arch)]
         if all(p is not None for p in parts):
-            mlp.forward = types.MethodType(_mlp_forward_factory(mlp.forward, parts, dtype), mlp)
+            mlp.forward = types.MethodType(_mlp_forward_factory(mlp.forward, parts, dtype, arch), mlp)
             summary["mlp"] += 1
             note_dropout(parts)
         else:
             summary["skipped"].append(f"layers.{i}.mlp: unsupported projection (DoRA/trained bias/8-bit?)")
-        patch_norm(layer.input_layernorm, f"layers.{i}.input_layernorm")
-        patch_norm(layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
+        # every norm of the layer: Llama's two, Gemma's four, the q/k norms of Qwen3 and Gemma 3
+        norms = [(f"layers.{i}.{n}", m) for n, m in layer.named_children() if n.endswith("layernorm")]
+        norms += [(f"layers.{i}.self_attn.{n}", getattr(attn, n)) for n in ("q_norm", "k_norm") if arch.qk_norm]
+        for where, norm in norms:
+            patch_norm(norm, where)
     patch_norm(base.model.norm, "model.norm")
 
     if fast_cross_entropy:

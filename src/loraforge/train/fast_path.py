@@ -5,6 +5,7 @@ benchmark both call `apply_fast_path`, so the bench times exactly what users run
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,3 +65,32 @@ def _graphs(model: Any, run: RunConfig, report: dict[str, Any], *, cuda: bool, p
     else:
         return enable_graphed_layers(model, log=log)
     return None
+
+
+def prime_graphs(model: Any, runner: Any, loss: Callable[[], Any], *,
+                 log: Callable[[str], None] = print) -> None:
+    """Capture the layers' CUDA graphs before step 1, from step 1's own batch (`loss` runs its forward).
+
+    Without this, step 1 runs the ordinary checkpoint and step 2 captures (a shape is captured the second
+    time it is seen), so the first steps of every run are several times slower than the rest. Here one
+    forward and backward captures at first sight; then the gradients are dropped and the RNG states put
+    back, so step 1 computes exactly what it would have computed (the same dropout masks included).
+    """
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    t0 = time.perf_counter()
+    before, runner.min_repeats = runner.min_repeats, 1
+    try:
+        loss().backward()
+    finally:
+        runner.min_repeats = before
+        for p in trainable:
+            p.grad = None
+        torch.set_rng_state(cpu_rng)
+        torch.cuda.set_rng_state_all(cuda_rng)
+    torch.cuda.synchronize()
+    s = runner.summary()
+    log(f"CUDA graphs: {s['captured']} layer graph pairs captured before step 1 ({time.perf_counter() - t0:.1f} s)"
+        + (f"; off: {s['disabled']}" if s["disabled"] else ""))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
 
 
 class MicroBatchStream:
@@ -56,3 +59,58 @@ class MicroBatchStream:
                 order, cached_epoch = self.epoch_order(epoch), epoch
             yield m, order[k * self.batch_size:(k + 1) * self.batch_size]
             m += 1
+
+
+@dataclass
+class StepInputs:
+    """One optimizer step's micro-batches, on the device, and their token counts (host integers)."""
+
+    batches: list[dict[str, torch.Tensor]]
+    labelled: int  # tokens that carry a label (after the shift): the step's loss denominator
+    seen: int  # real (non-padding) tokens fed
+
+
+class StepFeed:
+    """The training loop's micro-batches, one optimizer step at a time, loaded one step ahead.
+
+    `prefetch()` collates and counts the next step's micro-batches on the host and queues their copy to
+    the device; the trainer calls it after queueing a step's backward, so the loader's work runs while
+    the GPU computes instead of in the gap between two steps. Counting here, on the host copies, also
+    spares the step a device-to-host read of its token counts. Reading ahead does not move the data
+    position: the trainer counts micro-batches as it takes them, and a resumed run restarts the stream
+    from that count.
+    """
+
+    def __init__(self, batches: Iterator[dict[str, torch.Tensor]], accumulation: int, device: torch.device,
+                 pad_token_id: int | None):
+        self.batches, self.accumulation, self.device, self.pad = batches, accumulation, device, pad_token_id
+        self._next: StepInputs | None = None
+
+    def prefetch(self) -> None:
+        if self._next is None:
+            self._next = self._load()
+
+    def peek(self) -> StepInputs:
+        self.prefetch()
+        return self._next
+
+    def take(self) -> StepInputs:
+        self.prefetch()
+        out, self._next = self._next, None
+        return out
+
+    def _load(self) -> StepInputs:
+        micro = [next(self.batches) for _ in range(self.accumulation)]
+        labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        seen = sum(tokens_in(b, self.pad) for b in micro)
+        on_device = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        return StepInputs(on_device, labelled, seen)
+
+
+def tokens_in(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> int:
+    """Real (non-padding) tokens in a batch; packed batches carry no attention mask."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if pad_token_id is None:
+        return batch["input_ids"].numel()
+    return int((batch["input_ids"] != pad_token_id).sum())

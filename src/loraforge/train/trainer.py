@@ -40,11 +40,11 @@ from loraforge.train.distributed import (
     loss_scale,
     sum_over_processes,
 )
-from loraforge.train.fast_path import FastPath, apply_fast_path
+from loraforge.train.fast_path import FastPath, apply_fast_path, prime_graphs
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.progress import TrainProgress
 from loraforge.train.runfolder import claim
-from loraforge.train.sampler import MicroBatchStream
+from loraforge.train.sampler import MicroBatchStream, StepFeed, StepInputs
 from loraforge.train.tracking import MetricsLog, Trackers
 
 
@@ -254,7 +254,8 @@ class LLAMATrainer:
         run = self._start_run(run_dir, total_steps)
         state = run.state
         # Workers (dataloader_num_workers > 0) start here, before the signal handlers they must not inherit.
-        batches = self._train_batches(stream, collate, start=state.micro_batch)
+        feed = StepFeed(self._train_batches(stream, collate, start=state.micro_batch), accum,
+                        self.accelerator.device, self.tokenizer.pad_token_id)
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
@@ -262,13 +263,19 @@ class LLAMATrainer:
         last_loss: float | None = None
         last_eval: dict[str, float] | None = None
         stopped_early = False
-        run.t0 = time.perf_counter() - state.elapsed_seconds
         run.model.train()
+        if self.fast_path.graphs is not None and state.step < total_steps:
+            first = feed.peek()
+            n_first = torch.tensor(first.labelled, device=self.accelerator.device)
+            prime_graphs(run.model, self.fast_path.graphs,
+                         lambda: self._micro_step_loss(run.model, first.batches[0], n_first), log=self.log)
+        run.t0 = time.perf_counter() - state.elapsed_seconds
         try:
             while state.step < total_steps:
-                micro = [next(batches) for _ in range(accum)]
+                inputs = feed.take()
                 state.micro_batch += accum
-                out = self._optimizer_step(run, micro)
+                ahead = feed.prefetch if state.step + 1 < total_steps else None
+                out = self._optimizer_step(run, inputs, ahead)
                 state.step += 1
                 state.tokens_seen += out.seen
                 window.seen += out.seen
@@ -394,33 +401,40 @@ class LLAMATrainer:
                     ckpt_root=ckpt_root, total_steps=total_steps, metrics=metrics, trackers=trackers,
                     progress=TrainProgress(total_steps, enabled=is_main))
 
-    def _optimizer_step(self, run: _Run, micro: list[dict[str, torch.Tensor]]) -> _StepOutcome:
-        """One optimizer step over `micro`, this process's micro-batches of the step; a step whose loss is not
-        finite is dropped (no update) but still advances the schedule.
+    def _optimizer_step(self, run: _Run, inputs: StepInputs, ahead: Callable[[], None] | None) -> _StepOutcome:
+        """One optimizer step over `inputs`, this process's micro-batches of the step; a step whose loss is not
+        finite is dropped (no update) but still advances the schedule. `ahead` loads the next step's inputs
+        while this step's backward runs.
 
         The step's labelled tokens are counted first, summed over all processes, so every micro-batch's loss
         is its summed NLL over that one count: the mean over all labelled tokens of the step, not a mean of
         per-micro-batch means. The same all-reduce carries the tokens seen and "a signal arrived on some
-        rank", so every rank stops after the same step (a rank that saved alone would deadlock).
+        rank", so every rank stops after the same step (a rank that saved alone would deadlock). Alone, the
+        process knows all three on the host and the step starts without waiting for the device.
         """
         acc, model, tcfg = self.accelerator, run.model, self.config.training
-        counts = sum_over_processes(acc, torch.tensor(
-            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-             sum(tokens_in(b, self.tokenizer.pad_token_id) for b in micro),
-             int(self._signal is not None)], device=acc.device))
-        n_tokens, seen, stop_requested = counts[0], int(counts[1]), bool(counts[2])
+        micro = inputs.batches
+        if acc.num_processes == 1:
+            labelled, seen, stop_requested = inputs.labelled, inputs.seen, self._signal is not None
+            n_tokens = torch.tensor(labelled, device=acc.device)
+        else:
+            counts = sum_over_processes(acc, torch.tensor(
+                [inputs.labelled, inputs.seen, int(self._signal is not None)], device=acc.device))
+            n_tokens, seen, stop_requested = counts[0], int(counts[1]), bool(counts[2])
+            labelled = int(n_tokens)
         scale = loss_scale(acc, tcfg.gradient_accumulation_steps)
         step_nll = torch.zeros((), device=acc.device)
         for k, batch in enumerate(micro):
-            batch = {key: v.to(acc.device) for key, v in batch.items()}
             with gradient_sync(acc, model, sync=k == len(micro) - 1):
                 loss = self._micro_step_loss(model, batch, n_tokens)
                 step_nll += loss.detach().float() * n_tokens
                 # A non-finite loss still goes through backward (as 0) so the ranks' gradient
                 # all-reduces stay matched; the whole step is dropped below.
                 acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * scale)
+        if ahead is not None:
+            ahead()
         nll = float(sum_over_processes(acc, step_nll))  # the step's one host sync
-        outcome = _StepOutcome(nll=nll, tokens=int(n_tokens), seen=seen, lr=run.scheduler.get_last_lr()[0],
+        outcome = _StepOutcome(nll=nll, tokens=labelled, seen=seen, lr=run.scheduler.get_last_lr()[0],
                                grad_norm=None, stop_requested=stop_requested)
         if not math.isfinite(nll):
             run.optimizer.zero_grad(set_to_none=True)
@@ -664,12 +678,3 @@ class LLAMATrainer:
             results.update(generation_metrics(model, self.tokenizer, self.data.formatter, test_prompts,
                                               test_references, self.config.eval))
         return results
-
-
-def tokens_in(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> int:
-    """Real (non-padding) tokens in a batch; packed batches carry no attention mask."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    if pad_token_id is None:
-        return batch["input_ids"].numel()
-    return int((batch["input_ids"] != pad_token_id).sum())
