@@ -36,6 +36,28 @@ SHAPES = {
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, sliding_window=4096,
                        max_position_embeddings=32768),
+    # Qwen2.5-7B: GQA with q/k/v biases
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1e6,
+                       max_position_embeddings=32768),
+    # Qwen3-8B: q/k norms, head_dim 128
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     rope_theta=1e6, max_position_embeddings=40960),
+    # Gemma-2-9B: GeGLU, four norms per layer, head_dim 256, attention and final logit soft-capping
+    "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+                      query_pre_attn_scalar=256, sliding_window=4096, max_position_embeddings=8192,
+                      tie_word_embeddings=True),
+    # Gemma-3-12B (text): q/k norms, local and global RoPE
+    "gemma3-12b": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=262208,
+                       query_pre_attn_scalar=256, sliding_window=1024, max_position_embeddings=131072,
+                       tie_word_embeddings=True),
+    # Phi-3-mini-4k: fused qkv_proj and gate_up_proj
+    "phi3-mini": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, sliding_window=2047,
+                      max_position_embeddings=4096),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                  max_position_embeddings=1024),
@@ -45,19 +67,37 @@ QV = ["q_proj", "v_proj"]
 ROOT = os.environ.get("LORAFORGE_BENCH_CKPT", "/dev/shm/loraforge-ckpt")
 
 
-def make_checkpoint(shape: str, root: str = ROOT, device: str = "cuda") -> str:
-    """Random bf16 weights of the real shape, written once (the stock baseline does the same)."""
+def make_checkpoint(shape: str, root: str = ROOT, device: str = "cuda", *, layers: int | None = None,
+                    tokenizer: str | None = None) -> str:
+    """Random bf16 weights of the real shape, written once (the stock baseline does the same).
+
+    `layers`: only that many decoder layers (gradient checks: the per-layer math is the real shape's).
+    `tokenizer`: a tokenizer folder saved beside the weights, for `loraforge train`; a vocabulary
+    smaller than the tokenizer's is raised to it (the embedded SmolLM2 tokenizer has 49,152 tokens,
+    Llama-2's and Mistral's vocabularies 32,000)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = f"{root}/{shape}"
+    path = f"{root}/{shape}" + (f"-{layers}l" if layers else "") + ("-tok" if tokenizer else "")
     if os.path.exists(f"{path}/config.json"):
         return path
     spec = dict(SHAPES[shape])
-    cfg = AutoConfig.for_model(spec.pop("model_type", "llama"), **spec, tie_word_embeddings=False)
+    if layers:
+        spec["num_hidden_layers"] = layers
+    tok = None
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        spec["vocab_size"] = max(spec["vocab_size"], len(tok))
+        spec.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tie = spec.pop("tie_word_embeddings", False)
+    cfg = AutoConfig.for_model(spec.pop("model_type", "llama"), **spec, tie_word_embeddings=tie)
     with torch.device(device):
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     m.save_pretrained(path, max_shard_size="50GB")
+    if tok is not None:
+        tok.save_pretrained(path)
     del m
     gc.collect()
     if device == "cuda":
@@ -97,10 +137,16 @@ def build_stock(path: str, r: int, targets: str, *, device: str = "cuda", quant:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ck)
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
-                                             target_modules=QV if targets == "qv" else ALL,
+                                             target_modules=QV if targets == "qv" else _all_linear(model),
                                              task_type="CAUSAL_LM"))
     model.train()  # from_pretrained returns eval mode, where HF skips gradient checkpointing
     return model
+
+
+def _all_linear(model: Any) -> list[str]:
+    """The seven Llama projections, or Phi-3's four fused ones."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if "qkv_proj" in names else ALL
 
 
 def load_loraforge(run: RunConfig) -> Any:

@@ -28,6 +28,9 @@ def linear_module_names(model: Any) -> list[str]:
 def peft_config(cfg: LoRAConfig, model: Any) -> Any:
     targets = cfg.resolved_targets()
     available = linear_module_names(model)
+    if cfg.target_modules == "all-linear" and "qkv_proj" in available:
+        # Phi-3 fuses q/k/v and gate/up into qkv_proj and gate_up_proj: "all linear" means those there
+        targets = [n for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if n in available]
     missing = [t for t in targets if t not in available]
     if missing:
         raise ConfigError(f"lora.target_modules: {missing} not found in this model. "

@@ -1,0 +1,240 @@
+"""`loraforge train` as users run it, beside the benchmark's fast path and the stock stack, in one call.
+
+    python bench/train_e2e.py --out DIR --tokenizer TOK --data ALPACA.jsonl \
+        [--cases llama2-7b:0.05,mistral-7b:0.05] [--arms train,bench,stock] [--old-src DIR] [--steps 40]
+    python bench/train_e2e.py --gradcheck qwen3-8b,gemma2-9b --out DIR --tokenizer TOK
+
+Each case is a model shape (loraforge.bench.models.SHAPES, random bf16 weights, written once) and a LoRA
+dropout: QLoRA NF4 double quant, r=16 alpha 32 on all linear layers, batch 4 x 512, paged AdamW 32-bit.
+Arms, each in its own process so none inherits another's memory or compiled state:
+- `loraforge-train`: the CLI (`python -m loraforge.cli train CONFIG`) on packed Alpaca-style records
+  (max_length 512, logging every step), wall time from process start to the saved adapter; tokens/s over
+  steps 11-40 from metrics.jsonl (`elapsed_s` of each record), and over steps 1-10 (`first10`).
+- `loraforge-train-before`: the same command on an older checkout (`--old-src`), for before/after.
+- `train-noamp`: the same with training.mixed_precision "no" (no autocast; the model computes in bf16).
+- `bench`: the benchmark's fast path (`bench_run` + `build_loraforge`, `_time_steps`): random token rows.
+- `stock`: transformers + peft + bitsandbytes, as `build_stock` builds it.
+The tokenizer is the embedded SmolLM2's (no hub here); a shape whose vocabulary is smaller (Llama-2,
+Mistral: 32,000) gets 49,152 rows, in every arm alike. `--gradcheck`: loss and LoRA gradients of the
+fast path against the stock stack on one batch, both models loaded together, 4 decoder layers of the
+real widths. Writes train-e2e-<date>-<device>.json (records with case, arm, tokens_per_s, wall_s,
+fast_path, versions, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+STEPS, BATCH, SEQ = 40, 4, 512
+
+
+def _case(spec: str) -> tuple[str, float]:
+    shape, _, p = spec.partition(":")
+    return shape, float(p or 0.05)
+
+
+def _name(shape: str, p: float) -> str:
+    return f"train-e2e-{shape}-dropout{p:g}"
+
+
+def _config(path: str, data: str, run_dir: Path, p: float, steps: int, training: dict | None = None) -> Path:
+    cfg = {
+        "model": {"model_name": path, "use_4bit": True, "bnb_4bit_compute_dtype": "bfloat16", "dtype": "bfloat16",
+                  "attn_implementation": "sdpa", "device": os.environ.get("E2E_DEVICE", "cuda")},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": p, "target_modules": "all-linear"},
+        "data": {"dataset": data, "format": "alpaca", "template": "alpaca", "max_length": SEQ, "packing": True,
+                 "validation_split": 0.01, "cache": False},
+        "training": {"output_dir": str(run_dir), "max_steps": steps, "per_device_train_batch_size": BATCH,
+                     "gradient_accumulation_steps": 1, "logging_steps": 1, "optim": "paged_adamw_32bit",
+                     **(training or {})},
+        "eval": {"num_generation_samples": 0},
+    }
+    import yaml
+
+    out = run_dir.with_suffix(".yaml")
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def _train_arm(path: str, data: str, out: Path, p: float, steps: int, src: Path, arm: str,
+               training: dict | None = None) -> dict:
+    run_dir = out / f"run-{Path(path).name}-{p:g}-{arm}"
+    cfg = _config(path, data, run_dir, p, steps, training)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "loraforge.cli", "train", str(cfg)], env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    log = proc.stdout + proc.stderr
+    (out / f"{run_dir.name}.log").write_text(log)
+    rec = {"arm": arm, "wall_s": round(wall, 1), "returncode": proc.returncode}
+    if proc.returncode != 0:
+        rec["error"] = log[-1500:]
+        return rec
+    steps_rec = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if '"tokens_per_s"' in x]
+    by_step = {r["step"]: r for r in steps_rec}
+    last = max(by_step)
+    # each record is one step's window: its tokens are tokens_per_s x the step's seconds
+    el = {s: by_step[s]["elapsed_s"] for s in by_step}
+
+    def rate(a: int, b: int) -> float:  # tokens/s over steps a+1..b
+        tokens = sum(by_step[s]["tokens_per_s"] * (el[s] - el.get(s - 1, 0.0)) for s in range(a + 1, b + 1))
+        return tokens / max(el[b] - el.get(a, 0.0), 1e-9)
+
+    line = next((x for x in log.splitlines() if "fast path:" in x), "")
+    per_step = [by_step[s]["tokens_per_s"] * (el[s] - el.get(s - 1, 0.0)) for s in range(11, last + 1)]
+    rec.update(tokens_per_s=round(rate(10, last)), first10_tokens_per_s=round(rate(0, 10)),
+               tokens_per_step=round(sum(per_step) / len(per_step)),
+               train_s=el[last], steps=last, fast_path=line.split("fast path:")[-1].strip().startswith("on"),
+               fast_path_line=line.strip()[-300:],
+               startup_lines=[x for x in log.splitlines() if "CUDA graphs" in x][:3])
+    return rec
+
+
+def _random_batches(vocab: int, n: int = 4) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (BATCH, SEQ), device="cuda", generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+def _inproc_arm(arm: str, path: str, p: float, vocab: int) -> dict:
+    import bitsandbytes as bnb
+
+    from loraforge.bench.models import bench_run, build_loraforge, build_stock, lora_params
+    from loraforge.bench.speed import _time_steps
+    from loraforge.kernels.patch import fast_path_summary
+    from loraforge.train.optim import fused_paged_adamw_32bit
+
+    t = time.perf_counter()
+    if arm == "stock":
+        model = build_stock(path, 16, "all", lora_dropout=p)
+        opt = bnb.optim.PagedAdamW32bit(list(lora_params(model).values()), lr=2e-4)
+        line, warm, steps = "stock (transformers + peft + bitsandbytes)", 2, 6
+    else:
+        model, _ = build_loraforge(bench_run(path, 16, "all", lora_dropout=p), log=lambda _: None)
+        opt = fused_paged_adamw_32bit(list(lora_params(model).values()), lr=2e-4)
+        line, warm, steps = fast_path_summary(model), 3, 12
+    load_s = time.perf_counter() - t
+    r = _time_steps(model, opt, _random_batches(vocab), warm, steps, 0, False)
+    return {"arm": arm, "tokens_per_s": round(BATCH * SEQ / r["step_s"]), "step_s": round(r["step_s"], 4),
+            "peak_gib": round(r["peak_gib"], 3), "load_s": round(load_s, 1),
+            "fast_path": line.startswith("fast path: on"), "fast_path_line": line}
+
+
+def _gradcheck(shape: str, tokenizer: str) -> dict:
+    from loraforge.bench.models import bench_run, build_loraforge, build_stock, compare, make_checkpoint, sync_lora
+
+    path = make_checkpoint(shape, layers=4, tokenizer=tokenizer)
+    stock = build_stock(path, 16, "all")
+    fast, _ = build_loraforge(bench_run(path, 16, "all", cuda_graphs=False), log=lambda _: None)
+    sync_lora(stock, fast)
+    vocab = min(stock.config.vocab_size, 49152)
+    res = compare(stock, fast, _random_batches(vocab, 1)[0])
+    from loraforge.kernels.patch import fast_path_summary
+
+    return {"case": f"gradcheck-{shape}-4layers", "arm": "loraforge-vs-stock", **res,
+            "fast_path_line": fast_path_summary(fast)}
+
+
+def _child(args) -> None:
+    """One arm in this process: prints its record as the last line."""
+    shape, p = _case(args.child_case)
+    if args.child_arm == "gradcheck":
+        rec = _gradcheck(shape, args.tokenizer)
+    else:
+        from loraforge.bench.models import make_checkpoint
+
+        path = make_checkpoint(shape, tokenizer=args.tokenizer)
+        rec = _inproc_arm(args.child_arm, path, p, 49152)
+    print("RECORD " + json.dumps(rec), flush=True)
+
+
+def _spawn(args, case: str, arm: str, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child-case", case, "--child-arm", arm, "--tokenizer", args.tokenizer,
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (out / f"child-{case.replace(':', '-')}-{arm}.log").write_text(proc.stdout + proc.stderr)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RECORD "):
+            return json.loads(line[7:])
+    return {"arm": arm, "error": (proc.stdout + proc.stderr)[-1500:], "returncode": proc.returncode}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tokenizer", required=True, help="a tokenizer folder (the embedded SmolLM2's)")
+    ap.add_argument("--data", help="Alpaca-format JSONL for loraforge train")
+    ap.add_argument("--cases", default="llama2-7b:0.05")
+    ap.add_argument("--arms", default="train,bench,stock")
+    ap.add_argument("--gradcheck", default="", help="shapes whose fast-path gradients to check against stock")
+    ap.add_argument("--old-src", default=None, help="src/ of an older checkout: adds loraforge-train-before")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--child-case")
+    ap.add_argument("--child-arm")
+    args = ap.parse_args()
+    if args.child_case:
+        return _child(args)
+    from loraforge.bench.device import device_tag, require_cuda, versions
+    from loraforge.bench.models import make_checkpoint
+
+    require_cuda("bench/train_e2e.py")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for shape in filter(None, args.gradcheck.split(",")):
+        rec = _spawn(args, f"{shape}:0", "gradcheck", out)
+        rec.setdefault("case", f"gradcheck-{shape}-4layers")
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+    for case in filter(None, args.cases.split(",")):
+        shape, p = _case(case)
+        t = time.perf_counter()
+        path = make_checkpoint(shape, tokenizer=args.tokenizer)
+        print(json.dumps({"checkpoint": path, "s": round(time.perf_counter() - t, 1)}), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        for arm in args.arms.split(","):
+            if arm == "train":
+                rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "loraforge-train")
+            elif arm == "train-noamp":  # the same run without Accelerate's bf16 autocast around the forward
+                rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", arm, {"mixed_precision": "no"})
+            elif arm == "before":
+                if not args.old_src:
+                    continue
+                rec = _train_arm(path, args.data, out, p, args.steps, Path(args.old_src), "loraforge-train-before")
+            else:
+                rec = _spawn(args, case, arm, out)
+            rec.update(case=_name(shape, p), shape=shape, lora_dropout=p)
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+    gpu = torch.cuda.get_device_name(0)
+    meta = {"device": gpu, "versions": versions(), "date": _dt.date.today().isoformat(),
+            "batch": f"{BATCH}x{SEQ}", "lora": "r16 alpha32 all-linear, NF4 double quant, paged AdamW 32-bit"}
+    for r in records:
+        r.update(meta)
+    name = f"train-e2e-{meta['date']}-{device_tag(gpu)}{args.tag}.json"
+    (out / name).write_text(json.dumps(records, indent=1))
+    print(f"wrote {out / name}")
+
+
+if __name__ == "__main__":
+    main()
