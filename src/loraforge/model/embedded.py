@@ -181,6 +181,12 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+def made_from_gguf(folder: str | Path, cache_dir: str | None = None) -> bool:
+    """Whether `folder` is one that `materialize_gguf` or `materialize_gguf_tokenizer` wrote in this cache."""
+    root = cache_root(cache_dir).resolve()
+    return Path(folder).resolve().parent in (root / "tokenizers", root / "models")
+
+
 def materialized(gguf: str | Path, cache_dir: str | None = None) -> Path | None:
     """The GGUF file's materialized model folder if an earlier run made it, else None (nothing is made)."""
     gguf = Path(gguf).resolve()
