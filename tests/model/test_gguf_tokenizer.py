@@ -93,6 +93,12 @@ def test_materialized_tokenizer_folder(tmp_path: Path) -> None:
         assert tok(text)["input_ids"] == ids
 
 
+def test_a_file_asking_for_bos_gets_it() -> None:
+    # The embedded file says add_bos_token = false; with it true, transformers' converter gives [1, 28120, 905].
+    metadata = {**gguf_tokenizer.read_metadata(GGUF), "tokenizer.ggml.add_bos_token": True}
+    assert embedded._tokenizer_from_metadata(metadata)("hello world")["input_ids"] == [1, 28120, 905]
+
+
 # Long because transformers' converter takes 5-10 s to read the whole 100 MB file (what this module avoids).
 @pytest.mark.long
 def test_same_tokenizer_as_transformers_gguf_converter(tmp_path: Path) -> None:

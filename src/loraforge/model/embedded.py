@@ -130,15 +130,17 @@ def _write_atomically(out: Path, write: Any) -> Path:
 
 
 def _tokenizer_from_metadata(metadata: dict[str, Any]) -> Any:
-    """A byte-level BPE file's tokenizer, built from its metadata alone (a tenth of a second, where
-    transformers' converter takes seconds): the same tokens, merges and chat template."""
-    # The tokenizer half of transformers: it imports no torch (AutoTokenizer does).
+    """A byte-level BPE file's tokenizer, built from its metadata alone (under a second, where transformers'
+    converter takes seconds): the same tokens, merges, special tokens, BOS/EOS flags and chat template."""
+    # Imported here: data/cache.py imports this module for cache_root alone, and transformers takes a second
+    # to import. PreTrainedTokenizerFast is its tokenizer half, which imports no torch (AutoTokenizer does).
     from transformers import PreTrainedTokenizerFast
 
     flags = {name: metadata[f"tokenizer.ggml.{name}"] for name in ("add_bos_token", "add_eos_token")
              if isinstance(metadata.get(f"tokenizer.ggml.{name}"), bool)}
     return PreTrainedTokenizerFast(tokenizer_object=gguf_tokenizer.byte_level_bpe(metadata),
-                                   chat_template=metadata.get("tokenizer.chat_template"), **flags)
+                                   chat_template=metadata.get("tokenizer.chat_template"),
+                                   **gguf_tokenizer.special_tokens(metadata), **flags)
 
 
 def materialize_gguf_tokenizer(gguf: str | Path, cache_dir: str | None = None, *, pad_token: str | None = None,
