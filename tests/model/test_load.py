@@ -1,4 +1,4 @@
-"""Loading: name resolution, hub errors and tokens, trust_remote_code, tokenizer fixes, quantization options."""
+"""Loading: name resolution, hub errors, trust_remote_code, quantization options (the tokenizer: test_tokenizer.py)."""
 
 from __future__ import annotations
 
