@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
-import struct
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+from gguf_files import read_gguf
 from safetensors.torch import load_file
 
-from loraforge.errors import ConfigError
+from loraforge.errors import ConfigError, ModelLoadError
 from loraforge.infer.gguf_export import quantize_gguf, write_gguf
 from loraforge.infer.gguf_tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED, gguf_tokenizer, pre_tokenizer_name
 from loraforge.model.embedded import embedded_gguf_path
@@ -25,46 +26,8 @@ EXPECTED_DIFFERENCES = {
 }
 
 
-# GGUF value type -> struct format (gguf.GGUFValueType: 8 is a string, 9 an array).
-SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
 def metadata(path: Path) -> dict:
-    """A GGUF file's key-value metadata. gguf.GGUFReader takes 10-60 s here on the embedded model's 100k
-    token and merge strings (it maps every tensor and string as numpy views); reading the header alone
-    takes well under a second."""
-    with path.open("rb") as f:
-        data = f.read(64 << 20)  # the metadata sits before the tensors: a few MB
-    pos = 0
-
-    def take(fmt: str):
-        nonlocal pos
-        (value,) = struct.unpack_from("<" + fmt, data, pos)
-        pos += struct.calcsize(fmt)
-        return value
-
-    def string() -> str:
-        nonlocal pos
-        n = take("Q")
-        pos += n
-        return data[pos - n: pos].decode("utf-8")
-
-    def value(vtype: int):
-        if vtype == 8:
-            return string()
-        if vtype == 9:
-            item, n = take("I"), take("Q")
-            return [value(item) for _ in range(n)]
-        return take(SCALARS[vtype])
-
-    assert data[:4] == b"GGUF"
-    pos = 8
-    _, kv_count = take("Q"), take("Q")
-    out = {}
-    for _ in range(kv_count):
-        key = string()
-        out[key] = value(take("I"))
-    return out
+    return read_gguf(path)[0]
 
 
 def tokenizer_fields(path: Path) -> dict:
@@ -92,22 +55,25 @@ def test_tokenizer_metadata_equals_the_original_gguf(exported: Path) -> None:
 
 
 def test_general_name_and_f16_tensors(exported: Path, tiny_model_dir: Path) -> None:
-    meta = metadata(exported)
+    meta, tensors = read_gguf(exported)
     assert meta["general.name"] == "my-run"
     assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
-    reader = gguf.GGUFReader(str(exported))
-    types = {t.name: t.tensor_type for t in reader.tensors}
-    assert types["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
-    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.1.ffn_down.weight"].type == gguf.GGMLQuantizationType.F16
+    assert tensors["blk.1.ffn_down.weight"].shape == (64, 160)  # hidden x intermediate, as in the HF folder
+    assert tensors["output_norm.weight"].type == gguf.GGMLQuantizationType.F32
 
 
 def test_q8_0_blocks_hold_the_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
     path = write_gguf(tiny_model_dir, tmp_path / "q8.gguf", outtype="q8_0")
-    reader = gguf.GGUFReader(str(path))
-    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
-    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
-    assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
-    back = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    meta, tensors = read_gguf(path)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert tensors["blk.0.attn_norm.weight"].type == tensors["rope_freqs.weight"].type == gguf.GGMLQuantizationType.F32
+    up = tensors["blk.0.ffn_up.weight"]
+    assert up.type == tensors["token_embd.weight"].type == gguf.GGMLQuantizationType.Q8_0
+    rows, cols = up.shape
+    block_bytes = gguf.GGML_QUANT_SIZES[up.type][1]
+    raw = np.fromfile(path, dtype=np.uint8, count=rows * cols // 32 * block_bytes, offset=up.offset)
+    back = gguf.quants.dequantize(raw.reshape(rows, -1), up.type)
     want = load_file(str(tiny_model_dir / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].numpy()
     # 8-bit blocks of 32 with an f16 scale: each value within half a step (max |block| / 127 / 2).
     assert back.shape == want.shape
@@ -146,13 +112,13 @@ def test_quantize_gguf_runs_llama_quantize(exported: Path, tmp_path: Path, monke
     fake.parent.mkdir()
     fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\ncp "$1" "$2"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(fake.parent), "/usr/bin", "/bin"]))  # sh, cp
     out = quantize_gguf(exported, tmp_path / "q4.gguf", "q4_k_m")
     assert (tmp_path / "args").read_text().split() == [str(exported), str(out), "Q4_K_M"]
     fake.write_text("#!/bin/sh\necho 'unsupported tensor shape' >&2\nexit 3\n")
-    with pytest.raises(Exception, match="exit 3.*unsupported tensor shape"):
+    with pytest.raises(ModelLoadError, match="(?s)exit 3.*unsupported tensor shape"):
         quantize_gguf(exported, tmp_path / "q4b.gguf", "q4_k_m")
-    shutil.rmtree(fake.parent)
+    shutil.rmtree(fake.parent)  # /usr/bin and /bin hold no llama-quantize
     with pytest.raises(ConfigError, match="llama-quantize on PATH"):
         quantize_gguf(exported, tmp_path / "q4c.gguf", "q4_k_m")
 

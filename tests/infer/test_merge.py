@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf_files import read_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraforge.errors import ConfigError, ModelLoadError
@@ -129,10 +130,10 @@ def test_no_check_and_q8_0(lora_run: Path, tmp_path: Path) -> None:
     assert result.parity is None
     assert result.gguf_file == tmp_path / "q8" / "model-q8_0.gguf"
     assert sorted(p.name for p in result.path.glob("*.gguf")) == ["model-q8_0.gguf"]
-    reader = gguf.GGUFReader(str(result.gguf_file))
-    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
-    assert reader.fields["general.name"].contents() == lora_run.name  # the run's name, not a temp folder's
-    types = {t.name: t.tensor_type for t in reader.tensors}
+    meta, tensors = read_gguf(result.gguf_file)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert meta["general.name"] == lora_run.name  # the run's name, not a temporary folder's
+    types = {name: t.type for name, t in tensors.items()}
     assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == types["rope_freqs.weight"] == gguf.GGMLQuantizationType.F32
 
@@ -160,3 +161,11 @@ def test_merged_folder_reads_the_same_in_transformers_4_and_5(merged: Path) -> N
     assert tok["chat_template"] == (merged / "chat_template.jinja").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(merged).config
     assert reloaded.rope_parameters["rope_theta"] == 500000.0 and reloaded.rope_parameters["rope_type"] == "llama3"
+
+
+def test_a_run_adapter_names_its_base_and_has_a_card(lora_run: Path, tiny_model_dir: Path) -> None:
+    saved = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tiny_model_dir)  # the model_name the run was given
+    card = (lora_run / "adapter" / "README.md").read_text()
+    assert "# LoRA adapter" in card and f"`{tiny_model_dir}`" in card
+    assert "More Information Needed" not in card  # peft's template card is replaced

@@ -1,12 +1,16 @@
-"""The model card (README.md) of a trained adapter: what it is, which base it needs, how to load it.
+"""What a trained adapter says about its base: `adapter_config.json`'s base name and the model card.
 
-peft writes a template card whose `base_model` is wherever the base was loaded from — for the embedded
-model, a cache folder on the training machine. This card names the base the way the user gave it (the
-same name `adapter_config.json` carries, see `lora.attach_lora`), and says what the embedded base is.
+peft records the folder the base was loaded from, and writes a template card naming it — for the
+embedded model or a GGUF file, a cache folder on the training machine. `name_base` replaces both with
+the base's name as the user gave it (hub id, path, embedded name) and a card that says what the base is.
+It rewrites the saved files rather than telling peft the name up front: peft's save looks the name up
+on the hub when it is not a local folder (to see whether the vocabulary grew), a network call on every
+checkpoint of a run on the embedded model.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from loraforge.model.embedded import EMBEDDED_MODELS
@@ -45,3 +49,12 @@ def write_adapter_card(adapter_dir: Path, base_model: str) -> Path:
     out = adapter_dir / "README.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
+
+
+def name_base(adapter_dir: Path, base_model: str) -> None:
+    """Name the base as the user gave it in `adapter_dir/adapter_config.json`, and write the card."""
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_model
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_adapter_card(adapter_dir, base_model)

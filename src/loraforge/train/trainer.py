@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from loraforge.config import DataConfig, EvalConfig, LoRAConfig, ModelConfig, RunConfig, TrainingConfig
 from loraforge.data.collate import PadCollator
 from loraforge.errors import ConfigError, ResourceError, RunFolderError, TrainingError
-from loraforge.model.card import write_adapter_card
+from loraforge.model.card import name_base
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.distributed import (
     bind_process_gpu,
@@ -208,7 +208,7 @@ class LLAMATrainer:
         fsdp = is_fsdp(acc)
         model, _ = load_base(cfg.model, for_training=True, gradient_checkpointing=cfg.training.gradient_checkpointing,
                              placement=placement, sharded=fsdp)
-        self.model = attach_lora(model, cfg.lora, base_model=cfg.model.model_name)
+        self.model = attach_lora(model, cfg.lora)
         fit_plugins_to_model(acc, self.model, cfg.training)
         self.fast_path = apply_fast_path(self.model, cfg, processes=acc.num_processes, sharded=fsdp, log=self.log)
         from loraforge.train.long_context import apply_long_context
@@ -485,7 +485,7 @@ class LLAMATrainer:
             self._save_adapter(run.model, adapter_dir)
             if acc.is_main_process:
                 self.tokenizer.save_pretrained(adapter_dir)
-                write_adapter_card(adapter_dir, cfg.model.model_name)
+                name_base(adapter_dir, cfg.model.model_name)
                 (run_dir / "loraforge_run.json").write_text(json.dumps(
                     {"model_name": cfg.model.model_name, "data_kind": self.data.kind,
                      "template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
