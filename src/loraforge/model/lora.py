@@ -72,18 +72,11 @@ def check_compatible(lora: LoRAConfig, *, quantized: bool, device: torch.device 
                           "quantization-aware start.")
 
 
-def attach_lora(model: Any, cfg: LoRAConfig, base_model: str | None = None) -> Any:
-    """Wrap `model` in a peft LoRA model; the trained weights are fp32 (the optimizer's precision).
-
-    base_model: the base's name as the user gave it (hub id, path, embedded name), recorded as the
-    adapter's `base_model_name_or_path`; peft would record the folder it was loaded from, which for the
-    embedded model or a GGUF file is a cache folder on this machine.
-    """
+def attach_lora(model: Any, cfg: LoRAConfig) -> Any:
+    """Wrap `model` in a peft LoRA model; the trained weights are fp32 (the optimizer's precision)."""
     quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
     check_compatible(cfg, quantized=quantized, device=next(model.parameters()).device)
     peft_model = get_peft_model(model, peft_config(cfg, model))
-    if base_model:
-        peft_model.peft_config["default"].base_model_name_or_path = base_model
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
