@@ -185,14 +185,19 @@ def merge(
     dtype: Annotated[str,
         typer.Option(help="bfloat16 or float16 (merging into 4-bit weights is never done).")] = "bfloat16",
     gguf: Annotated[bool, typer.Option(help="Also write a GGUF file for llama.cpp.")] = False,
+    quant: Annotated[str | None, typer.Option(
+        help="GGUF quantization: q8_0, or q4_k_m (needs llama.cpp's llama-quantize on PATH). Implies --gguf.")] = None,
+    check: Annotated[bool, typer.Option(help="Compare the merged model with base + adapter (greedy tokens, "
+                                             "logits) before writing it.")] = True,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Merge the adapter into a 16-bit copy of the base and write a standard Hugging Face folder."""
     _allow_remote_code(trust_remote_code)
     from loraforge.infer.merge import merge_adapter
 
-    path = merge_adapter(run, out, dtype=dtype, gguf=gguf)
-    typer.echo(f"merged model written to {path}")
+    result = merge_adapter(run, out, dtype=dtype, gguf=gguf, quant=quant, check=check)
+    typer.echo(result.parity.line() if result.parity else "parity check skipped (--no-check)")
+    typer.echo(f"merged model written to {result.path}" + (f" (GGUF: {result.gguf_file})" if result.gguf_file else ""))
 
 
 @app.command()

