@@ -43,6 +43,7 @@ from loraforge.train.distributed import (
 from loraforge.train.fast_path import FastPath, apply_fast_path
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.progress import TrainProgress
+from loraforge.train.resume_check import check_resume_config
 from loraforge.train.runfolder import claim
 from loraforge.train.sampler import MicroBatchStream
 from loraforge.train.tracking import MetricsLog, Trackers
@@ -236,6 +237,7 @@ class LLAMATrainer:
             return self._train(run_dir, on_eval)
         with claim(run_dir, resume=bool(tcfg.resume_from_checkpoint), overwrite=tcfg.overwrite_output_dir,
                    log=self.log):
+            check_resume_config(self.config, run_dir, self.log)  # before config.yaml is rewritten
             return self._train(run_dir, on_eval)
 
     def _train(self, run_dir: Path, on_eval: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
