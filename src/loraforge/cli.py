@@ -7,7 +7,6 @@ exits with 143/130, the conventional codes, so a scheduler can requeue it and `-
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import warnings
@@ -52,9 +51,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # On CPUs with AVX512-BF16, bitsandbytes 0.50 looks for an optional hub-downloaded kernel on import and
-    # warns that `kernels` is missing; its own kernel is used instead, so the warning only alarms users.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes' warning that the optional `kernels` package is missing is held by model/quant.py and said
+    # only when a packed 4-bit CPU layer would have used that kernel.
     try:
         from transformers.utils import logging as hf_logging
 

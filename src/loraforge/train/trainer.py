@@ -185,8 +185,8 @@ class LLAMATrainer:
         # transformers, peft and the data pipeline take seconds to import; loaded when a run starts
         from loraforge.data.pipeline import build_datasets
         from loraforge.model.load import load_base, load_tokenizer, pick_placement, resolve_model_path
-        from loraforge.model.lora import attach_lora, parameter_counts
-        from loraforge.model.memory import check_fits
+        from loraforge.model.lora import attach_lora
+        from loraforge.model.memory import check_fits, parameter_counts
 
         cfg = self.config
         bind_process_gpu(cfg.model)
@@ -214,7 +214,7 @@ class LLAMATrainer:
         from loraforge.train.long_context import apply_long_context
 
         apply_long_context(self.model, cfg.training, log=self.log)  # no-op unless long_context / its switches
-        trainable, total = parameter_counts(self.model)
+        trainable, total = parameter_counts(model.config, cfg.lora)  # the memory report's count too
         weights = ("4-bit " + cfg.model.bnb_4bit_quant_type if cfg.model.use_4bit else "8-bit" if cfg.model.use_8bit
                    else str(placement.dtype).replace("torch.", ""))
         self.log(f"model {cfg.model.model_name}: {total / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable "
