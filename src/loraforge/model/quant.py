@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from loraforge import KERNELS_WARNING
 from loraforge.config import ModelConfig
 from loraforge.errors import ModelLoadError
 
@@ -31,6 +30,7 @@ from loraforge.errors import ModelLoadError
 _PACK_ROWS = 32
 
 log = logging.getLogger(__name__)
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # where bitsandbytes warns that `kernels` is missing
 
 
 _kernel_note_said = False  # the held `kernels` warning (loraforge/__init__.py) is said once
@@ -103,10 +103,12 @@ def set_cpu_packing(model: torch.nn.Module, enabled: bool) -> dict[str, int]:
 def _say_kernel_note() -> None:
     """bitsandbytes' warning that its faster packed-layer CPU kernel is missing, now that a layer would use it."""
     global _kernel_note_said
-    if KERNELS_WARNING.held and not _kernel_note_said:
+    # Found through the logger, which the filter is installed on: model/ may not import the package's __init__.
+    held = next((f.held for f in logging.getLogger(BNB_CPU_LOGGER).filters if getattr(f, "held", None)), None)
+    if held and not _kernel_note_said:
         _kernel_note_said = True
         log.warning("note: packed 4-bit layers on this CPU run bitsandbytes' own bf16 kernel; bitsandbytes said: %s",
-                    KERNELS_WARNING.held)
+                    held)
 
 
 def is_packed(layer: Any) -> bool:
