@@ -7,7 +7,6 @@ exits with 143/130, the conventional codes, so a scheduler can requeue it and `-
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import warnings
@@ -52,9 +51,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # On CPUs with AVX512-BF16, bitsandbytes 0.50 looks for an optional hub-downloaded kernel on import and
-    # warns that `kernels` is missing; its own kernel is used instead, so the warning only alarms users.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes' warning that the optional `kernels` package is missing is held by model/quant.py and said
+    # only when a packed 4-bit CPU layer would have used that kernel.
     try:
         from transformers.utils import logging as hf_logging
 
@@ -311,7 +309,8 @@ def bench(
 @data_app.command("preview")
 def data_preview(
     source: Annotated[str | None, typer.Argument(
-        help="A file, a dataset id/folder, or 'chitchat'. Default: the config's data.dataset.")] = None,
+        help="A file, a dataset id/folder, or 'chitchat'. Default: the config's data.dataset, or each of its "
+             "data.sources in turn.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c",
         help="A run's YAML config: its data settings (template, column_mapping, max_length, ...) and tokenizer.")]
         = None,
@@ -327,7 +326,10 @@ def data_preview(
                                         "caches it), not the first 200.")] = False,
 ) -> None:
     """Show examples as the model will see them, trained-on tokens highlighted, with length statistics."""
+    import dataclasses
+
     from loraforge.config import load_config
+    from loraforge.data.mixing import source_config
     from loraforge.data.preview import preview
 
     overrides = [f"data.dataset={source}"] if source else []
@@ -335,9 +337,10 @@ def data_preview(
     overrides += [f"data.max_length={max_length}"] if max_length else []
     overrides += [f"model.model_name={model}"] if model else []
     run = load_config(config, overrides)
-    if run.data.sources and not source:
-        raise typer.BadParameter("the config mixes several data.sources: name the one to preview.")
-    preview(run.data, run.model, n=n, whole=whole)
+    # Combined mode: each source with its own format and column mapping, as training reads it.
+    parts = [source_config(run.data, i) for i, s in enumerate(run.data.sources) if not source or s.path == source]
+    for part in parts or [run.data]:
+        preview(dataclasses.replace(part, format=format) if format else part, run.model, n=n, whole=whole)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 from tinymodels import alpaca_records, write_jsonl
 
 from loraforge.config import DataConfig, SourceConfig
-from loraforge.data.mixing import draw, mix_counts
+from loraforge.data.mixing import draw, mix_counts, source_config
 from loraforge.data.pipeline import build_datasets
 
 
@@ -60,3 +60,68 @@ def test_combined_alpaca_and_dialogue_trains(tmp_path: Path, tiny_model_dir: Pat
     assert result.steps == 2 and result.train_loss is not None and result.eval_loss is not None
     stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
     assert [m["drawn"] for m in stats["train"]["mix"].values()] == [10, 10]  # 12 - 2 and 6 - 1 held out → 10 each
+
+
+def _three_formats(tmp_path: Path) -> list[SourceConfig]:
+    """An Alpaca JSONL, a chat JSONL and a CSV with its own column names, each recognisable by its words."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"Alpaca task {i}.", "input": "", "output": f"done {i}"}
+                                           for i in range(6)])
+    c = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"Chat hello {i}."},
+                                                         {"role": "assistant", "content": f"hi {i}"}]}
+                                           for i in range(6)])
+    q = tmp_path / "q.csv"
+    q.write_text("question,answer\n" + "".join(f"Csv question {i}?,answer {i}\n" for i in range(6)))
+    return [SourceConfig(path=str(a)), SourceConfig(path=str(c), format="auto"),
+            SourceConfig(path=str(q), column_mapping={"question": "instruction", "answer": "output"})]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_each_source_keeps_its_own_format(tmp_path: Path, tokenizer, streaming: bool) -> None:
+    cfg = DataConfig(sources=_three_formats(tmp_path), validation_split=0.0, streaming=streaming, format="alpaca",
+                     max_length=128)
+    data = build_datasets(cfg, tokenizer, 0)
+    rendered = [tokenizer.decode(data.train[i]["input_ids"]) for i in range(len(data.train))]
+    chat = [t for t in rendered if "Chat hello" in t]
+    alpaca = [t for t in rendered if "Alpaca task" in t or "Csv question" in t]
+    assert len(chat) == 6 and len(alpaca) == 12
+    assert all("<|im_start|>user" in t and "### Instruction" not in t for t in chat)
+    assert all("### Instruction" in t and "<|im_start|>" not in t for t in alpaca)
+    # Inference (chat, generate, serve, eval) renders prompts one way: the log says which, and why.
+    note = " ".join(data.stats["train"].notes)
+    assert "prompt formats" in note and "chat" in note and "alpaca" in note, note
+
+
+def test_preview_of_a_combined_config_shows_each_source_in_its_own_format(
+        tmp_path: Path, embedded_model_dir: Path, tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+    from loraforge.config import RunConfig
+    from loraforge.data import preview as preview_module
+
+    monkeypatch.setattr(preview_module, "load_tokenizer", lambda *a, **k: tokenizer)  # loaded once per session
+    monkeypatch.setenv("COLUMNS", "200")  # rich's width, so that headers are not wrapped
+
+    sources = _three_formats(tmp_path)
+    cfg = RunConfig()
+    cfg.model.model_name = str(embedded_model_dir)
+    cfg.data = DataConfig(sources=sources, max_length=40, max_samples=3)
+    cfg.save(tmp_path / "run.yaml")
+    assert source_config(cfg.data, 2).column_mapping == {"question": "instruction", "answer": "output"}
+    assert source_config(cfg.data, 2).max_length == 40 and source_config(cfg.data, 2).max_samples == 3
+
+    def preview(*args: str) -> str:
+        result = CliRunner().invoke(app, ["data", "preview", *args, "-c", str(tmp_path / "run.yaml"), "-n", "1"],
+                                    terminal_width=200)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    out = preview()
+    blocks = {s.path: out[out.index(s.path):] for s in sources}  # each source's header, then its examples
+    assert "format alpaca" in blocks[sources[0].path] and "Alpaca task" in blocks[sources[0].path]
+    assert "format chat" in blocks[sources[1].path] and "<|im_start|>user" in blocks[sources[1].path]
+    csv_part = blocks[sources[2].path]
+    assert "format alpaca" in csv_part and "### Instruction:" in csv_part and "Csv question" in csv_part
+    assert "max_length 40" in csv_part  # the run's settings, not the defaults
+    only = preview(sources[2].path)  # one source named: still read with its own column mapping
+    assert "Csv question" in only and "Alpaca task" not in only and "Chat hello" not in only

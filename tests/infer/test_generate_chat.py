@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,25 @@ def test_chat_streams_keeps_history_and_resets(loaded) -> None:
     assert answer == generate_texts(loaded, ["Say apple."], max_new_tokens=5)[0]
     session.reset()
     assert session.history == []
+
+
+def test_ctrl_c_while_streaming_stops_the_reply_and_joins_the_generator(loaded) -> None:
+    session = ChatSession(loaded, max_new_tokens=500, temperature=0)
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt  # what SIGINT raises in the main thread while it reads the stream
+
+    before = threading.active_count()
+    answer = session.reply("Tell me a story.", on_text=on_text)
+    assert session.last_interrupted and answer == "".join(pieces).strip()
+    assert threading.active_count() == before  # the generating thread ended: nothing left inside torch
+    assert session.history[-1] == {"role": "assistant", "content": answer}  # what was shown stays in the history
+    session.max_new_tokens = 2
+    session.reply("Hi")
+    assert not session.last_interrupted
 
 
 def test_chat_loop_commands(lora_run: Path) -> None:

@@ -12,6 +12,7 @@ Validation sets are concatenated unchanged. The log and `DataStats.mix` report w
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -61,11 +62,20 @@ class MixedView(Sequence):
         return self.parts[s][i]
 
 
+def source_config(cfg: DataConfig, i: int) -> DataConfig:
+    """`data.sources[i]` as a single-source DataConfig that reads it as combined mode does: its own path, format,
+    column mapping, split and sample cap, the shared rendering settings (template, max_length, ...)."""
+    src = cfg.sources[i]
+    return dataclasses.replace(cfg, dataset=src.path, format=src.format, column_mapping=src.column_mapping,
+                               split=src.split, max_samples=src.max_samples or cfg.max_samples, sources=[])
+
+
 def mix_sources(cfg: DataConfig, tokenizer: Any) -> SourceData:
     """Load every source of `cfg.sources` and draw the mixed training split (unpacked: packing comes after).
 
+    Each source is read and rendered in its own format (alpaca, chat, CSV with its own column mapping ...).
     The result carries the kind (prompt format) of the heaviest source and the held-out records of every
-    source of that kind, for generation-time evaluation."""
+    source of that kind, for generation-time evaluation; when the kinds differ a note in the stats says so."""
     loaded: list[SourceData] = []
     names: list[str] = []
     for i, src in enumerate(cfg.sources):
@@ -91,9 +101,9 @@ def mix_sources(cfg: DataConfig, tokenizer: Any) -> SourceData:
         states = {d.stats[split].cache for d in loaded}
         stats[split].cache = states.pop() if len(states) == 1 else "partial"
     total = sum(counts)
-    for name, have, want in zip(names, sizes, counts, strict=True):
+    for name, data, have, want in zip(names, loaded, sizes, counts, strict=True):
         stats["train"].sources[name] = want
-        stats["train"].mix[name] = {"records": have, "drawn": want, "share": want / total,
+        stats["train"].mix[name] = {"records": have, "drawn": want, "share": want / total, "format": data.fmt,
                                     "repeated": max(0, want - have), "left_out": max(0, have - want)}
     how = ("balanced: every source oversampled to the largest source's size" if cfg.mixing == "balanced"
            else "weighted: each source's share of the total follows its weight (repeats where the share is "
@@ -116,5 +126,18 @@ def mix_sources(cfg: DataConfig, tokenizer: Any) -> SourceData:
     # records supply the (prompt, reference) pairs.
     main = max(range(len(loaded)), key=lambda s: (counts[s], -s))
     kind = loaded[main].kind
+    if len({d.kind for d in loaded}) > 1:
+        stats["train"].notes.append(_kinds_note(names, loaded, names[main]))
     records = [r for d in loaded if d.kind == kind for r in d.eval_records]
     return SourceData(train, validation, loaded[main].fmt, kind, stats, records)
+
+
+def _kinds_note(names: list[str], loaded: list[SourceData], main: str) -> str:
+    """Sources of several prompt formats each train in their own; prompts at inference take one of them."""
+    by_kind: dict[str, list[str]] = {}
+    for name, data in zip(names, loaded, strict=True):
+        by_kind.setdefault(data.kind, []).append(f"{name} ({data.fmt})")
+    listed = "; ".join(f"{kind}: {', '.join(found)}" for kind, found in by_kind.items())
+    kind = next(d.kind for n, d in zip(names, loaded, strict=True) if n == main)
+    return (f"the sources mix prompt formats, each trained in its own ({listed}); generation (eval, chat, "
+            f"generate, serve) renders prompts as {kind}, the format of the largest share ({main})")

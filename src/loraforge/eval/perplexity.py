@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.errors import DataError
+from loraforge.eval.progress import track
 from loraforge.model.runtime import eval_mode, model_device
 
 IGNORE_INDEX = -100
@@ -62,7 +63,7 @@ class PerplexityEvaluator:
         """
         total_nll, total_tokens = 0.0, 0
         with eval_mode(self.model), torch.no_grad():
-            for batch in dataloader:
+            for batch in track(dataloader, "perplexity"):
                 nll, n = self._batch_nll(batch)
                 total_nll += nll
                 total_tokens += n

@@ -16,6 +16,7 @@ import torch
 
 from loraforge.config import EvalConfig
 from loraforge.eval import metrics
+from loraforge.eval.progress import track
 from loraforge.infer import generation
 from loraforge.infer.generation import BEAM_WIDTH, Decoding
 
@@ -83,8 +84,11 @@ class QualitativeEvaluator:
         if isinstance(prompts, str):
             raise TypeError("generate_batch takes a list of prompts; use generate_response for one prompt.")
         encoded = [self.encode_prompt(p) for p in prompts]
-        return generation.generate_batch(self.model, self.tokenizer, encoded, decoding, batch_size=batch_size,
-                                         **generate_kwargs)
+        # Batch by batch (the batches generate_batch itself makes), so that a bar can show the progress.
+        chunks = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+        return [answer for chunk in track(chunks, f"generating {len(encoded)} answers")
+                for answer in generation.generate_batch(self.model, self.tokenizer, chunk, decoding,
+                                                        batch_size=batch_size, **generate_kwargs)]
 
     # ---------------------------------------------------------------------------------------------------
     # Scores (0–1); see loraforge.eval.metrics

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 from typing import Any, TextIO
 
 import torch
@@ -29,6 +29,7 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.history: list[dict[str, str]] = []
+        self.last_interrupted = False  # the last reply was cut short by Ctrl-C
         self.reset()
 
     def reset(self) -> None:
@@ -40,13 +41,21 @@ class ChatSession:
         return self.loaded.formatter(user)
 
     def reply(self, user: str, on_text: Callable[[str], Any] | None = None) -> str:
-        from transformers import TextIteratorStreamer  # here: transformers takes seconds to import
+        """The answer to `user`, streamed to `on_text` piece by piece.
+
+        Ctrl-C (KeyboardInterrupt) while it streams stops the generation after its current token and returns
+        what was said so far, marked by `last_interrupted`. The generating thread is always joined before
+        this returns: a process ending while that thread is inside torch aborts ("terminate called ...").
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer  # transformers takes seconds to import
 
         tok, model = self.loaded.tokenizer, self.loaded.model
         ids = torch.tensor([encode(tok, self.prompt_text(user))], device=model_device(model))
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         decoding = Decoding.from_temperature(self.temperature, 0.9, self.max_new_tokens)
+        stop = Event()
         kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                      stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
                                       **generate_kwargs(model, tok, decoding))
         error: list[BaseException] = []
 
@@ -59,13 +68,19 @@ class ChatSession:
                 streamer.end()
 
         worker = Thread(target=run, daemon=True)
-        worker.start()
-        pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            if on_text is not None:
-                on_text(piece)
-        worker.join()
+        pieces: list[str] = []
+        self.last_interrupted = False
+        try:
+            worker.start()
+            for piece in streamer:
+                pieces.append(piece)
+                if on_text is not None:
+                    on_text(piece)
+        except KeyboardInterrupt:
+            self.last_interrupted = True
+        finally:
+            stop.set()  # no-op when generation already ended
+            _join(worker)
         if error:
             raise error[0]
         answer = "".join(pieces).strip()
@@ -74,16 +89,40 @@ class ChatSession:
         return answer
 
 
+class _StopWhenSet:
+    """A generate() stopping criterion that ends every row once `event` is set (checked after each token)."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _join(worker: Thread) -> None:
+    """Wait for `worker`, through further Ctrl-Cs: it stops within a token once asked, and leaving it running
+    inside torch would abort the process at exit."""
+    while worker.is_alive():
+        try:
+            worker.join()
+        except KeyboardInterrupt:
+            continue
+
+
 def chat_loop(run: str | Path, *, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None,
               input_fn: Callable[[str], str] = input, out: TextIO | None = None) -> ChatSession:
-    """Read lines, answer them with streamed text; `/reset` clears the history, `/exit` (or EOF) quits."""
+    """Read lines, answer them with streamed text; `/reset` clears the history, `/exit` (or EOF) quits.
+
+    Ctrl-C during a reply stops that reply and returns to the prompt; Ctrl-C at the prompt quits.
+    """
     out = out or sys.stdout
     session = ChatSession(load(run), system=system, max_new_tokens=max_new_tokens, temperature=temperature)
     out.write(f"chatting with {run} — /reset clears the history, /exit quits\n")
     while True:
         try:
             line = input_fn("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
             break
         if not line:
             continue
@@ -93,8 +132,12 @@ def chat_loop(run: str | Path, *, max_new_tokens: int = 256, temperature: float 
             session.reset()
             out.write("(history cleared)\n")
             continue
-        out.write("bot> ")
-        out.flush()
-        session.reply(line, on_text=lambda piece: (out.write(piece), out.flush()))
-        out.write("\n")
+        try:
+            out.write("bot> ")
+            out.flush()
+            session.reply(line, on_text=lambda piece: (out.write(piece), out.flush()))
+            stopped = session.last_interrupted
+        except KeyboardInterrupt:  # landed just before or after the streaming: the reply stops all the same
+            stopped = True
+        out.write(" (stopped)\n" if stopped else "\n")
     return session

@@ -174,6 +174,22 @@ def lora_param_count(g: Dims, lora: LoRAConfig) -> int:
     return g.L * sum(lora.r * (a + b) for name, (a, b) in g.linears().items() if name in lora_targets(g, lora))
 
 
+def trained_param_count(g: Dims, lora: LoRAConfig) -> int:
+    """What training adds and updates: LoRA A and B, DoRA's magnitudes, full copies of modules_to_save."""
+    dora = g.L * sum(g.linears()[t][1] for t in lora_targets(g, lora)) if lora.use_dora else 0
+    saved_copies = sum(g.V * g.h for m in (lora.modules_to_save or []) if m in ("lm_head", "embed_tokens"))
+    return lora_param_count(g, lora) + dora + saved_copies
+
+
+def parameter_counts(config: Any, lora: LoRAConfig) -> tuple[int, int]:
+    """(trainable, total) parameters of the model with its adapter, from the model's config: what the memory
+    report and the trainer's model line both print. The total counts the adapter too (as peft does); a 4-bit
+    weight counts as the parameters it represents."""
+    g = dims(config)
+    trainable = trained_param_count(g, lora)
+    return trainable, sum(_parameter_counts(g)) + trainable
+
+
 def layer_bytes_per_token(g: Dims, lora: LoRAConfig, act: int) -> tuple[int, int, int]:
     """One layer's recompute + backward on the peft/transformers modules, per token, in three parts:
     (kept for its backward, gradients in flight, LoRA dropout copies); see the module docstring."""
@@ -225,14 +241,11 @@ def estimate(config: Any, run: RunConfig, dtype_bytes: int = 2) -> MemoryEstimat
     g = dims(config)
     act = dtype_bytes
     lora = run.lora
-    linear, embed, norm = _parameter_counts(g)
     weights = weight_bytes(g, run, act, act)
 
     # Trained tensors: LoRA A and B per target (+ DoRA's magnitude), and full copies of modules_to_save.
-    lora_params = lora_param_count(g, lora)
-    dora = g.L * sum(g.linears()[t][1] for t in lora_targets(g, lora)) if lora.use_dora else 0
+    trainable, total = parameter_counts(config, lora)
     saved_copies = sum(g.V * g.h for m in (lora.modules_to_save or []) if m in ("lm_head", "embed_tokens"))
-    trainable = lora_params + dora + saved_copies
     lora_bytes = trainable * 8 + saved_copies * act  # fp32 weight + grad; the copy keeps a frozen original
     opt_bytes = trainable * (2 if run.training.optim == "paged_adamw_8bit" else 8)
 
@@ -253,7 +266,7 @@ def estimate(config: Any, run: RunConfig, dtype_bytes: int = 2) -> MemoryEstimat
     else:
         acts = g.L * tokens * (saved_layer + dropout) + tokens * grads_in_flight + logits
         phase = "logits and loss"
-    return MemoryEstimate(total_params=linear + embed + norm, trainable_params=trainable,
+    return MemoryEstimate(total_params=total, trainable_params=trainable,
                           weights_bytes=weights, lora_bytes=lora_bytes, optimizer_bytes=opt_bytes,
                           activation_bytes=acts, workspace_bytes=workspace, peak_phase=phase)
 

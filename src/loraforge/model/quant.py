@@ -18,6 +18,7 @@ shapes the kernel takes. `set_cpu_packing` is the one switch; tests force it bot
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,6 +28,12 @@ from loraforge.errors import ModelLoadError
 
 # The packed layout groups 32 output rows (bitsandbytes' block_n) and pairs input columns.
 _PACK_ROWS = 32
+
+log = logging.getLogger(__name__)
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # where bitsandbytes warns that `kernels` is missing
+
+
+_kernel_note_said = False  # the held `kernels` warning (loraforge/__init__.py) is said once
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, *, sharded: bool = False) -> Any | None:
@@ -88,7 +95,20 @@ def set_cpu_packing(model: torch.nn.Module, enabled: bool) -> dict[str, int]:
             _unpack(layer)
         layer.support_avx512bf16_for_cpu = ok
         counts["packed" if ok else "unpacked"] += 1
+    if counts["packed"]:
+        _say_kernel_note()
     return counts
+
+
+def _say_kernel_note() -> None:
+    """bitsandbytes' warning that its faster packed-layer CPU kernel is missing, now that a layer would use it."""
+    global _kernel_note_said
+    # Found through the logger, which the filter is installed on: model/ may not import the package's __init__.
+    held = next((f.held for f in logging.getLogger(BNB_CPU_LOGGER).filters if getattr(f, "held", None)), None)
+    if held and not _kernel_note_said:
+        _kernel_note_said = True
+        log.warning("note: packed 4-bit layers on this CPU run bitsandbytes' own bf16 kernel; bitsandbytes said: %s",
+                    held)
 
 
 def is_packed(layer: Any) -> bool:

@@ -44,6 +44,7 @@ from loraforge.train.distributed import (
 from loraforge.train.fast_path import FastPath, apply_fast_path, prime_graphs
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.progress import TrainProgress
+from loraforge.train.resume_check import check_resume_config
 from loraforge.train.runfolder import claim
 from loraforge.train.sampler import MicroBatchStream, StepFeed, StepInputs
 from loraforge.train.tracking import MetricsLog, Trackers
@@ -185,8 +186,8 @@ class LLAMATrainer:
         # transformers, peft and the data pipeline take seconds to import; loaded when a run starts
         from loraforge.data.pipeline import build_datasets
         from loraforge.model.load import load_base, load_tokenizer, pick_placement, resolve_model_path
-        from loraforge.model.lora import attach_lora, parameter_counts
-        from loraforge.model.memory import check_fits
+        from loraforge.model.lora import attach_lora
+        from loraforge.model.memory import check_fits, parameter_counts
 
         cfg = self.config
         bind_process_gpu(cfg.model)
@@ -214,7 +215,7 @@ class LLAMATrainer:
         from loraforge.train.long_context import apply_long_context
 
         apply_long_context(self.model, cfg.training, log=self.log)  # no-op unless long_context / its switches
-        trainable, total = parameter_counts(self.model)
+        trainable, total = parameter_counts(model.config, cfg.lora)  # the memory report's count too
         weights = ("4-bit " + cfg.model.bnb_4bit_quant_type if cfg.model.use_4bit else "8-bit" if cfg.model.use_8bit
                    else str(placement.dtype).replace("torch.", ""))
         self.log(f"model {cfg.model.model_name}: {total / 1e6:,.1f}M parameters, {trainable / 1e6:,.2f}M trainable "
@@ -237,6 +238,7 @@ class LLAMATrainer:
             return self._train(run_dir, on_eval)
         with claim(run_dir, resume=bool(tcfg.resume_from_checkpoint), overwrite=tcfg.overwrite_output_dir,
                    log=self.log):
+            check_resume_config(self.config, run_dir, self.log)  # before config.yaml is rewritten
             return self._train(run_dir, on_eval)
 
     def _train(self, run_dir: Path, on_eval: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
