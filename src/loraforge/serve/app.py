@@ -175,7 +175,7 @@ async def page() -> HTMLResponse:
 async def health(srv: ServerDep) -> dict[str, Any]:
     sizes = srv.engine.batch_sizes
     return {"status": "ok", "models": list(srv.engine.adapters), "batches": len(sizes),
-            "largest_batch": max(sizes, default=0)}
+            "largest_batch": max(sizes, default=0), "max_tokens_limit": srv.limits.max_tokens_limit}
 
 
 @router.get("/v1/models")
