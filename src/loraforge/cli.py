@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
 data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+runs_app = typer.Typer(help="Look at finished runs side by side.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 OVERRIDES_HELP = ("Settings that override the config file, as section.key=value, e.g. "
                   "training.learning_rate=1e-4 lora.r=16 data.max_length=1024. "
@@ -304,6 +306,19 @@ def bench(
     from loraforge.bench.speed import run_speed_bench
 
     run_speed_bench(cases, out)
+
+
+@runs_app.command("compare")
+def runs_compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run folders.")],
+    html: Annotated[Path | None, typer.Option(help="Where to write the loss curves page.")] = Path("runs-compare.html"),
+) -> None:
+    """The settings that differ between runs and their final metrics; an HTML page with the loss curves."""
+    from loraforge.train.compare import compare_runs
+
+    compare_runs(runs, html)
+    if html is not None:
+        typer.echo(f"loss curves: {html}", err=True)
 
 
 @data_app.command("preview")

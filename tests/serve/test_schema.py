@@ -82,7 +82,7 @@ def test_bodies_that_are_not_utf8_json_are_400(raw: bytes, says: str) -> None:
 
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", True), ("max_tokens", 2.0), ("max_tokens", "5"), ("max_tokens", 0), ("stream", "yes"),
-    ("stream", 1), ("temperature", True), ("temperature", "0.5"), ("temperature", 3), ("top_p", 0), ("n", 2),
+    ("stream", 1), ("temperature", True), ("temperature", "0.5"), ("temperature", 3), ("top_p", 0),
     ("n", True), ("max_completion_tokens", False), ("stream_options", {"include_usage": "yes"}),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", "x" * 257), ("stop", [1]), ("model", 5),
     ("messages", "hi"), ("messages", []), ("messages", [{"role": "user", "content": 5}]),
@@ -103,6 +103,13 @@ def test_strict_types_still_take_what_openai_takes() -> None:
     assert (nulls.temperature, nulls.top_p, nulls.n, nulls.stream, nulls.stops()) == (1.0, 1.0, 1, False, [])
     assert read_body(b'{"model": "m", "prompt": ""}', CompletionRequest).prompt == ""
     assert read_body(chat(stop="x" * 256), ChatRequest).stops() == ["x" * 256]
+
+
+@pytest.mark.parametrize("field, value", [("n", 2), ("best_of", 3), ("tools", [{"type": "function"}]),
+                                          ("response_format", {"type": "json_schema"}), ("echo", True)])
+def test_parameters_the_server_cannot_honour_are_named(field: str, value) -> None:
+    e = refused(chat(**{field: value}))
+    assert e.param == field and e.code == "unsupported_parameter", e.message
 
 
 def test_not_an_object_names_the_body() -> None:

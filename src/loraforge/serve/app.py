@@ -4,7 +4,10 @@ Endpoints: POST /v1/chat/completions and /v1/completions (streaming as server-se
 `data: [DONE]`, or one JSON body), GET /v1/models, GET /health. `model` picks an adapter by name (the
 run folder's name); only loaded names are accepted, so a request can never name a path. Errors use the
 OpenAI shape `{"error": {"message", "type", "param", "code"}}` so OpenAI clients report them properly;
-client input never ends in a 5xx (how a body is read and what it may hold: `serve/schema.py`).
+client input never ends in a 5xx (how a body is read and what it may hold: `serve/schema.py`). `seed` and
+`logprobs`/`top_logprobs` are honoured (how: `serve/engine.py`); parameters the server cannot honour are
+refused with a 400 naming them. Every request writes one access-log line (logger `loraforge.serve.access`):
+method, path, status, milliseconds until the last byte, and prompt+completion tokens.
 
 The routes live at module level on `router`; what they serve (the engine, the limits) is the app's
 `Server`, in `app.state.server`, which `create_app` puts there and the `server` dependency hands out.
@@ -16,6 +19,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import sys
 import time
 import uuid
@@ -23,9 +27,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import accumulate
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
@@ -35,6 +41,8 @@ from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.serve.engine import Engine, QueueFull, ShuttingDown
 from loraforge.serve.engine import Request as GenRequest
 from loraforge.serve.schema import APIError, ChatRequest, CompletionRequest, Sampling, error_body, read_body
+
+access_log = logging.getLogger("loraforge.serve.access")
 
 
 @dataclass
@@ -72,8 +80,10 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
     app = FastAPI(title="loraforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     app.state.server = Server(engine, limits)
     app.middleware("http")(_guard)
+    app.middleware("http")(_log_access)  # added last: the outermost, so it sees the guard's refusals too
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(HTTPException, _on_http_error)  # unknown paths and methods, in OpenAI's shape
+    app.add_exception_handler(RequestValidationError, _on_validation_error)  # FastAPI's 422, as OpenAI's 400
     app.include_router(router)
     return app
 
@@ -107,6 +117,33 @@ async def _guard(request: Request, call_next: Any) -> Response:
         return e.response()
 
 
+async def _log_access(request: Request, call_next: Any) -> Response:
+    """One line per request once its last byte is sent (a stream's end, not its headers)."""
+    start = time.perf_counter()
+    response = await call_next(request)
+
+    def line() -> None:
+        gen = getattr(request.state, "gen", None)  # set by the completion routes once a request is queued
+        tokens = f"{len(gen.input_ids)}+{len(gen.tokens)}" if gen is not None else "-"
+        access_log.info("%s %s %d %.0f ms tokens=%s", request.method, request.url.path[:200],
+                        response.status_code, (time.perf_counter() - start) * 1000, tokens)
+
+    body = getattr(response, "body_iterator", None)
+    if body is None:
+        line()
+        return response
+
+    async def logged() -> AsyncIterator[Any]:
+        try:
+            async for part in body:
+                yield part
+        finally:
+            line()
+
+    response.body_iterator = logged()
+    return response
+
+
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
@@ -115,6 +152,14 @@ async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     body = error_body(f"{exc.detail}: {request.method} {request.url.path[:200]}", "invalid_request_error",
                       code="not_found" if exc.status_code == 404 else None)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = first["loc"][1:] if first["loc"][:1] in (("body",), ("query",), ("path",), ("header",)) else first["loc"]
+    param = ".".join(map(str, loc)) or None
+    return APIError(400, f"Invalid request: {param or 'body'}: {first['msg']}.", param=param,
+                    code="invalid_value").response()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -130,7 +175,7 @@ async def page() -> HTMLResponse:
 async def health(srv: ServerDep) -> dict[str, Any]:
     sizes = srv.engine.batch_sizes
     return {"status": "ok", "models": list(srv.engine.adapters), "batches": len(sizes),
-            "largest_batch": max(sizes, default=0)}
+            "largest_batch": max(sizes, default=0), "max_tokens_limit": srv.limits.max_tokens_limit}
 
 
 @router.get("/v1/models")
@@ -153,7 +198,7 @@ async def chat_completions(request: Request, srv: ServerDep) -> Response:
     except LoraforgeError as e:  # e.g. a chat template that refuses this order of roles
         raise APIError(400, str(e), param="messages", code="invalid_messages") from None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(srv, body, adapter.name, text, max_tokens, chat=True)
+    return await _respond(request, srv, body, adapter.name, text, max_tokens, chat=True)
 
 
 @router.post("/v1/completions")
@@ -164,7 +209,7 @@ async def completions(request: Request, srv: ServerDep) -> Response:
     if len(prompts) != 1:
         raise APIError(400, "Only one prompt per request is supported; send several requests (they are "
                             "batched together on the server).", param="prompt")
-    return await _respond(srv, body, adapter.name, prompts[0], body.max_tokens, chat=False)
+    return await _respond(request, srv, body, adapter.name, prompts[0], body.max_tokens, chat=False)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -193,10 +238,14 @@ def _pick_adapter(engine: Engine, name: str) -> Any:
     return adapter
 
 
-async def _respond(srv: Server, body: Sampling, model: str, text: str, max_tokens: int | None, *,
-                   chat: bool) -> Response:
+async def _respond(request: Request, srv: Server, body: Sampling, model: str, text: str, max_tokens: int | None,
+                   *, chat: bool) -> Response:
     """Check the request against the limits, queue it, and answer: a stream of events or one JSON body."""
     limits, engine = srv.limits, srv.engine
+    top_logprobs = body.top_logprobs_wanted()
+    if top_logprobs is not None and body.stream:
+        raise APIError(400, "logprobs are not supported with stream: true; ask without streaming.",
+                       param="logprobs", code="unsupported_parameter")
     max_tokens = max_tokens or min(limits.default_max_tokens, limits.max_tokens_limit)
     if max_tokens > limits.max_tokens_limit:
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens_limit}.",
@@ -214,14 +263,15 @@ async def _respond(srv: Server, body: Sampling, model: str, text: str, max_token
     # sampling fails; the engine's batching rounds temperatures to 4 decimals anyway (Request.group).
     temperature = body.temperature if body.temperature >= 1e-4 else 0.0
     req = GenRequest(adapter=model, input_ids=ids, max_tokens=max_tokens, temperature=temperature,
-                     top_p=body.top_p, stop=body.stops(), deadline=time.monotonic() + limits.timeout,
-                     loop=loop, events=asyncio.Queue())
+                     top_p=body.top_p, stop=body.stops(), seed=body.seed, logprobs=top_logprobs,
+                     deadline=time.monotonic() + limits.timeout, loop=loop, events=asyncio.Queue())
     try:
         engine.submit(req)
     except QueueFull as e:
         raise APIError(429, f"Server busy: {e}.", "rate_limit_error", code="queue_full") from e
     except ShuttingDown as e:
         raise APIError(503, "The server is shutting down.", "server_error", code="shutting_down") from e
+    request.state.gen = req  # for the access log's token counts
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if body.stream:
         with_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -238,8 +288,10 @@ async def _respond(srv: Server, body: Sampling, model: str, text: str, max_token
     finally:
         req.cancelled = True  # a no-op when done; stops the row if the client went away
     content = "".join(pieces)
+    logprobs = None if top_logprobs is None else _logprobs(engine, req, content, chat, len(text))
     choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": content}}
-                              if chat else {"index": 0, "text": content, "logprobs": None})
+                              if chat else {"index": 0, "text": content})
+    choice["logprobs"] = logprobs
     choice["finish_reason"] = req.finish_reason
     return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": model, "choices": [choice],
@@ -301,6 +353,28 @@ async def _stream(req: GenRequest, rid: str, model: str, chat: bool, with_usage:
         req.cancelled = True  # client disconnected (generator closed) or done: free the batch row
 
 
+def _logprobs(engine: Engine, req: GenRequest, content: str, chat: bool, prompt_chars: int) -> dict[str, Any]:
+    """The tokens of `content` with their logprobs, in OpenAI's chat shape (`{"content": [...]}`) or its
+    legacy completions shape (parallel lists). Tokens past a stop string (generated, not sent) are left out."""
+    rows: list[tuple[str, float, list[tuple[str, float]]]] = []
+    offset = 0
+    for token, (logprob, alternatives) in zip(req.tokens, req.token_logprobs, strict=False):
+        if offset >= len(content) and rows:
+            break
+        piece = engine.token_text(token)
+        rows.append((piece, logprob, [(engine.token_text(t), lp) for t, lp in alternatives]))
+        offset += len(piece)
+    if chat:
+        def entry(piece: str, logprob: float) -> dict[str, Any]:
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+        return {"content": [{**entry(p, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
+                            for p, lp, alts in rows], "refusal": None}
+    offsets = list(accumulate((len(p) for p, _, _ in rows[:-1]), initial=prompt_chars))
+    return {"tokens": [p for p, _, _ in rows], "token_logprobs": [lp for _, lp, _ in rows],
+            "top_logprobs": [dict(alts) for _, _, alts in rows], "text_offset": offsets}
+
+
 def _usage(req: GenRequest) -> dict[str, int]:
     return {"prompt_tokens": len(req.input_ids), "completion_tokens": len(req.tokens),
             "total_tokens": len(req.input_ids) + len(req.tokens)}
@@ -339,4 +413,8 @@ def run_server(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, ap
                     timeout=timeout)
     app = create_app(engine, limits)
     print(f"serving {', '.join(engine.adapters)} on http://{host}:{port}/ (chat page at /, API at /v1)", flush=True)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

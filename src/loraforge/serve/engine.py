@@ -17,6 +17,12 @@ Models the decoder does not cover (non-Llama, extra logits processors) are batch
 the oldest request and every waiting request with the same adapter and sampling settings run as one
 left-padded batch, and requests that arrive meanwhile wait for the next one.
 
+A request with a `seed` or asking for logprobs runs alone, through a plain decode loop with its own
+random generator (`Engine._generate_exact`): batch neighbours, the rows' order and other requests' draws
+would otherwise change its tokens. So a seed gives the same answer for the same request and server, as
+OpenAI's seed promises (best effort: another device or library version may round differently). It waits
+for the rows in flight, like a request of another adapter, and holds the others while it runs.
+
 Streaming: a decode step makes one token per row; text is handed to the event loop at most every
 `stream_interval_s` (and at once for a first token or an ending), several tokens of a row merged into one
 event — 16 streams at ~200 steps/s would otherwise be 3,200 wake-ups and SSE chunks a second.
@@ -71,6 +77,8 @@ class Request:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    seed: int | None = None  # set: sampled from its own generator seeded so (see _generate_exact)
+    logprobs: int | None = None  # set: record each token's logprob and this many alternatives
     deadline: float = float("inf")  # time.monotonic() after which the request is abandoned
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None  # ("text", str) ... then ("done", finish_reason) or ("error", message)
@@ -83,10 +91,19 @@ class Request:
     prefix_offset: int = 0
     read_offset: int = 0
     outbox: list | None = None  # while set, events collect here and go to the loop in one call per step
+    # per token of `tokens`: (logprob, [(alternative id, logprob), ...] most likely first), when logprobs is set
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        """Runs alone through `Engine._generate_exact` (a seed or logprobs)."""
+        return self.seed is not None or self.logprobs is not None
 
     @property
     def group(self) -> tuple[Any, ...]:
-        """Requests with equal groups can share one `generate` call (or one prefill)."""
+        """Requests with equal groups can share one `generate` call (or one prefill); an exact one shares none."""
+        if self.exact:
+            return (self.adapter, id(self))
         return (self.adapter, self.temperature > 0, round(self.temperature, 4), round(self.top_p, 4))
 
     @property
@@ -163,6 +180,19 @@ def stop_prefix_len(text: str, stops: list[str]) -> int:
                 break
             i = text.find(s[0], i + 1)
     return longest
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """The next token from one row of logits: greedy at temperature 0, else temperature, the top-p nucleus
+    (the most likely tokens whose probability reaches top_p, at least one), and a draw from `gen`."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = (logits / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before it already reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 def _adapter_name(path: Path) -> str:
@@ -350,12 +380,21 @@ class Engine:
             adapter = running[0].adapter if running else (live[0].adapter if live else None)
             take: list[Request] = []
             for req in live:
-                if req.adapter != adapter or len(running) + len(take) >= self.max_batch:
+                if req.adapter != adapter or req.exact or len(running) + len(take) >= self.max_batch:
                     break
                 take.append(req)
-            taken = set(map(id, take))
-            self._waiting = deque(r for r in live if id(r) not in taken)
-            self._running = running + take
+            if not running and not take and live and live[0].exact:  # its turn, and no rows decoding
+                exact = live[0]
+                self._waiting = deque(live[1:])
+                self._running = [exact]
+            else:
+                exact = None
+                taken = set(map(id, take))
+                self._waiting = deque(r for r in live if id(r) not in taken)
+                self._running = running + take
+        if exact is not None:
+            self._run_exact(exact)
+            return []
         if not take:
             return []
         if not running and self.adapters[adapter].peft_name is not None:
@@ -406,6 +445,10 @@ class Engine:
                 taken = set(map(id, batch))
                 self._waiting = deque(r for r in live if id(r) not in taken)
                 self._running = batch
+            if batch[0].exact:  # its group is its own: the batch is this one request
+                self._run_exact(batch[0])
+                self._running = []
+                continue
             adapter = self.adapters[batch[0].adapter]
             if adapter.peft_name is not None:
                 self.model.set_adapter(adapter.peft_name)
@@ -483,6 +526,52 @@ class Engine:
             self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 streamer=RowStreamer(), stopping_criteria=StoppingCriteriaList([RowsDone()]),
                                 **generate_kwargs(self.model, self.tokenizer, decoding))
+
+    def _run_exact(self, req: Request) -> None:
+        adapter = self.adapters[req.adapter]
+        if adapter.peft_name is not None:
+            self.model.set_adapter(adapter.peft_name)
+        self.batch_sizes.append(1)
+        try:
+            self._generate_exact(req)
+        except Exception as e:  # noqa: BLE001 - reported to the client; the worker keeps serving
+            self._fail([req], e)
+        finally:
+            self._running = []
+
+    def _generate_exact(self, req: Request) -> None:
+        """One request, one row, its own generator: the tokens depend on the request and the seed only.
+
+        A plain loop over the model with its KV cache (batch 1 needs no mask or positions). Logprobs are
+        the model's distribution, log-softmax of the logits before temperature and top-p (as vLLM reports
+        them), so they do not depend on the sampling settings."""
+        gen = torch.Generator(device=self.device)
+        if req.seed is not None:
+            gen.manual_seed(req.seed % 2**64)  # manual_seed takes 0..2^64-1; OpenAI's seed may be negative
+        else:
+            gen.seed()
+        ids = torch.tensor([req.input_ids], device=self.device)
+        past = None
+        with torch.no_grad():
+            while req.finish_reason is None:
+                if req.stopped:
+                    self._finish(req, "cancelled" if req.cancelled else "timeout")
+                    break
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[0, -1].float()
+                token = _pick(logits, req.temperature, req.top_p, gen)
+                if req.logprobs is not None and token not in self.eos_ids:  # OpenAI lists no end token
+                    logprobs = logits.log_softmax(-1)
+                    top = logprobs.topk(req.logprobs) if req.logprobs else None
+                    alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
+                    req.token_logprobs.append((float(logprobs[token]), alternatives))
+                self._advance(req, token)
+                ids = torch.tensor([[token]], device=self.device)
+
+    def token_text(self, token: int) -> str:
+        """One token's text as it decodes alone (half a UTF-8 character shows as U+FFFD)."""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _advance(self, req: Request, token: int) -> None:
         if token in self.eos_ids:

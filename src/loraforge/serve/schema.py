@@ -6,6 +6,11 @@ parsing (Python's parser recurses once per level: 100,000 `[` were a RecursionEr
 without NaN/Infinity -> no lone surrogates (`"\\ud800"` parses to a string no tokenizer can take) -> the
 request schema. The schemas are strict where OpenAI is: `max_tokens: true` or `stream: "yes"` are refused,
 not coerced; an integer is a valid float, and `null` means the default, as in OpenAI's schema.
+
+OpenAI parameters the server cannot honour are refused (400, `code: "unsupported_parameter"`, `param`
+naming it) rather than silently ignored, unless they hold their neutral value (`n: 1`, `tools: []`,
+`presence_penalty: 0`, `response_format: {"type": "text"}`...), which some clients always send. Fields
+OpenAI does not define, and ones that do not change the answer (`user`, `store`, `metadata`), are ignored.
 """
 
 from __future__ import annotations
@@ -16,13 +21,33 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MAX_JSON_DEPTH = 32  # a chat request nests 5 deep ({messages: [{content: [{text}]}]}); 32 leaves room
 MAX_STOPS = 4  # OpenAI's limit
 # Longer stop strings are refused: each decode step searches the new text plus the longest stop's length
 # (engine.find_stop), so the length bounds the work per token; no real stop sequence is this long.
 MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (completions' `logprobs` allows 5)
+
+# Parameter -> whether its value asks for nothing (then it is accepted and ignored). Anything else is refused.
+_UNSUPPORTED: dict[str, Any] = {
+    "n": lambda v: not isinstance(v, int) or v <= 1,  # other values: the schema's own message
+    "best_of": lambda v: v == 1,
+    "tools": lambda v: v == [],
+    "functions": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "function_call": lambda v: v == "none",
+    "response_format": lambda v: v == {"type": "text"},
+    "presence_penalty": lambda v: v == 0,
+    "frequency_penalty": lambda v: v == 0,
+    "logit_bias": lambda v: v == {},
+    "echo": lambda v: v is False,
+    "suffix": lambda v: v == "",
+    "audio": lambda v: False,
+    "modalities": lambda v: v == ["text"],
+    "prediction": lambda v: False,
+}
 
 
 class APIError(Exception):
@@ -46,6 +71,25 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 # -------------------------------------------------------------------------------------------------------
 # Schemas
+
+
+def refuse_unsupported(data: Any) -> None:
+    """An `APIError` (400) for the first OpenAI parameter in the body `data` that this server does not honour."""
+    if not isinstance(data, dict):
+        return
+    for name, neutral in _UNSUPPORTED.items():
+        value = data.get(name)
+        if value is None or neutral(value):
+            continue
+        if name == "n":
+            why = "n > 1 is not supported: send n requests (they are batched together on the server)."
+        elif name == "response_format":
+            why = "Only response_format {\"type\": \"text\"} is supported (no JSON mode or schemas)."
+        elif name in ("tools", "functions", "tool_choice", "function_call"):
+            why = f"{name} is not supported: this server does not call tools or functions."
+        else:
+            why = f"{name} is not supported by this server; leave it out."
+        raise APIError(400, why, param=name, code="unsupported_parameter")
 
 
 class _Strict(BaseModel):
@@ -78,6 +122,7 @@ class Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # same seed and request: same answer
 
     @model_validator(mode="before")
     @classmethod
@@ -101,14 +146,35 @@ class Sampling(_Strict):
         return [s for s in stops if s]
 
 
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives each token's logprob comes with; None: no logprobs."""
+        return None
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):  # a field validator, so that `param` names it
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API: an int, the number of alternatives
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -138,6 +204,7 @@ def read_body(raw: bytes, model: type[BaseModel]) -> Any:
             raise APIError(400, f"{where or 'The body'} holds a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF "
                                 "escape), which is not text; send valid Unicode.", param=where or None,
                            code="invalid_unicode")
+    refuse_unsupported(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
