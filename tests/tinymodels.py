@@ -1,7 +1,7 @@
 """Tiny random models with the real tokenizer, built in the tests (no downloads).
 
 The tokenizer is the embedded SmolLM2 one (real BPE, real chat template); the model is a random Llama
-(or Mistral) a few layers deep, saved as a standard Hugging Face folder so every path of loraforge —
+(or Mistral, Qwen2/3, Gemma 2/3) a few layers deep, saved as a standard Hugging Face folder so every path of loraforge —
 loading, quantization, LoRA, training, merge, serving — loads it the way it loads a user's model.
 """
 
@@ -25,6 +25,20 @@ ARCHS: dict[str, dict[str, Any]] = {
     # Mistral: GQA and sliding-window attention
     "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, sliding_window=64),
+    # Qwen2: GQA with biases on q/k/v
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    # Qwen3: GQA, RMSNorm on q and k per head, an explicit head_dim
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    # Gemma 2: GQA, alternating sliding-window and global layers, logit soft-capping, GeLU-tanh MLP
+    "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                   query_pre_attn_scalar=16),
+    # Gemma 3 (text): GQA, q/k norms, local layers with their own rope base, one global layer in two here
+    "gemma3": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                   query_pre_attn_scalar=16, sliding_window_pattern=2),
 }
 
 

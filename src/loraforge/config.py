@@ -19,6 +19,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -534,7 +535,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
+        p = _ready_made(Path(path))
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist. Ready-made configs are in configs/.")
         raw = _read_yaml(p) or {}
@@ -548,6 +549,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if isinstance(raw[section], dict):
             raw[section].update(values)
     return config_from_dict(raw, source if not overrides else f"{source} (+ command-line overrides)")
+
+
+def shipped_config(relative: str | Path) -> Path:
+    """A ready-made config shipped inside the package (src/loraforge/configs/, the same files as the
+    repository's configs/, a test keeps them equal), so a wheel install has them too."""
+    return Path(str(resources.files("loraforge") / "configs")) / relative
+
+
+def _ready_made(p: Path) -> Path:
+    # `loraforge train configs/demo.yaml`, as the README says, also works outside a source checkout.
+    if not p.exists() and not p.is_absolute() and p.parts[:1] == ("configs",):
+        shipped = shipped_config(Path(*p.parts[1:]))
+        return shipped if shipped.is_file() else p
+    return p
 
 
 def describe_fields() -> str:

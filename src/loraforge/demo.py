@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from loraforge.config import load_config
+from loraforge.config import load_config, shipped_config
 
 
 def demo_config_path() -> Path:
-    """configs/demo.yaml: in the source tree, or the copy shipped inside the package."""
-    repo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-    if repo.is_file():
-        return repo
-    return Path(str(resources.files("loraforge") / "configs" / "demo.yaml"))
+    """configs/demo.yaml, as shipped inside the package (a wheel install has it too)."""
+    return shipped_config("demo.yaml")
 
 
 def run_demo(out: Path = Path("runs/demo"), steps: int | None = None) -> dict:

@@ -187,6 +187,7 @@ def test_graphed_layers_without_dropout_draw_nothing(ckpt):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.gpu
 @cuda
 def test_triton_dropout_is_bit_exact_with_its_twin():
     from loraforge.kernels import _triton
@@ -209,6 +210,7 @@ def gpu_ckpt(tmp_path_factory):
     return make_checkpoint("tiny", root=str(tmp_path_factory.mktemp("ckpt")), device="cuda")
 
 
+@pytest.mark.gpu
 @cuda
 def test_cuda_graphs_with_dropout_match_ordinary_checkpointing(gpu_ckpt):
     ref = _with_dropout(build_model(gpu_ckpt, 16, "all", stock=False), 0.1)

@@ -132,6 +132,7 @@ def test_needs_checkpointing(tiny_model_dir):
         enable_offloaded_checkpointing(m)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offload_lowers_peak_memory_on_gpu(tmp_path):
     """A deeper bf16 model at 8K tokens: offloading must cut the peak by most of the checkpoints."""

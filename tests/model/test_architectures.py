@@ -1,4 +1,5 @@
-"""Llama 2, Llama 3.1 (GQA, llama3 rope scaling) and Mistral, as tiny random models: 4-bit and fp32."""
+"""Llama 2, Llama 3.1 (GQA, llama3 rope scaling), Mistral, Qwen2/Qwen3 and Gemma 2/3, as tiny random models:
+4-bit and fp32, LoRA on `all-linear`."""
 
 from __future__ import annotations
 
@@ -20,8 +21,25 @@ QUANTS = ["nf4-plain", pytest.param("nf4-packed", marks=pytest.mark.skipif(
     not cpu_packing_available(), reason="this CPU has no AVX512-BF16: the packed kernel cannot run")), "none"]
 
 
-@pytest.mark.parametrize("arch", ["llama2", "llama3", "mistral"])
-@pytest.mark.parametrize("quant", QUANTS)
+# The newer families are long (~2-4 s a case on 2 shared cores, 12 cases) except one fp32 case of each:
+# Qwen3 and Gemma 2 (whose sdpa refusal exercises the loader's eager fallback) stay in `make test`.
+NEWER = ["qwen2", "qwen3", "gemma2", "gemma3"]
+QUICK = {("qwen3", "none"), ("gemma2", "none")}
+ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _cases() -> list:
+    out = []
+    for quant in QUANTS:
+        q = quant if isinstance(quant, str) else quant.values[0]
+        for arch in ["llama2", "llama3", "mistral", *NEWER]:
+            long = arch in NEWER and (arch, q) not in QUICK
+            marks = list(getattr(quant, "marks", ())) + ([pytest.mark.long] if long else [])
+            out.append(pytest.param(arch, q, marks=marks, id=f"{q}-{arch}"))
+    return out
+
+
+@pytest.mark.parametrize("arch, quant", _cases())
 def test_load_step_save_reload(arch: str, quant: str, arch_dirs: dict[str, Path], tmp_path: Path) -> None:
     path = arch_dirs[arch]
     # On the CPU on any machine: nf4 goes through bitsandbytes' CPU backend, and the trained logits are
@@ -34,7 +52,12 @@ def test_load_step_save_reload(arch: str, quant: str, arch_dirs: dict[str, Path]
         assert (cfg.rope_parameters or {}).get("rope_type") == "llama3"
     if arch == "mistral":
         assert cfg.model_type == "mistral" and cfg.sliding_window == 64
+    if arch.startswith("gemma"):
+        assert cfg.model_type in ("gemma2", "gemma3_text") and cfg.sliding_window == 64
     model = attach_lora(model, LoRAConfig(target_modules="all-linear", lora_dropout=0.0))
+    # all-linear: every projection of every layer, never the lm_head
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == ALL_LINEAR, wrapped
     batch = fixed_batch()
     losses = train_steps(model, batch, steps=2, lr=1e-2)
     assert all(math.isfinite(x) for x in losses) and losses[1] < losses[0]

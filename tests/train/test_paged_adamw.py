@@ -4,6 +4,8 @@ import pytest
 import torch
 
 bnb = pytest.importorskip("bitsandbytes")
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                   reason="needs a CUDA GPU")])
 
 
 def _step_both(o1, ps1, o2, ps2, steps: int) -> None:
@@ -16,7 +18,7 @@ def _step_both(o1, ps1, o2, ps2, steps: int) -> None:
         o2.step()
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_one_sync_paged_adamw_matches_bitsandbytes(device):
     from loraforge.train.optim import paged_adamw_32bit
 
@@ -32,7 +34,7 @@ def test_one_sync_paged_adamw_matches_bitsandbytes(device):
         assert torch.equal(a.detach(), b.detach())
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_fused_paged_adamw_follows_bitsandbytes(device):
     """Same update rule as bitsandbytes' PagedAdamW32bit (not bit-identical: another kernel), over
     several steps with weight decay and two parameter groups; on CUDA its moments are paged memory."""

@@ -106,11 +106,28 @@ def render_user_template(user_template: str, fields: dict[str, str]) -> str:
                         f"{type(e).__name__}: {e}") from None
 
 
+def merge_system_into_user(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The system message as the start of the first user turn (how Gemma 3's own template does it), for
+    templates without a system role; a conversation without a user turn after it gets one."""
+    system, rest = messages[0]["content"], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
+
+
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     # transformers renders chat templates in Jinja's immutable sandbox; a template that reaches outside it
     # (it came with the model) stops here with a message rather than a traceback.
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateError as e:
+            # Gemma 2's template raises "System role not supported": the system message goes into the first
+            # user turn instead, the same way for training and serving (both render here).
+            if not messages or messages[0]["role"] != "system" or "system" not in str(e).lower():
+                raise
+            return tokenizer.apply_chat_template(merge_system_into_user(messages), tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
     except (SecurityError, TemplateError) as e:
         raise DataError(f"the chat template of the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} cannot "
                         f"be used with these messages: {type(e).__name__}: {e}. (A template that reaches for "

@@ -110,7 +110,14 @@ def load_model(cfg: ModelConfig, path: str, placement: Placement, *, for_trainin
     if qconf is not None:
         kwargs["quantization_config"] = qconf
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except ValueError as e:
+            # Gemma 2 refuses sdpa in transformers 5 (its attention logits are soft-capped, which sdpa cannot
+            # do): the default attn_implementation falls back to eager for such models instead of failing.
+            if cfg.attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(path, **(kwargs | {"attn_implementation": "eager"}))
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated weights file
         if isinstance(e, torch.OutOfMemoryError):
             raise

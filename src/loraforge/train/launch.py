@@ -6,9 +6,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from loraforge.config import shipped_config
 from loraforge.errors import ConfigError
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "accelerate"
+ACCELERATE_CONFIGS = shipped_config("accelerate")
 STRATEGY_FILES = {"ddp": "ddp-1node.yaml", "fsdp": "fsdp-qlora.yaml", "deepspeed_zero3": "deepspeed-zero3.yaml"}
 
 

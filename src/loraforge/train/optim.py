@@ -6,12 +6,15 @@ per-parameter device synchronisation: bitsandbytes 0.50's `Optimizer8bit.step` c
 round trips per step for r=16 on all seven Llama projections, during which the GPU idles. The trainer
 uses `fused_paged_adamw_32bit` (torch's fused multi-tensor kernel on the same paged states);
 `paged_adamw_32bit` keeps bitsandbytes' own kernels and synchronises once per step (bit-identical to
-bitsandbytes; the benchmark's middle point). bitsandbytes is imported where it is used: importing it
-probes CUDA, which an adamw_torch or CPU run need not pay for.
+bitsandbytes; the benchmark's middle point). `paged_adamw_8bit` on a CPU is bitsandbytes' AdamW8bit (the
+same 8-bit states without paging) where bitsandbytes has a CPU backend, else torch's AdamW; the log says
+which. bitsandbytes is imported where it is used: importing it probes CUDA, which an adamw_torch or CPU
+run need not pay for.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -40,6 +43,12 @@ def param_groups(model: torch.nn.Module, cfg: TrainingConfig, lora: LoRAConfig |
 def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device,
                     lora: LoRAConfig | None = None, notice=print) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg, lora)
+    if cfg.optim == "paged_adamw_8bit" and device.type != "cuda" and _cpu_8bit_adamw_works():
+        notice("optimizer: paged_adamw_8bit pages state through CUDA unified memory, which a CPU run has not; "
+               "using bitsandbytes' AdamW8bit (the same 8-bit states, not paged).")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
     if cfg.optim.startswith("paged_") and device.type != "cuda":
         notice(f"optimizer: {cfg.optim} pages state through CUDA unified memory, which a CPU run has not; "
                "using torch AdamW (same update rule).")
@@ -54,6 +63,25 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.d
         return bnb.optim.PagedAdamW8bit(groups, lr=cfg.learning_rate)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              fused=device.type == "cuda")
+
+
+@functools.cache
+def _cpu_8bit_adamw_works() -> bool:
+    """Whether this bitsandbytes steps AdamW8bit on CPU tensors (0.50 does; older builds are CUDA-only).
+
+    Probed once with one step on a parameter large enough for 8-bit states (bitsandbytes keeps tensors
+    under 4096 elements in 32 bits).
+    """
+    try:
+        import bitsandbytes as bnb
+
+        p = torch.nn.Parameter(torch.zeros(64, 64))
+        p.grad = torch.ones_like(p)
+        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+        opt.step()
+        return opt.state[p]["state1"].dtype == torch.uint8
+    except Exception:  # noqa: BLE001 - any failure (no CPU backend, no library) means: use torch's AdamW
+        return False
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):

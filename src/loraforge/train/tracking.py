@@ -57,6 +57,10 @@ class Trackers:
                     import mlflow
 
                     if not os.environ.get("MLFLOW_TRACKING_URI"):
+                        # A file store in the run folder, readable by `mlflow ui --backend-store-uri`. mlflow
+                        # 3.x refuses new file stores unless MLFLOW_ALLOW_FILE_STORE is set (it points users
+                        # to a database); a local folder is what a run folder wants, so it is allowed here.
+                        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
                         mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
                     mlflow.set_experiment("loraforge")
                     self.mlflow = mlflow.start_run(run_name=run_name)
