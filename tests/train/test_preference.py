@@ -91,6 +91,8 @@ def test_chunked_log_probs_and_their_gradients_match_log_softmax():
     torch.testing.assert_close(gw, weight.grad)
 
 
+# long: sets up a trainer and loads the base model a second time (~5 s)
+@pytest.mark.long
 def test_reference_is_the_base_model_with_the_adapter_off(make_pref, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -119,6 +121,8 @@ def _sgd(model, cfg, device, lora=None, notice=print):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
 
 
+# long: two runs per objective on the tiny model (7-20 s on 2 shared cores)
+@pytest.mark.long
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_accumulation_1x8_equals_8x1(make_pref, monkeypatch, objective):
     monkeypatch.setattr(trainer_mod, "build_optimizer", _sgd)
@@ -144,6 +148,8 @@ def test_accumulation_1x8_equals_8x1(make_pref, monkeypatch, objective):
         torch.testing.assert_close(w8[n], w1[n], rtol=1e-4, atol=1e-6)
 
 
+# long: a 4-step run with evaluations, then a resumed run (~10 s)
+@pytest.mark.long
 def test_logged_metrics_eval_and_exact_resume(make_pref):
     cfg = make_pref("dpo", max_steps=4, save_steps=1, lora_dropout=0.1, eval_steps=2)
     full = LLAMATrainer.from_config(cfg, log=lambda m: None)
@@ -174,6 +180,8 @@ def test_logged_metrics_eval_and_exact_resume(make_pref):
             torch.testing.assert_close(p.detach(), final[n], rtol=0, atol=0)
 
 
+# long: two short runs (~6 s)
+@pytest.mark.long
 def test_orpo_runs_and_the_nan_guard_stops(make_pref, monkeypatch):
     cfg = make_pref("orpo", "orpo", max_steps=2)
     LLAMATrainer.from_config(cfg, log=lambda m: None).train()
