@@ -231,7 +231,7 @@ def demo(
     """Fine-tune the embedded SmolLM2-135M on the embedded chitchat conversations, on the CPU, and show
     base vs fine-tuned perplexity and answers side by side. No network, about 5 minutes on 2 cores."""
     if dpo:
-        from loraforge.demo_dpo import run_dpo_demo
+        from loraforge.demo import run_dpo_demo
 
         run_dpo_demo(out if out != Path("runs/demo") else Path("runs/demo-dpo"), steps=steps)
         return
