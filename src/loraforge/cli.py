@@ -230,9 +230,16 @@ def serve(
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option(help="Override the number of training steps.")] = None,
+    dpo: Annotated[bool, typer.Option("--dpo", help="Preference training instead: DPO on pairs built from chitchat "
+                                      "(the human's reply chosen, the base model's own reply rejected).")] = False,
 ) -> None:
     """Fine-tune the embedded SmolLM2-135M on the embedded chitchat conversations, on the CPU, and show
     base vs fine-tuned perplexity and answers side by side. No network, about 5 minutes on 2 cores."""
+    if dpo:
+        from loraforge.demo import run_dpo_demo
+
+        run_dpo_demo(out if out != Path("runs/demo") else Path("runs/demo-dpo"), steps=steps)
+        return
     from loraforge.demo import run_demo
 
     run_demo(out, steps=steps)

@@ -196,6 +196,14 @@ class TrainingConfig(_Section):
     run_name: str | None = opt(None, "Name shown in trackers.")
     dataloader_num_workers: int = opt(0, "Processes that read and collate the training and evaluation batches; "
                                       "0 = the training process does it.", ge=0)
+    objective: Literal["sft", "dpo", "orpo"] = opt(
+        "sft", "sft = next-token loss on the responses; dpo / orpo = preference pairs (prompt, chosen, rejected), "
+        "see docs/preference.md.")
+    beta: float = opt(0.1, "DPO: strength of the pull to the reference (the base with the adapter off); larger = "
+                      "stays closer to it.", gt=0.0)
+    label_smoothing: float = opt(0.0, "DPO: assumed share of pairs whose labels are flipped (conservative DPO); 0 = "
+                                 "plain DPO.", ge=0.0, lt=0.5)
+    orpo_lambda: float = opt(0.1, "ORPO: weight of the odds-ratio term beside the chosen answers' NLL.", ge=0.0)
     distributed_strategy: Literal["auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = opt(
         "auto", "Several processes: auto = what `accelerate launch --config_file` set, else DDP; fsdp = full "
         "shard (QLoRA-compatible); deepspeed_zero2/3 through Accelerate's DeepSpeed plugin.")

@@ -30,6 +30,7 @@ from loraforge.data.collate import PadCollator
 from loraforge.errors import ConfigError, ResourceError, RunFolderError, TrainingError
 from loraforge.model.card import name_base
 from loraforge.train import checkpoint as ckpt
+from loraforge.train import preference
 from loraforge.train.distributed import (
     bind_process_gpu,
     build_accelerator,
@@ -113,6 +114,7 @@ class _LogWindow:
     tokens: int = 0
     seen: int = 0
     t0: float = field(default_factory=time.perf_counter)
+    extra: dict[str, float] = field(default_factory=dict)  # preference metrics, summed (mean per pair when logged)
 
 
 def environment_info(device: torch.device, world_size: int = 1) -> dict[str, Any]:
@@ -195,7 +197,12 @@ class LLAMATrainer:
         self.accelerator = acc = build_accelerator(cfg, placement.device)
         # Data first: a malformed record should fail in seconds, before a large model is loaded.
         self.tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.model)
-        self.data = build_datasets(cfg.data, self.tokenizer, cfg.eval.num_generation_samples)
+        if cfg.training.objective == "sft":
+            self.data = build_datasets(cfg.data, self.tokenizer, cfg.eval.num_generation_samples)
+        else:  # DPO / ORPO read preference pairs (data/preference.py)
+            from loraforge.data.preference import build_preference_datasets
+
+            self.data = build_preference_datasets(cfg.data, self.tokenizer)
         for split, stats in self.data.stats.items():
             self.log(f"data  {stats.line(split)}")
             for err in stats.first_errors:
@@ -249,7 +256,7 @@ class LLAMATrainer:
         # CUDA graphs replay a captured shape: rows padded to a multiple of 128 give a few shapes that
         # recur (packing gives exactly one); otherwise a multiple of 8 suits the tensor cores.
         multiple = (128 if self.fast_path.graphs is not None else 8) if self.accelerator.device.type == "cuda" else None
-        collate = PadCollator(self.tokenizer.pad_token_id, multiple)
+        collate = self._collator(multiple)
         stream = self._micro_batch_stream()
         accum = tcfg.gradient_accumulation_steps
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(
@@ -267,7 +274,7 @@ class LLAMATrainer:
         last_eval: dict[str, float] | None = None
         stopped_early = False
         run.model.train()
-        if self.fast_path.graphs is not None and state.step < total_steps:
+        if self.fast_path.graphs is not None and state.step < total_steps and tcfg.objective == "sft":
             first = feed.peek()
             n_first = torch.tensor(first.labelled, device=self.accelerator.device)
             prime_graphs(run.model, self.fast_path.graphs,
@@ -289,6 +296,7 @@ class LLAMATrainer:
                 state.nonfinite_in_a_row = 0
                 window.nll += out.nll
                 window.tokens += out.tokens
+                preference.add_to_window(window.extra, out)
                 last_loss = out.nll / max(1, out.tokens)
                 run.progress.update(state.step, last_loss, out.lr)
                 is_last = state.step == total_steps
@@ -299,7 +307,8 @@ class LLAMATrainer:
                               "loss": window.nll / max(1, window.tokens), "lr": out.lr,
                               "grad_norm": float(out.grad_norm) if out.grad_norm is not None else None,
                               "tokens_per_s": window.seen / max(elapsed, 1e-9),
-                              "elapsed_s": round(time.perf_counter() - run.t0, 2)}
+                              "elapsed_s": round(time.perf_counter() - run.t0, 2),
+                              **{k: v / max(1, window.tokens) for k, v in window.extra.items()}}
                     if state.nonfinite_total:
                         record["nonfinite_steps"] = state.nonfinite_total
                     self._emit(run, record)
@@ -378,6 +387,14 @@ class LLAMATrainer:
         return DataLoader(dataset, collate_fn=collate, num_workers=self.config.training.dataloader_num_workers,
                           generator=torch.Generator(), worker_init_fn=_quiet_worker, **batching)
 
+    def _collator(self, multiple: int | None) -> Any:
+        """Pads SFT examples, or pairs into one batch of their chosen then rejected sides."""
+        if self.config.training.objective == "sft":
+            return PadCollator(self.tokenizer.pad_token_id, multiple)
+        from loraforge.data.preference import PairCollator  # with the data layer, imported when a run starts
+
+        return PairCollator(self.tokenizer.pad_token_id, multiple)
+
     def _train_batches(self, stream: MicroBatchStream, collate: Any, start: int) -> Iterator[dict[str, torch.Tensor]]:
         """The collated micro-batches of `stream` from micro-batch `start` on, forever."""
         indices = (idx for _, idx in stream.batches(start=start))
@@ -417,6 +434,8 @@ class LLAMATrainer:
         """
         acc, model, tcfg = self.accelerator, run.model, self.config.training
         micro = inputs.batches
+        if tcfg.objective != "sft":  # DPO / ORPO: the same step over pairs, in train/preference.py
+            return preference.optimizer_step(acc, run, micro, tcfg, self._signal is not None)
         if acc.num_processes == 1:
             labelled, seen, stop_requested = inputs.labelled, inputs.seen, self._signal is not None
             n_tokens = torch.tensor(labelled, device=acc.device)
@@ -606,6 +625,10 @@ class LLAMATrainer:
 
         if not self.data.validation:
             return {}
+        if self.config.training.objective != "sft":  # held-out pairs: loss, reward accuracy, win rates
+            pairs = self._loader(self.data.validation, self._collator(None),
+                                 batch_size=self.config.eval.eval_batch_size)
+            return preference.evaluate(model, pairs, self.config.training)
         loader = self._loader(self.data.validation, collate, batch_size=self.config.eval.eval_batch_size)
         model.eval()
         try:
