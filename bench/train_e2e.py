@@ -126,7 +126,7 @@ def _inproc_arm(arm: str, path: str, p: float, vocab: int) -> dict:
     if arm == "stock":
         model = build_stock(path, 16, "all", lora_dropout=p)
         opt = bnb.optim.PagedAdamW32bit(list(lora_params(model).values()), lr=2e-4)
-        line, warm, steps = "stock (transformers + peft + bitsandbytes)", 2, 6
+        line, warm, steps = "stock (transformers + peft + bitsandbytes)", 2, int(os.environ.get("E2E_STOCK_STEPS", 6))
     else:
         model, _ = build_loraforge(bench_run(path, 16, "all", lora_dropout=p), log=lambda _: None)
         opt = fused_paged_adamw_32bit(list(lora_params(model).values()), lr=2e-4)
