@@ -55,7 +55,8 @@ def run_demo(out: Path = Path("runs/demo"), steps: int | None = None) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     loaded = Loaded(model, trainer.tokenizer, cfg, result.adapter_dir, trainer.data.kind, trainer.data.formatter)
     meta = {"model": cfg.model.model_name, "adapter": str(result.adapter_dir), "dataset": cfg.data.dataset,
-            "device": str(trainer.accelerator.device), "train_seconds": round(result.train_seconds, 1)}
+            "device": str(trainer.accelerator.device), "train_seconds": round(result.train_seconds, 1),
+            "fast_path": trainer.fast_path.line}
     report = compare(loaded, cfg.data, cfg.eval, out_dir=out, metrics_jsonl=out / "metrics.jsonl", meta=meta,
                      log=lambda m: console.print(m, highlight=False, markup=False))
     base, ft = report["base"], report["finetuned"]

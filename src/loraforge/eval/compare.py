@@ -6,6 +6,7 @@ evaluated on identical weights, data and batches, and the model is loaded once.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,15 @@ def compare_run(run_or_adapter: str | Path, *, out_dir: str | Path | None = None
     out = Path(out_dir) if out_dir else (base if run is not None else base.parent) / "eval"
     meta = {"model": run.model.model_name if run else "", "adapter": str(loaded.adapter_dir or ""),
             "dataset": data_cfg.dataset, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": str(next(loaded.model.parameters()).device)}
+            "device": str(next(loaded.model.parameters()).device), "fast_path": _fast_path_line(base)}
     metrics = (base / "metrics.jsonl") if run is not None else None
     return compare(loaded, data_cfg, eval_cfg, out_dir=out, metrics_jsonl=metrics, meta=meta, log=log)
+
+
+def _fast_path_line(run_dir: Path) -> str:
+    """How the run trained ("fast path: on (...)" or why it was off), from its loraforge_run.json; shown as text."""
+    try:
+        line = json.loads((run_dir / "loraforge_run.json").read_text(encoding="utf-8")).get("fast_path")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return ""
+    return line[:300] if isinstance(line, str) else ""

@@ -48,7 +48,10 @@ def apply_fast_path(model: Any, run: RunConfig, *, processes: int = 1, sharded: 
         report = patch_model(model, allow_cpu=allow_cpu)
     graphs = _graphs(model, run, report, cuda=cuda, processes=processes, log=log)
     line = fast_path_summary(model if report.get("patched") else report)
-    log(line)
+    # On a GPU a run off the fast path (or without the graphs it asked for) trains at a fraction of the
+    # speed: never silently. On the CPU the stock path is the expected one.
+    slow = cuda and (not report.get("patched") or (run.model.cuda_graphs and graphs is None))
+    log(f"warning: {line}" if slow else line)
     return FastPath(report, graphs, line)
 
 
