@@ -333,8 +333,6 @@ def plot_curves(records: list[dict[str, Any]], out_png: Path, title: str) -> Pat
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from loraforge.eval.report import moving_average
-
     curves = [(r["arm"], r["loss_curve"], r["held_out_ppl"]) for r in records if r.get("loss_curve")]
     if not curves:
         return None
@@ -344,7 +342,7 @@ def plot_curves(records: list[dict[str, Any]], out_png: Path, title: str) -> Pat
     for arm, curve, ppl in curves:
         steps, losses = [s for s, _ in curve], [v for _, v in curve]
         window = max(3, len(steps) // 15) | 1
-        (line,) = ax.plot(steps, moving_average(losses, window), linewidth=1.8,
+        (line,) = ax.plot(steps, _moving_mean(losses, window), linewidth=1.8,
                           label=f"{arm} (held-out ppl {ppl:.3f})")
         ax.plot(steps, losses, color=line.get_color(), linewidth=0.8, alpha=0.25)
     ax.set_xlabel("optimizer step")
@@ -355,6 +353,12 @@ def plot_curves(records: list[dict[str, Any]], out_png: Path, title: str) -> Pat
     fig.tight_layout()
     fig.savefig(out_png, format="png")
     return out_png
+
+
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
