@@ -126,8 +126,8 @@ def evaluate(
     samples: Annotated[int | None, typer.Option(help="Held-out prompts to generate and score.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate per answer.")] = None,
     decoding: Annotated[str | None, typer.Option(help="beam, greedy or sample.")] = None,
-    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Run these lm-evaluation-harness tasks "
-                                                    "instead (base and fine-tuned), e.g. --tasks arc_easy.")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Run these lm-evaluation-harness tasks instead "
+                                                    "(base and fine-tuned), e.g. --tasks arc_easy,hellaswag.")] = None,
     include: Annotated[Path | None, typer.Option(help="With --tasks: a folder of your own lm-eval task YAMLs.")] = None,
     limit: Annotated[float | None, typer.Option(help="With --tasks: examples per task (a fraction if < 1).")] = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -142,7 +142,8 @@ def evaluate(
     if tasks:
         from loraforge.eval.harness import run_harness, table
 
-        found = run_harness(run, tasks, include_path=include, limit=int(limit) if limit and limit >= 1 else limit,
+        names = [t for item in tasks for t in item.split(",") if t.strip()]  # --tasks a,b or --tasks a --tasks b
+        found = run_harness(run, names, include_path=include, limit=int(limit) if limit and limit >= 1 else limit,
                             out_dir=out, log=typer.echo)
         for task, metric, base, tuned in table(found):
             typer.echo(f"{task:24s} {metric:16s} base {base if base is None else f'{base:.4f}'}  "
