@@ -82,3 +82,11 @@ def test_comparisons_and_plot(tmp_path: Path):
     assert "MISSED" in found[("fast-graphs", "stock")]["line"] and ("packing", "fast") not in found
     png = conv.plot_curves(records, tmp_path / "c.png", title="t")
     assert png is not None and png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_comparisons_show_the_step0_gap_the_base_models_alone_make():
+    records = [{"arm": "cpu-fp32-lora", "held_out_ppl": 20.0, "step0_held_out_ppl": 30.0},
+               {"arm": "cpu-nf4-qlora", "held_out_ppl": 21.0, "step0_held_out_ppl": 33.0}]
+    (c,) = conv.compare_arms(records)
+    assert c["step0_relative_difference"] == pytest.approx(0.1) and not c["within"]
+    assert "at step 0 33.0000 vs 30.0000, +10.00%" in c["line"]

@@ -313,6 +313,7 @@ def _run_child(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None]) 
 def compare_arms(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The criteria and relations whose two arms both ran: relative difference of held-out perplexity."""
     ppl = {r["arm"]: r["held_out_ppl"] for r in records if "held_out_ppl" in r}
+    step0 = {r["arm"]: r["step0_held_out_ppl"] for r in records if r.get("step0_held_out_ppl")}
     out = []
     for a, b, *bound in [*CRITERIA, *RELATIONS]:
         if a in ppl and b in ppl:
@@ -324,6 +325,10 @@ def compare_arms(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 item["within"] = abs(rel) <= bound[0]
                 verdict = f" (bound ±{bound[0]:.0%}: {'within' if item['within'] else 'MISSED'})"
             item["line"] = f"{a} vs {b}: held-out ppl {ppl[a]:.4f} vs {ppl[b]:.4f}, {rel:+.2%}{verdict}"
+            if a in step0 and b in step0:
+                # At step 0 the adapters are zero: the difference the arms' base models alone make.
+                rel0 = item["step0_relative_difference"] = step0[a] / step0[b] - 1
+                item["line"] += f"; at step 0 {step0[a]:.4f} vs {step0[b]:.4f}, {rel0:+.2%}"
             out.append(item)
     return out
 
