@@ -32,10 +32,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: cpu 8, cuda 200)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
     p.add_argument("--workdir", type=Path, default=None, help="run folders and logs (default: a temp folder)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per arm (1 is faster on shared cores)")
     a = p.parse_args()
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="loraforge-convergence-"))
     try:
-        path, _ = run_convergence(a.device, a.arms, a.steps or DEFAULT_STEPS[a.device], a.out, workdir)
+        steps = a.steps or DEFAULT_STEPS[a.device]
+        path, _ = run_convergence(a.device, a.arms, steps, a.out, workdir, threads=a.threads)
     except LoraforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
