@@ -1,6 +1,6 @@
 """Convergence: held-out perplexity after the same training under each path (issue 21).
 
-    python bench/convergence.py --device cpu  --arms all [--steps 8] [--out bench/results]
+    python bench/convergence.py --device cpu  --arms all [--steps 32] [--threads 1] [--out bench/results]
     python bench/convergence.py --device cuda --arms all [--steps 200] [--out DIR]
     python bench/convergence.py --device cuda --arms stock fast
 
@@ -29,7 +29,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], required=True)
     p.add_argument("--arms", nargs="+", default=["all"], help="arm names, or all (the device's arms)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: cpu 8, cuda 200)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: cpu 32, cuda 200)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
     p.add_argument("--workdir", type=Path, default=None, help="run folders and logs (default: a temp folder)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per arm (1 is faster on shared cores)")
