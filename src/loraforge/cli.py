@@ -126,14 +126,30 @@ def evaluate(
     samples: Annotated[int | None, typer.Option(help="Held-out prompts to generate and score.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate per answer.")] = None,
     decoding: Annotated[str | None, typer.Option(help="beam, greedy or sample.")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Run these lm-evaluation-harness tasks instead "
+                                                    "(base and fine-tuned), e.g. --tasks arc_easy,hellaswag.")] = None,
+    include: Annotated[Path | None, typer.Option(help="With --tasks: a folder of your own lm-eval task YAMLs.")] = None,
+    limit: Annotated[float | None, typer.Option(help="With --tasks: examples per task (a fraction if < 1).")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Compare the base model and the fine-tuned one on the same held-out data.
 
     Writes report.html (self-contained), report.md and eval_results.json with perplexity, BLEU,
-    ROUGE-1/2/L for both models, the loss curve, and sample answers side by side.
+    ROUGE-1/2/L for both models, the loss curve, and sample answers side by side. With --tasks, runs
+    lm-evaluation-harness (pip install 'loraforge[eval]') on both and writes lm_eval_results.json.
     """
     _allow_remote_code(trust_remote_code)
+    if tasks:
+        from loraforge.eval.harness import run_harness, table
+
+        names = [t for item in tasks for t in item.split(",") if t.strip()]  # --tasks a,b or --tasks a --tasks b
+        found = run_harness(run, names, include_path=include, limit=int(limit) if limit and limit >= 1 else limit,
+                            out_dir=out, log=typer.echo)
+        for task, metric, base, tuned in table(found):
+            typer.echo(f"{task:24s} {metric:16s} base {base if base is None else f'{base:.4f}'}  "
+                       f"fine-tuned {tuned:.4f}")
+        typer.echo(f"results: {found['path']}")
+        return
     from loraforge.eval.compare import compare_run
 
     overrides = {k: v for k, v in {"num_generation_samples": samples, "max_new_tokens": max_new_tokens,
@@ -294,12 +310,28 @@ def bench(
     out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench/results"),
     max_context: Annotated[bool, typer.Option("--max-context", help="Search the longest trainable sequence.")] = False,
     shape: Annotated[str, typer.Option(help="Model shape for --max-context (llama3-8b, llama2-7b).")] = "llama3-8b",
+    convergence: Annotated[bool, typer.Option("--convergence", help="Held-out perplexity after the same training "
+                                              "under each path (stock, fast, graphs, NF4, ...).")] = False,
+    device: Annotated[str, typer.Option(help="With --convergence: cuda or cpu (each has its own arms).")] = "cuda",
+    arms: Annotated[list[str] | None, typer.Option("--arm", help="With --convergence: arm(s); default all.")] = None,
+    steps: Annotated[int | None, typer.Option(help="With --convergence: steps per arm.")] = None,
 ) -> None:
     """GPU speed benchmark: the stock transformers+peft+bitsandbytes stack vs loraforge, same run.
 
     With --max-context: the longest batch-1 sequence each stack can train (QLoRA r=16 all-linear), found
     by search; the search state is saved, so a run stopped by its time budget continues where it stopped.
     """
+    if convergence:
+        import tempfile
+
+        from loraforge.bench.convergence import DEFAULT_STEPS, run_convergence
+        from loraforge.errors import ConfigError
+
+        if device not in DEFAULT_STEPS:
+            raise ConfigError(f"--device {device!r}: choose cuda or cpu.")
+        run_convergence(device, arms or ["all"], steps or DEFAULT_STEPS[device], out,  # type: ignore[arg-type]
+                        Path(tempfile.mkdtemp(prefix="loraforge-convergence-")), log=typer.echo)
+        return
     if max_context:
         from loraforge.bench.max_context import run_max_context_bench
         from loraforge.bench.models import SHAPES

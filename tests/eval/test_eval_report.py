@@ -99,3 +99,14 @@ def test_plot_returns_none_for_a_log_without_losses(tmp_path):
     log.write_text('{"step": 1, "lr": 0.0002}\n')
     assert plot_loss_curve(log, tmp_path / "curve.png") is None
     assert not (tmp_path / "curve.png").exists()
+
+
+def test_intervals_are_shown_beside_the_means(tmp_path):
+    results = {"base": {"bleu": 0.1, "n_replies": 64, "intervals": {"bleu": [0.05, 0.15]}},
+               "finetuned": {"bleu": 0.3, "n_replies": 64, "intervals": {"bleu": [0.2, 0.4], "rouge1": "bad"}}}
+    paths = write_report(tmp_path, results, None, [])
+    for kind in ("markdown", "html"):
+        text = paths[kind].read_text()
+        assert "0.100 [0.050, 0.150]" in text and "0.300 [0.200, 0.400]" in text
+        assert "95% bootstrap interval (1,000 resamples of the 64 held-out replies)" in text
+    assert json.loads(paths["json"].read_text())["finetuned"]["intervals"]["bleu"] == [0.2, 0.4]

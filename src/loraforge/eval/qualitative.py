@@ -118,7 +118,9 @@ class QualitativeEvaluator:
 def generation_metrics(model: torch.nn.Module, tokenizer: Any, formatter: Callable[[str], str] | None,
                        prompts: Sequence[Prompt], references: Sequence[str], ecfg: EvalConfig) -> dict[str, Any]:
     """Generate answers to `prompts` with the run's eval settings (`Decoding.from_eval`) and score them
-    against `references`: BLEU, ROUGE-1/2/L and exact match, with the answers under `generations`."""
+    against `references`: BLEU, ROUGE-1/2/L and exact match, their 95% bootstrap `intervals` over the
+    answers and `n_replies`, with the answers under `generations`."""
     answers = QualitativeEvaluator(model, tokenizer, template=formatter).answers(
         prompts, Decoding.from_eval(ecfg), batch_size=ecfg.eval_batch_size)
-    return {**metrics.text_metrics(references, answers), "generations": answers}
+    return {**metrics.text_metrics(references, answers), "n_replies": len(answers),
+            "intervals": metrics.bootstrap_intervals(references, answers), "generations": answers}

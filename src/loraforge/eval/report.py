@@ -43,6 +43,7 @@ METRICS: dict[str, MetricInfo] = {
     "exact_match": MetricInfo("Exact match", False, "{:.3f}"),
     "tokens": MetricInfo("Labelled tokens scored", None, "{:,.0f}"),
     "eval_tokens": MetricInfo("Labelled tokens scored", None, "{:,.0f}"),
+    "n_replies": MetricInfo("Replies scored (BLEU, ROUGE)", None, "{:,.0f}"),
 }
 HEADLINE = ("perplexity", "bleu", "rougeL")
 META_LABELS = {"model": "Base model", "model_name": "Base model", "adapter": "Adapter", "dataset": "Dataset",
@@ -78,6 +79,8 @@ class MetricRow:
     name: str
     base: float | None
     finetuned: float | None
+    base_interval: tuple[float, float] | None = None  # 95% bootstrap interval over the scored replies
+    finetuned_interval: tuple[float, float] | None = None
 
     @property
     def info(self) -> MetricInfo:
@@ -131,10 +134,38 @@ def metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
     names += [n for n in [*base, *tuned] if n not in names and n not in METRICS]
     rows = []
     for name in dict.fromkeys(names):
-        row = MetricRow(name, _number(base.get(name)), _number(tuned.get(name)))
+        row = MetricRow(name, _number(base.get(name)), _number(tuned.get(name)),
+                        _pair(base.get("intervals"), name), _pair(tuned.get("intervals"), name))
         if row.base is not None or row.finetuned is not None:
             rows.append(row)
     return rows
+
+
+def _pair(intervals: Any, name: str) -> tuple[float, float] | None:
+    """`intervals[name]` as (low, high) when it is a pair of numbers."""
+    value = intervals.get(name) if isinstance(intervals, Mapping) else None
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        low, high = _number(value[0]), _number(value[1])
+        if low is not None and high is not None:
+            return low, high
+    return None
+
+
+def format_with_interval(name: str, value: float | None, interval: tuple[float, float] | None) -> str:
+    """`0.123 [0.101, 0.150]`: the value and, when known, its 95% interval."""
+    text = format_value(name, value)
+    if interval is None or value is None:
+        return text
+    return f"{text} [{format_value(name, interval[0])}, {format_value(name, interval[1])}]"
+
+
+def _interval_note(results: Mapping[str, Any], rows: list[MetricRow]) -> str:
+    if not any(r.base_interval or r.finetuned_interval for r in rows):
+        return ""
+    n = (results.get("finetuned") or {}).get("n_replies") or (results.get("base") or {}).get("n_replies")
+    over = f"the {n} held-out replies" if n else "the held-out replies"
+    return (f"In brackets: 95% bootstrap interval (1,000 resamples of {over}); where the two intervals overlap "
+            "the difference may be chance.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,7 +220,7 @@ def training_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, float | 
     return summary
 
 
-def _moving_average(values: Sequence[float], window: int) -> list[float]:
+def moving_average(values: Sequence[float], window: int) -> list[float]:
     """Centered moving mean (shorter at the ends): smooths without the lag of an EMA."""
     half = window // 2
     out = []
@@ -221,7 +252,7 @@ def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path | No
         ax.plot(steps, losses, color="#4c72b0", linewidth=1.0 if noisy else 1.8, alpha=0.3 if noisy else 1.0,
                 label="train loss (per step)" if noisy else "train loss")
         if noisy:
-            ax.plot(steps, _moving_average(losses, window), color="#4c72b0", linewidth=2.0,
+            ax.plot(steps, moving_average(losses, window), color="#4c72b0", linewidth=2.0,
                     label=f"train loss ({window}-step mean)")
     if eval_steps:
         ax.plot(eval_steps, eval_losses, color="#dd8452", linewidth=2.0, marker="o", markersize=4,
@@ -262,8 +293,9 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], metrics_jsonl:
     curve = plot_loss_curve(metrics_jsonl, out / "loss_curve.png") if metrics_jsonl else None
 
     paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "eval_results.json"}
-    paths["markdown"].write_text(_markdown(meta, rows, training, curve, samples), encoding="utf-8")
-    paths["html"].write_text(_html(meta, rows, training, curve, samples), encoding="utf-8")
+    note = _interval_note(results, rows)
+    paths["markdown"].write_text(_markdown(meta, rows, training, curve, samples, note), encoding="utf-8")
+    paths["html"].write_text(_html(meta, rows, training, curve, samples, note), encoding="utf-8")
     paths["json"].write_text(json.dumps(_json_results(results, meta, rows, training, samples), indent=2,
                                         allow_nan=False, default=str), encoding="utf-8")
     if curve is not None:
@@ -321,7 +353,7 @@ def _md_cell(text: str) -> str:
 
 
 def _markdown(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str, float | int], curve: Path | None,
-              samples: Sequence[Mapping[str, Any]]) -> str:
+              samples: Sequence[Mapping[str, Any]], note: str = "") -> str:
     lines = [f"# {_title(meta)}", ""]
     lines += [f"- **{label}:** {_md_cell(value)}" for label, value in _facts(meta, training)]
     lines += ["", "## Metrics", ""]
@@ -330,10 +362,11 @@ def _markdown(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[
         lines += ["| Metric | Base | Fine-tuned | Change | Relative |", "|---|---:|---:|---:|---:|"]
         for r in rows:
             arrow = {True: " ↓", False: " ↑", None: ""}[r.info.lower_is_better]
-            lines.append(f"| {r.info.label}{arrow} | {format_value(r.name, r.base)} | "
-                         f"{format_value(r.name, r.finetuned)} | {r.delta_text()}{marks[r.verdict]} | "
-                         f"{r.relative_text()} |")
-        lines += ["", "↓ lower is better, ↑ higher is better; ✅ the fine-tuned model is better, ⚠️ worse."]
+            lines.append(f"| {r.info.label}{arrow} | {format_with_interval(r.name, r.base, r.base_interval)} | "
+                         f"{format_with_interval(r.name, r.finetuned, r.finetuned_interval)} | "
+                         f"{r.delta_text()}{marks[r.verdict]} | {r.relative_text()} |")
+        lines += ["", "↓ lower is better, ↑ higher is better; ✅ the fine-tuned model is better, ⚠️ worse."
+                  + (f" {note}" if note else "")]
     else:
         lines.append("No metrics were given.")
     if curve is not None:
@@ -408,7 +441,7 @@ def _html_text(text: str) -> str:
 
 
 def _html(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str, float | int], curve: Path | None,
-          samples: Sequence[Mapping[str, Any]]) -> str:
+          samples: Sequence[Mapping[str, Any]], note: str = "") -> str:
     facts = "".join(f"<div><dt>{_esc(label)}</dt><dd>{_esc(value)}</dd></div>"
                     for label, value in _facts(meta, training))
     parts = [(f'<header><div class="kicker">loraforge · base vs fine-tuned</div><h1>{_esc(_title(meta))}</h1>'
@@ -434,8 +467,9 @@ def _html(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str,
             arrow = {True: "↓ lower is better", False: "↑ higher is better", None: ""}[r.info.lower_is_better]
             cls = f' {r.verdict}' if r.verdict in ("better", "worse") else ""
             body.append(f'<tr><td>{_esc(r.info.label)}<span class="dir">{arrow}</span></td>'
-                        f'<td class="num">{_esc(format_value(r.name, r.base))}</td>'
-                        f'<td class="num">{_esc(format_value(r.name, r.finetuned))}</td>'
+                        f'<td class="num">{_esc(format_with_interval(r.name, r.base, r.base_interval))}</td>'
+                        f'<td class="num">{_esc(format_with_interval(r.name, r.finetuned, r.finetuned_interval))}'
+                        '</td>'
                         f'<td class="num{cls}">{_esc(r.delta_text())}</td>'
                         f'<td class="num{cls}">{_esc(r.relative_text())}</td></tr>')
         parts.append('<table><thead><tr><th>Metric</th><th class="num">Base</th><th class="num">Fine-tuned</th>'
@@ -443,7 +477,8 @@ def _html(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str,
                      f'<tbody>{"".join(body)}</tbody></table>'
                      '<p class="note">Green: the fine-tuned model is better on that metric; red: worse. '
                      'Perplexity is exp(mean NLL) over the labelled tokens of the held-out set; BLEU '
-                     '(sacreBLEU) and ROUGE (F-measure, stemmed) are on a 0–1 scale.</p>')
+                     '(sacreBLEU) and ROUGE (F-measure, stemmed) are on a 0–1 scale. '
+                     f'{_esc(note)}</p>')
     else:
         parts.append('<p class="note">No metrics were given.</p>')
     parts.append("</section>")

@@ -1,0 +1,92 @@
+"""The convergence harness's wiring: arms, configs, the path checks, the comparison and the plot (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from loraforge.bench import convergence as conv
+from loraforge.errors import ConfigError, ResourceError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_arm_is_a_valid_run_config_that_differs_only_in_its_switches(tmp_path: Path):
+    configs = {name: conv.arm_config(arm, 7, tmp_path) for name, arm in conv.ARMS.items()}
+    for name, cfg in configs.items():
+        assert cfg.training.max_steps == 7 and cfg.training.seed == 42 and cfg.model.device == conv.ARMS[name].device
+        assert cfg.training.output_dir == str(tmp_path / name)
+    stock, fast, graphs = configs["stock"], configs["fast"], configs["fast-graphs"]
+    assert (stock.model.fast_kernels, fast.model.fast_kernels, fast.model.cuda_graphs, graphs.model.cuda_graphs) \
+        == (False, True, False, True)
+    assert all(c.model.use_4bit for c in (stock, fast, graphs, configs["nf4-qlora"], configs["cpu-nf4-qlora"]))
+    assert not configs["bf16-lora"].model.use_4bit and configs["bf16-lora"].model.dtype == "bfloat16"
+    assert configs["long-context"].training.long_context and configs["packing"].data.packing
+    # Same data, batches and optimizer within a device: only the arm's own switches differ.
+    for device in ("cpu", "cuda"):
+        same = {(c.data.max_length, c.data.max_samples, c.data.max_eval_samples, c.training.learning_rate,
+                 c.training.per_device_train_batch_size, c.training.gradient_accumulation_steps)
+                for n, c in configs.items() if conv.ARMS[n].device == device}
+        assert len(same) == 1
+
+
+def test_arm_selection():
+    assert [a.name for a in conv.arms_for("cpu", ["all"])] == ["cpu-fp32-lora", "cpu-nf4-qlora"]
+    assert "cpu-fp32-lora" not in [a.name for a in conv.arms_for("cuda", ["all"])]
+    with pytest.raises(ConfigError, match="unknown arm"):
+        conv.arms_for("cuda", ["fastest"])
+    with pytest.raises(ConfigError, match="not on --device cuda"):
+        conv.arms_for("cuda", ["cpu-fp32-lora"])
+
+
+def test_cuda_without_a_gpu_refuses_before_running_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ResourceError, match="no CUDA GPU"):
+        conv.run_convergence("cuda", ["all"], 5, tmp_path / "out", tmp_path / "work")
+    assert not (tmp_path / "out").exists()
+
+
+def _trainer(patched: bool, graphs: object = None) -> SimpleNamespace:
+    return SimpleNamespace(fast_path=SimpleNamespace(report={"patched": patched, "reason": "because"},
+                                                     graphs=graphs, line="fast path: ..."))
+
+
+def test_an_arm_that_did_not_get_its_path_fails_loudly():
+    switches = {"offload_activations": True, "chunked_cross_entropy": True, "drop_full_attention_mask": True}
+    conv._require_path(conv.ARMS["fast"], _trainer(True), switches)
+    conv._require_path(conv.ARMS["stock"], _trainer(False), switches)
+    conv._require_path(conv.ARMS["fast-graphs"], _trainer(True, graphs=object()), switches)
+    with pytest.raises(conv.ConvergenceError, match="fused kernels are off"):
+        conv._require_path(conv.ARMS["fast"], _trainer(False), switches)
+    with pytest.raises(conv.ConvergenceError, match="fused kernels are on"):
+        conv._require_path(conv.ARMS["stock"], _trainer(True), switches)
+    with pytest.raises(conv.ConvergenceError, match="CUDA graphs did not turn on"):
+        conv._require_path(conv.ARMS["fast-graphs"], _trainer(True), switches)
+    with pytest.raises(conv.ConvergenceError, match="long-context"):
+        conv._require_path(conv.ARMS["long-context"], _trainer(True), {**switches, "offload_activations": False})
+
+
+def test_comparisons_and_plot(tmp_path: Path):
+    curve = [[1, 3.0], [2, 2.5], [3, 2.2]]
+    records = [{"arm": "stock", "held_out_ppl": 20.0, "loss_curve": curve},
+               {"arm": "fast", "held_out_ppl": 20.1, "loss_curve": curve},
+               {"arm": "fast-graphs", "held_out_ppl": 21.0, "loss_curve": curve},
+               {"arm": "packing", "error": "exit 1: boom"}]
+    found = {(c["arm"], c["reference"]): c for c in conv.compare_arms(records)}
+    assert found[("fast", "stock")]["within"] and not found[("fast-graphs", "stock")]["within"]
+    assert found[("fast", "stock")]["relative_difference"] == pytest.approx(0.005)
+    assert "MISSED" in found[("fast-graphs", "stock")]["line"] and ("packing", "fast") not in found
+    png = conv.plot_curves(records, tmp_path / "c.png", title="t")
+    assert png is not None and png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_comparisons_show_the_step0_gap_the_base_models_alone_make():
+    records = [{"arm": "cpu-fp32-lora", "held_out_ppl": 20.0, "step0_held_out_ppl": 30.0},
+               {"arm": "cpu-nf4-qlora", "held_out_ppl": 21.0, "step0_held_out_ppl": 33.0}]
+    (c,) = conv.compare_arms(records)
+    assert c["step0_relative_difference"] == pytest.approx(0.1) and not c["within"]
+    assert "at step 0 33.0000 vs 30.0000, +10.00%" in c["line"]

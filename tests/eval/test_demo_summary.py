@@ -1,0 +1,41 @@
+"""`loraforge demo`'s figures end to end on a tiny random model: the table, the intervals and demo-<date>.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from tinymodels import chat_records, write_jsonl
+
+
+@pytest.mark.long  # trains 2 steps and generates twice (~10 s on 2 cores)
+def test_demo_writes_its_summary_with_intervals(tmp_path: Path, tiny_model_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch):
+    import loraforge.demo as demo
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"model_name": str(tiny_model_dir), "use_4bit": False, "device": "cpu"},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": "qv"},
+        "data": {"dataset": str(data), "max_length": 64, "validation_split": 0.25, "cache": False},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                     "gradient_checkpointing": False, "logging_steps": 1},
+        "eval": {"decoding": "greedy", "max_new_tokens": 4, "num_generation_samples": 6, "eval_batch_size": 4}}))
+    monkeypatch.setattr(demo, "demo_config_path", lambda: config)
+
+    results = demo.run_demo(tmp_path / "run")
+
+    summary = json.loads(Path(results["summary"]).read_text())
+    assert summary["n_replies"] == 6 and summary["n_conversations"] == 10 and summary["wall_s"] > 0
+    for name, ppl in (("base", results["base_perplexity"]), ("fine_tuned", results["finetuned_perplexity"])):
+        part = summary[name]
+        assert part["perplexity"] == pytest.approx(ppl)
+        assert set(part["intervals"]) == {"perplexity", "bleu", "rouge1", "rouge2", "rougeL"}
+        low, high = part["intervals"]["perplexity"]
+        assert low <= ppl <= high and math.isfinite(high)
+    assert set(summary["fine_tuned_minus_base"]) == {"bleu", "rouge1", "rouge2", "rougeL"}
+    assert "95% bootstrap interval" in (tmp_path / "run" / "report.md").read_text()
