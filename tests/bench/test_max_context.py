@@ -27,6 +27,8 @@ def test_search_matches_stock_maxctx():
     assert s.good <= 250000 < s.good + 1024 + 1 and s.bad <= 300000 * 2
 
 
+# long: a whole context search on the CPU (~30 s); its phases have their own fast tests
+@pytest.mark.long
 def test_bench_cpu_smoke(tmp_path):
     """Both sides on the tiny shape on the CPU, lengths above 512 'out of memory' by simulation."""
     pytest.importorskip("bitsandbytes")

@@ -39,6 +39,8 @@ def test_misspelt_key_gives_clear_error_and_nonzero_exit(tmp_path: Path):
     assert "training.learning_rat" in out.stderr and "Did you mean 'learning_rate'" in out.stderr
 
 
+# long: three CLI subprocesses that import the whole stack (~30 s); config errors are unit-tested
+@pytest.mark.long
 def test_bad_override_and_missing_data_are_clear(tmp_path: Path):
     out = run_cli("train", "lora.r=-3")
     assert out.returncode == 2 and "lora.r = -3" in out.stderr and "Traceback" not in out.stderr
@@ -54,6 +56,8 @@ def test_config_command_lists_every_setting():
     assert "training.learning_rate = 0.0002" in out.stdout and "lora.target_modules = 'qv'" in out.stdout
 
 
+# long: two CLI subprocesses that import the whole stack (~20 s)
+@pytest.mark.long
 def test_max_context_bench_without_a_gpu_or_with_an_unknown_shape_is_a_clear_error(tmp_path: Path):
     import torch
 

@@ -54,6 +54,8 @@ def _newest_step(run_dir: Path) -> int:
     return _step(complete_checkpoints(run_dir)[-1])
 
 
+# long: four CLI runs in subprocesses (~70 s); test_runfolder.py covers the same rules in-process in make test
+@pytest.mark.long
 def test_a_folder_holding_a_run_is_refused_overwritten_or_resumed(tmp_path: Path, tiny_model_dir: Path):
     recipe = TrainRecipe.make(tmp_path, tiny_model_dir, max_steps=8)
     earlier = TrainRecipe.make(tmp_path, tiny_model_dir, max_steps=10, extra=["training.seed=5"])
@@ -101,6 +103,8 @@ def test_a_folder_holding_a_run_is_refused_overwritten_or_resumed(tmp_path: Path
     assert_same_metrics(metrics(run_dir), metrics(ref_dir))
 
 
+# long: two concurrent trainer subprocesses (~30 s); the lock itself is unit-tested in test_runfolder.py
+@pytest.mark.long
 def test_a_second_run_into_a_busy_folder_is_refused_naming_the_first(recipe: TrainRecipe, tmp_path: Path):
     run_dir = tmp_path / "run"
     long_run = TrainRecipe(recipe.model_dir, recipe.data, recipe.cache, max_steps=400, save_steps=100)
