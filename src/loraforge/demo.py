@@ -6,9 +6,9 @@ by side and write the run folder: config.yaml, adapter/, metrics.jsonl, loss_cur
 results.json and demo-<date>.json (the figures with their 95% bootstrap intervals, and the paired
 fine-tuned − base differences, in the form bench/results keeps).
 
-BLEU and ROUGE are scored on every held-out reply the config asks for (eval.num_generation_samples, 64),
+BLEU and ROUGE are scored on every held-out reply the config asks for (eval.num_generation_samples, 48),
 greedy, at most eval.max_new_tokens: a chitchat reply is a sentence or two, and a reply past that length
-only lowers precision. The intervals say how much of a difference 64 replies can show.
+only lowers precision. The intervals say how much of a difference 48 replies can show.
 
 `loraforge demo --dpo` (`run_dpo_demo`): preference training once. Honest pairs from chitchat: the prompt is
 a conversation's first user turn, the chosen answer the real human reply, the rejected answer the base
