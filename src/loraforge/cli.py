@@ -20,7 +20,7 @@ from loraforge.errors import LoraforgeError
 app = typer.Typer(
     name="loraforge",
     help="Fine-tune Llama-family models with LoRA and QLoRA.\n\n"
-         "Start with `loraforge demo` (CPU, ~5 minutes), then `loraforge train CONFIG` with a file from configs/.",
+         "Start with `loraforge demo` (CPU, ~6 minutes), then `loraforge train CONFIG` with a file from configs/.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
 data_app = typer.Typer(help="Look at data the way training will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -250,7 +250,7 @@ def demo(
                                       "(the human's reply chosen, the base model's own reply rejected).")] = False,
 ) -> None:
     """Fine-tune the embedded SmolLM2-135M on the embedded chitchat conversations, on the CPU, and show
-    base vs fine-tuned perplexity and answers side by side. No network, about 5 minutes on 2 cores."""
+    base vs fine-tuned perplexity and answers side by side. No network, about 6 minutes on 2 cores."""
     if dpo:
         from loraforge.demo import run_dpo_demo
 
