@@ -66,6 +66,9 @@ def test_adapter_folder_loads_with_stock_peft(lora_run: Path, tiny_model_dir: Pa
         torch.testing.assert_close(stock(ids).logits, ours(ids).logits)
 
 
+# long: a full f16 GGUF write and reload through transformers (~16 s); test_gguf_export.py checks the
+# written metadata and tensors in make test
+@pytest.mark.long
 def test_gguf_round_trips_through_gguf_reader_and_transformers(merged: Path) -> None:
     import gguf
 
