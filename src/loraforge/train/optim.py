@@ -216,3 +216,19 @@ def _paged_cuda_zeros(shape, device) -> torch.Tensor:
     t.is_paged = True  # as bitsandbytes marks its paged tensors
     t.page_deviceid = getattr(owner, "page_deviceid", device.index or 0)
     return t
+
+
+def finish_step(acc: Any, run: Any, model: torch.nn.Module, max_grad_norm: float, outcome: Any) -> Any:
+    """The end of every optimizer step, SFT or preference: a non-finite loss (`outcome.nll`) drops the update
+    but still advances the schedule, to stay aligned with the data position; otherwise clip (the norm before
+    clipping goes to `outcome.grad_norm`), step the optimizer and the schedule, and clear the gradients."""
+    if not math.isfinite(outcome.nll):
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        return outcome
+    if max_grad_norm > 0:
+        outcome.grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return outcome

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from loraforge.config import TrainingConfig
 from loraforge.train.distributed import gradient_sync, loss_scale, sum_over_processes
+from loraforge.train.optim import finish_step
 
 IGNORE = -100
 CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 2,048 tokens of a 32K vocabulary (as kernels/cross_entropy.py)
@@ -196,16 +197,7 @@ def optimizer_step(acc: Any, run: Any, micro: list[dict[str, torch.Tensor]], tcf
     outcome = PreferenceStep(nll=totals[0], tokens=int(n_pairs), seen=seen, lr=run.scheduler.get_last_lr()[0],
                              grad_norm=None, stop_requested=stop_requested,
                              sums=dict(zip(METRICS, totals, strict=True)))
-    if not math.isfinite(outcome.nll):
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scheduler.step()
-        return outcome
-    if tcfg.max_grad_norm > 0:
-        outcome.grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return outcome
+    return finish_step(acc, run, model, tcfg.max_grad_norm, outcome)
 
 
 def add_to_window(window: dict[str, float], step: Any) -> None:

@@ -43,7 +43,7 @@ from loraforge.train.distributed import (
     sum_over_processes,
 )
 from loraforge.train.fast_path import FastPath, apply_fast_path, prime_graphs
-from loraforge.train.optim import build_optimizer, build_scheduler
+from loraforge.train.optim import build_optimizer, build_scheduler, finish_step
 from loraforge.train.progress import TrainProgress
 from loraforge.train.resume_check import check_resume_config
 from loraforge.train.runfolder import claim
@@ -458,16 +458,7 @@ class LLAMATrainer:
         nll = float(sum_over_processes(acc, step_nll))  # the step's one host sync
         outcome = _StepOutcome(nll=nll, tokens=labelled, seen=seen, lr=run.scheduler.get_last_lr()[0],
                                grad_norm=None, stop_requested=stop_requested)
-        if not math.isfinite(nll):
-            run.optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()  # keep the schedule aligned with the data position
-            return outcome
-        if tcfg.max_grad_norm > 0:
-            outcome.grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        return outcome
+        return finish_step(acc, run, model, tcfg.max_grad_norm, outcome)
 
     def _micro_step_loss(self, model: Any, batch: dict[str, torch.Tensor], n_tokens: torch.Tensor) -> torch.Tensor:
         """Summed NLL of the micro-batch's labelled tokens divided by the step's token count.
