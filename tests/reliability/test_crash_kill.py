@@ -43,6 +43,10 @@ def kill_once(recipe: TrainRecipe, run_dir: Path, log: Path, mode: str, rng: ran
     if before:
         verify_checkpoint(before[-1])  # checked now: the run may rotate it away before it is killed
     resumed = step_of(before[-1] if before else None)
+    if resumed >= recipe.max_steps or (mode == "step" and resumed >= recipe.max_steps - 1):
+        # An earlier ckpt kill can land just after the final checkpoint's rename (the write's last delay is
+        # shorter than the random wait): no step is left to kill in, and the run has nothing to lose.
+        return {"mode": mode, "resumed": resumed, "target": None, "torn": [], "newest_after": before[-1].name}
     t0 = time.time()
     proc = recipe.start(run_dir, log, resume=True, save_delay=SAVE_DELAY if mode == "ckpt" else 0.0)
     try:
