@@ -57,8 +57,11 @@ def kill_once(recipe: TrainRecipe, run_dir: Path, log: Path, mode: str, rng: ran
             tmp = run_dir / "checkpoints" / f".tmp-step-{target}"
 
             def writing() -> bool:  # a file of *this* process's write exists (not a stale torn folder)
-                files = list(tmp.glob("*.pt")) if tmp.is_dir() else []
-                return any(f.stat().st_mtime >= t0 for f in files)
+                try:
+                    files = list(tmp.glob("*.pt")) if tmp.is_dir() else []
+                    return any(f.stat().st_mtime >= t0 for f in files)
+                except FileNotFoundError:  # the folder was renamed between the listing and the stat
+                    return False
 
             hit = wait_for(lambda: target in logged_steps(log) and writing(), START_TIMEOUT, proc)
             time.sleep(rng.uniform(0, SAVE_DELAY))
