@@ -234,3 +234,33 @@ def test_cuda_graphs_with_dropout_match_ordinary_checkpointing(gpu_ckpt):
             assert rel < 1e-2, (step, n, rel)
     assert runner.stats.captured == 2 and not runner.stats.disabled
     assert all(g.seeded for g in runner.graphs.values())
+
+
+@pytest.mark.gpu
+@cuda
+def test_dropout_inside_the_lora_gemms_matches_its_twins():
+    """dropped_mm / dropped_t_mm / dropped_addmm_ draw the mask in their own tiles; at p = 0.5 a mask
+    that differs from `dropped`'s by a single element in 10⁴ would move the results far beyond 1e-2."""
+    from loraforge.kernels import _triton
+    from loraforge.kernels import dropout as D
+
+    assert _triton.AVAILABLE and D._mm_enabled(torch.empty(1, device="cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    seed = draw_seed("cuda")
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    for t, k, r in ((37, 4100, 16), (2048, 4096, 16), (513, 11008, 8), (300, 1000, 64), (9000, 256, 16)):
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(t, k, device="cuda", generator=g).to(dtype)
+            a = (torch.randn(r, k, device="cuda", generator=g) / k**0.5).to(dtype)
+            d = torch.randn(t, r, device="cuda", generator=g).to(dtype)
+            for salt, p in ((0, 0.05), (3, 0.5)):
+                xd = D._dropped_torch(x, seed, salt, p).float()
+                assert rel(D.dropped_mm(x, a, seed, salt, p), xd @ a.float().t()) < 1e-2, (t, k, r, dtype, p)
+                assert rel(D.dropped_t_mm(d, x, seed, salt, p), d.float().t() @ xd) < 1e-2, (t, k, r, dtype, p)
+                acc = torch.randn(t, k, device="cuda", generator=g).to(dtype)
+                want = acc.float() + 0.7 * D._dropped_torch(d @ a, seed, salt, p).float()
+                got = D.dropped_addmm_(acc.clone(), d, a, seed, salt, p, 0.7)
+                assert rel(got - acc.float(), want - acc.float()) < 1e-2, (t, k, r, dtype, p)

@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 from tinymodels import ARCHS, lm_batch, make_tiny_model  # noqa: E402
 
 from loraforge.bench.models import compare, lora_params, sync_lora  # noqa: E402
-from loraforge.kernels import lora as fused  # noqa: E402
+from loraforge.kernels import dropout as dropout_mod  # noqa: E402
 from loraforge.kernels import patch as patch_mod  # noqa: E402
 from loraforge.kernels.dropout import dropped  # noqa: E402
 
@@ -110,13 +110,13 @@ class _SameMask(torch.nn.Module):
 def _record_masks(monkeypatch):
     """(seed, salt, p) of each mask the fused path applies, in order of first use."""
     seen: dict = {}
-    real = fused.dropped
+    real = dropout_mod.dropped  # the twins of the fused dropout GEMMs all draw through `dropped`
 
     def spy(t, seed, salt, p):
         seen.setdefault((int(seed), salt), p)
         return real(t, seed, salt, p)
 
-    monkeypatch.setattr(fused, "dropped", spy)
+    monkeypatch.setattr(dropout_mod, "dropped", spy)
     return seen
 
 

@@ -145,12 +145,21 @@ if _triton.AVAILABLE:
         return (h >> 16) ^ h
 
     @triton.jit
-    def _keep32(offs, seed_ptr, salt_a, salt_b, thr):
+    def _keys32(seed_ptr, salt_a, salt_b):
         seed = tl.load(seed_ptr).to(tl.int64)
         k1 = _mix32_tl((seed & 0xFFFFFFFF) ^ salt_a).to(tl.uint32)  # per-call keys: scalars, in int64
         k2 = _mix32_tl(((seed >> 32) & 0xFFFFFFFF) ^ salt_b).to(tl.uint32)
+        return k1, k2
+
+    @triton.jit
+    def _keep_k32(offs, k1, k2, thr):
         h = _mix32_u32(_mix32_u32(offs.to(tl.uint32) ^ k1) ^ k2)
         return h.to(tl.int64) >= thr
+
+    @triton.jit
+    def _keep32(offs, seed_ptr, salt_a, salt_b, thr):
+        k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
+        return _keep_k32(offs, k1, k2, thr)
 
     @triton.jit
     def _dropout32_kernel(x_ptr, out_ptr, seed_ptr, n, salt_a, salt_b, thr, scale, BLOCK: tl.constexpr):
@@ -202,3 +211,150 @@ def dropped_add_(acc: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: i
                                                          float(alpha), BLOCK=_BLOCK, num_warps=4)
         return acc
     return acc.add_(dropped(x, seed, salt, p), alpha=alpha)
+
+
+# ---------------------------------------------------------------- dropout inside the LoRA branch's GEMMs
+#
+# The LoRA branch touches drop(X) three times per projection: Z = drop(X)·Aᵀ in the forward (and again
+# in a graph's recompute), dA = dZᵀ·drop(X) and the masked dX term drop(dZ·A) in the backward. Written
+# as `dropped` + GEMM, each costs a [T, in] copy written and read back (~7 extra [T, in] passes per
+# projection, ~6% of a Llama-7B step). The kernels below draw the mask on the tile they have just loaded
+# (or, for dX, on the tile they are about to add), so dropout moves no byte the dropout-free GEMMs do
+# not. Each has a PyTorch twin built from `dropped` (the CPU path and the reference of the GPU tests):
+# same mask bits, same roundings, fp32 accumulation.
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension ≥ 16
+
+
+def _mm_enabled(x: torch.Tensor) -> bool:
+    return (x.is_cuda and triton_enabled() and _triton.ENABLED.get("dropout32", True)
+            and _triton.ENABLED.get("dropout_mm", True))
+
+
+def dropped_mm(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """drop(x) @ aᵀ for x [T, in], a [r, in] (x's dtype), without the dropped copy of x."""
+    if not _mm_enabled(x):
+        return dropped(x, seed, salt, p) @ a.t()
+    x, a = x.contiguous(), a.contiguous()
+    t, k = x.shape
+    r = a.shape[0]
+    out = torch.empty(t, r, device=x.device, dtype=x.dtype)
+    sa, sb = _salt_keys(salt)
+    bm = 16 if t <= 8192 else 64
+    _dropped_mm_kernel[(triton.cdiv(t, bm),)](x, a, out, seed, t, k, r, sa, sb, _threshold(p), 1.0 / (1.0 - p),
+                                              BM=bm, BK=128, BR=_rank_block(r), num_warps=4)
+    return out
+
+
+def dropped_t_mm(d: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """dᵀ @ drop(x) for d [T, r], x [T, in]: the LoRA A gradient before its scale. fp32 on the GPU path
+    (x's dtype on the twin); the caller casts to the parameter's dtype."""
+    if not _mm_enabled(x):
+        return d.t() @ dropped(x, seed, salt, p)
+    d, x = d.contiguous(), x.contiguous()
+    t, k = x.shape
+    r = d.shape[1]
+    bk, bt = 64, 64
+    n_k = triton.cdiv(k, bk)
+    # Split T so that the grid fills the GPU; partial sums go to their own slice and are added by one
+    # reduction (not atomics), so the gradient is the same bits on every run.
+    splits = max(1, min(triton.cdiv(t, 4 * bt), triton.cdiv(4 * _sm_count(x.device), n_k)))
+    per = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    splits = triton.cdiv(t, per)
+    part = torch.empty(splits, r, k, device=x.device, dtype=torch.float32)
+    sa, sb = _salt_keys(salt)
+    _dropped_t_mm_kernel[(n_k, splits)](d, x, part, seed, t, k, r, per, sa, sb, _threshold(p), 1.0 / (1.0 - p),
+                                         BT=bt, BK=bk, BR=_rank_block(r), num_warps=4)
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def dropped_addmm_(acc: torch.Tensor, d: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int, p: float,
+                   alpha: float) -> torch.Tensor:
+    """acc += alpha · drop(d @ a) in place, d [T, r], a [r, in]: the LoRA branch's part of dX, with the
+    product rounded to acc's dtype before the mask as the twin rounds it."""
+    if not (_mm_enabled(acc) and acc.is_contiguous()):
+        return dropped_add_(acc, d @ a, seed, salt, p, alpha)
+    d, a = d.contiguous(), a.contiguous()
+    t, k = acc.shape
+    r = d.shape[1]
+    sa, sb = _salt_keys(salt)
+    bm, bk = 64, 128
+    _dropped_addmm_kernel[(triton.cdiv(t, bm), triton.cdiv(k, bk))](
+        acc, d, a, seed, t, k, r, sa, sb, _threshold(p), 1.0 / (1.0 - p), float(alpha),
+        BM=bm, BK=bk, BR=_rank_block(r), num_warps=4)
+    return acc
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+if _triton.AVAILABLE:
+
+    @triton.jit
+    def _dropped_tile(x_ptr, rows, cols, k, t_end, k1, k2, thr, scale):
+        # drop(x) on the tile [rows, cols] of a row-major [T, k] x, rounded to x's dtype as `dropped`
+        # rounds it; the flat index rows·k + cols is the one `dropped` hashes.
+        offs = rows.to(tl.int64)[:, None] * k + cols[None, :]
+        m = (rows[:, None] < t_end) & (cols[None, :] < k)
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        return tl.where(_keep_k32(offs, k1, k2, thr), x * scale, 0.0).to(x_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _dropped_mm_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, t, k, r, salt_a, salt_b, thr, scale,
+                           BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, BR)
+        k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        for k0 in range(0, k, BK):
+            cols = k0 + tl.arange(0, BK)
+            xd = _dropped_tile(x_ptr, rows, cols, k, t, k1, k2, thr, scale)
+            at = tl.load(a_ptr + rr[None, :].to(tl.int64) * k + cols[:, None],  # aᵀ tile [BK, BR]
+                         mask=(rr[None, :] < r) & (cols[:, None] < k), other=0.0)
+            acc = tl.dot(xd, at, acc)
+        out = out_ptr + rows.to(tl.int64)[:, None] * r + rr[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < t) & (rr[None, :] < r))
+
+    @triton.jit
+    def _dropped_t_mm_kernel(d_ptr, x_ptr, part_ptr, seed_ptr, t, k, r, per, salt_a, salt_b, thr, scale,
+                             BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        cols = tl.program_id(0) * BK + tl.arange(0, BK)
+        split = tl.program_id(1)
+        rr = tl.arange(0, BR)
+        k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
+        t0 = split * per
+        t_end = tl.minimum(t, t0 + per)
+        acc = tl.zeros((BR, BK), dtype=tl.float32)
+        for s in range(0, per, BT):
+            rows = t0 + s + tl.arange(0, BT)
+            xd = _dropped_tile(x_ptr, rows, cols, k, t_end, k1, k2, thr, scale)
+            dv = tl.load(d_ptr + rows.to(tl.int64)[:, None] * r + rr[None, :],
+                         mask=(rows[:, None] < t_end) & (rr[None, :] < r), other=0.0)
+            acc = tl.dot(tl.trans(dv), xd, acc)
+        out = part_ptr + split.to(tl.int64) * r * k + rr[:, None].to(tl.int64) * k + cols[None, :]
+        tl.store(out, acc, mask=(rr[:, None] < r) & (cols[None, :] < k))
+
+    @triton.jit
+    def _dropped_addmm_kernel(acc_ptr, d_ptr, a_ptr, seed_ptr, t, k, r, salt_a, salt_b, thr, scale, alpha,
+                              BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, BR)
+        dv = tl.load(d_ptr + rows.to(tl.int64)[:, None] * r + rr[None, :],
+                     mask=(rows[:, None] < t) & (rr[None, :] < r), other=0.0)
+        av = tl.load(a_ptr + rr[:, None].to(tl.int64) * k + cols[None, :],
+                     mask=(rr[:, None] < r) & (cols[None, :] < k), other=0.0)
+        prod = tl.dot(dv, av).to(acc_ptr.dtype.element_ty).to(tl.float32)  # d @ a, rounded as the twin's
+        k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
+        offs = rows.to(tl.int64)[:, None] * k + cols[None, :]
+        m = (rows[:, None] < t) & (cols[None, :] < k)
+        dd = tl.where(_keep_k32(offs, k1, k2, thr), prod * scale, 0.0).to(acc_ptr.dtype.element_ty)
+        cur = tl.load(acc_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(acc_ptr + offs, (cur + alpha * dd.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=m)

@@ -12,12 +12,14 @@ product: dA = s·(dY B)ᵀ X and dB = s·dYᵀ (X Aᵀ), 2·T·r·(in+out) FLOPs
 
 LoRA dropout (peft's `lora_dropout`): the mask applies to the LoRA branch's input only, y = X Wᵀ +
 s·(drop(X) Aᵀ) Bᵀ, one independent mask per projection as peft draws them. No mask is kept: each call
-saves one seed (dropout.py: an int64 device scalar) and backward regenerates drop(X) from it, so
-dropout adds no saved activation, only transient [T, in] copies. A recompute followed at once by its
-backward (`keeping_dense`) hands its drop(X) to that backward, and backward adds the masked dX term in
-one pass (`dropped_add_`), so dropout costs two [T, in] passes per projection beyond the forward's.
-With p = 0 (or in eval mode, where the patch passes p = 0) no seed is drawn and the code below is the
-dropout-free path unchanged.
+saves one seed (dropout.py: an int64 device scalar), and the three GEMMs that meet drop(X) — Z =
+drop(X)·Aᵀ, dA = dZᵀ·drop(X) and dX's masked term drop(dZ·A) — draw the mask inside their own tiles
+(dropout.py's `dropped_mm`, `dropped_t_mm`, `dropped_addmm_`), so dropout adds no saved activation and
+no [T, in] pass to the dropout-free path. With p = 0 (or in eval mode, where the patch passes p = 0)
+no seed is drawn and the plain GEMMs run.
+
+A recompute followed at once by its backward (`keeping_dense`) also hands over Z = drop(X)·Aᵀ ([T, r],
+small), which dB needs, instead of computing it again.
 
 Frozen base biases (Qwen2's q/k/v) are added by the base GEMM (`addmm`); they get no gradient.
 
@@ -33,7 +35,7 @@ from contextlib import contextmanager
 import torch
 
 from . import _triton
-from .dropout import dropped, dropped_add_, seed_for_call
+from .dropout import dropped, dropped_addmm_, dropped_mm, dropped_t_mm, seed_for_call
 from .frozen import FrozenWeight
 
 _state = threading.local()
@@ -68,9 +70,17 @@ class _Drop:
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         return dropped(t, self.seed, self.salt, self.p)
 
-    def add_to(self, acc: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
-        """acc += alpha · drop(t), without the dropped copy."""
-        return dropped_add_(acc, t, self.seed, self.salt, self.p, alpha)
+    def mm(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """drop(x) @ aᵀ."""
+        return dropped_mm(x, a, self.seed, self.salt, self.p)
+
+    def t_mm(self, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """dᵀ @ drop(x)."""
+        return dropped_t_mm(d, x, self.seed, self.salt, self.p)
+
+    def addmm_(self, acc: torch.Tensor, d: torch.Tensor, a: torch.Tensor, alpha: float) -> torch.Tensor:
+        """acc += alpha · drop(d @ a)."""
+        return dropped_addmm_(acc, d, a, self.seed, self.salt, self.p, alpha)
 
 
 def _drops(ps, device) -> tuple:
@@ -82,41 +92,52 @@ def _drops(ps, device) -> tuple:
     return tuple(_Drop(seed, first + i, p) if p > 0 else None for i, p in enumerate(ps))
 
 
+def _lora_in(x2d, a, drop):
+    """Z = drop(X)·Aᵀ [T, r], the LoRA branch's rank-r activation."""
+    return x2d @ a.t() if drop is None else drop.mm(x2d, a)
+
+
+def _lora_grads(dyb, dy2d, x2d, z, s, drop):
+    """(dA, dB) of one projection from dZ = dY·B [T, r] and Z = drop(X)·Aᵀ."""
+    da = (dyb.t() @ x2d if drop is None else drop.t_mm(dyb, x2d)).mul_(s)  # [r, in]
+    return da, (dy2d.t() @ z).mul_(s)  # [out, r]
+
+
+def _lora_dx_(dx, dyb, a, s, drop):
+    """dX += s·drop(dZ·A): the LoRA branch's part of dX, masked as the forward's input was
+    (∂drop(X)/∂X = m)."""
+    return dx.addmm_(dyb, a, alpha=s) if drop is None else drop.addmm_(dx, dyb, a, s)
+
+
 def _lora_forward(x2d, w, a, b, s, drop=None, bias=None, kept=None):
     """x2d [T, in] -> [T, out]: base GEMM (+ frozen bias), then the LoRA term accumulated into it (β=1,
-    α=s), its input dropped by `drop` when given. `kept`: a list that receives drop(X) for a backward
-    that follows at once (`keeping_dense`), which then need not draw it again."""
+    α=s), its input dropped by `drop` when given. `kept`: a list that receives Z = drop(X)·Aᵀ for a
+    backward that follows at once (`keeping_dense`), which then need not compute it again."""
     out = x2d @ w.t() if bias is None else torch.addmm(bias, x2d, w.t())
     if a is not None:
-        xl = x2d if drop is None else drop(x2d)
-        if kept is not None and drop is not None:
-            kept.append(xl)
-        out.addmm_(xl @ a.t(), b.t(), alpha=s)
+        z = _lora_in(x2d, a, drop)
+        if kept is not None:
+            kept.append(z)
+        out.addmm_(z, b.t(), alpha=s)
     return out
 
 
-def _lora_backward(dy2d, x2d, w, a, b, s, dx, drop=None, xl=None):
+def _lora_backward(dy2d, x2d, w, a, b, s, dx, drop=None, z=None):
     """Accumulates dX of one projection into `dx` (or creates it) and returns (dx, dA, dB).
 
-    With `drop`, the LoRA branch saw drop(X) = X ⊙ m: dA and dB use drop(X) (regenerated from the seed
-    unless the forward kept it: `xl`), and the branch's part of dX, s·(dY B) A, is masked the same way:
-    ∂drop(X)/∂X = m."""
+    With `drop`, the LoRA branch saw drop(X) = X ⊙ m: dA and dB use drop(X) (its mask drawn again from
+    the seed), and so does the branch's part of dX. `z`: the forward's Z when it kept it."""
     if dx is None:
         dx = dy2d @ w
     else:
         dx.addmm_(dy2d, w)
     if a is None:
         return dx, None, None
-    if xl is None:
-        xl = x2d if drop is None else drop(x2d)
+    if z is None:
+        z = _lora_in(x2d, a, drop)
     dyb = dy2d @ b  # [T, r]
-    da = (dyb.t() @ xl).mul_(s)  # [r, in]
-    db = (dy2d.t() @ (xl @ a.t())).mul_(s)  # [out, r]
-    if drop is None:
-        dx.addmm_(dyb, a, alpha=s)
-    else:
-        drop.add_to(dx, dyb @ a, s)
-    return dx, da, db
+    da, db = _lora_grads(dyb, dy2d, x2d, z, s, drop)
+    return _lora_dx_(dx, dyb, a, s, drop), da, db
 
 
 def _cast(p, dtype):
@@ -138,18 +159,18 @@ class LoRALinears(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         outs, dense, keep = [], [], _keep()
         drops = _drops(ps, x.device)
-        kept_x: list = []
+        kept_z: list = []
         for i, fw in enumerate(weights):
             a, b = _cast(ab[2 * i], x.dtype), _cast(ab[2 * i + 1], x.dtype)
             w = fw.dense()
             kept = [] if keep else None
             out = _lora_forward(x2d, w, a, b, scales[i], drops[i], fw.bias_as(x.dtype), kept)
             outs.append(out.view(*x.shape[:-1], -1))
-            kept_x.append(kept[0] if kept else None)
+            kept_z.append(kept[0] if kept else None)
             if keep:
                 dense.append(w)
         ctx.dense = tuple(dense) if keep else None
-        ctx.kept_x = kept_x
+        ctx.kept_z = kept_z
         ctx.weights, ctx.scales, ctx.drops = weights, scales, drops
         ctx.save_for_backward(x, *ab)
         return tuple(outs)
@@ -168,7 +189,7 @@ class LoRALinears(torch.autograd.Function):
                 continue
             w = ctx.dense[i] if ctx.dense is not None else fw.dense()
             dx, da, db = _lora_backward(d.reshape(-1, d.shape[-1]), x2d, w, a, b, ctx.scales[i], dx,
-                                        ctx.drops[i], ctx.kept_x[i])
+                                        ctx.drops[i], ctx.kept_z[i])
             grads += [_grad_like(da, a_p), _grad_like(db, b_p)]
         if dx is not None:
             dx = dx.view(x.shape)
@@ -250,7 +271,7 @@ class LoRAMLP(torch.autograd.Function):
         g = _lora_forward(x2d, expand(weights[1]), _cast(au, dt), _cast(bu, dt), scales[1], drops[1], None, kept[1])
         h = swiglu_forward(e, g, act)
         y = _lora_forward(h, expand(weights[2]), _cast(ad, dt), _cast(bd, dt), scales[2], drops[2], None, kept[2])
-        ctx.kept_x = [k[0] if k else None for k in kept]
+        ctx.kept_z = [k[0] if k else None for k in kept]
         ctx.dense = tuple(dense) if keep else None
         ctx.weights, ctx.scales, ctx.drops, ctx.act = weights, scales, drops, act
         ctx.save_for_backward(x, e, g, ag, bg, au, bu, ad, bd)
@@ -272,19 +293,14 @@ class LoRAMLP(torch.autograd.Function):
         dh = dy2d @ w(2)
         if ad_c is not None:
             dyb = dy2d @ bd_c
-            if dd_drop is None:
-                dh.addmm_(dyb, ad_c, alpha=sd)
-            else:
-                dd_drop.add_to(dh, dyb @ ad_c, sd)
+            _lora_dx_(dh, dyb, ad_c, sd, dd_drop)
         h, de, dg = swiglu_backward(dh, e, g, ctx.act)
         del dh
         dad = dbd = None
-        kept_g, kept_u, kept_d = ctx.kept_x
+        kept_g, kept_u, kept_d = ctx.kept_z
         if ad_c is not None:
-            if dd_drop is not None:
-                h = kept_d if kept_d is not None else dd_drop(h)
-            dad = (dyb.t() @ h).mul_(sd)
-            dbd = (dy2d.t() @ (h @ ad_c.t())).mul_(sd)
+            z = kept_d if kept_d is not None else _lora_in(h, ad_c, dd_drop)
+            dad, dbd = _lora_grads(dyb, dy2d, h, z, sd, dd_drop)
         del h
         dx, dau, dbu = _lora_backward(dg, x2d, w(1), _cast(au, dt), _cast(bu, dt), su, None, du_drop, kept_u)
         dx, dag, dbg = _lora_backward(de, x2d, w(0), _cast(ag, dt), _cast(bg, dt), sg, dx, dg_drop, kept_g)

@@ -335,6 +335,24 @@ def _compute_dtype(base) -> torch.dtype:
     return emb if emb in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
+def _dropout_gemms_agree(x, seed, rnd) -> bool:
+    """The LoRA GEMMs that draw the dropout mask in their tiles (dropout.py) against their twins; off
+    (the twins run: `dropped` + plain GEMMs) if any differs by more than bf16 rounding."""
+    from . import dropout as D
+
+    _triton.ENABLED["dropout_mm"] = True
+    a, d, acc = rnd(16, x.shape[1]) * 0.02, rnd(x.shape[0], 16), rnd(*x.shape)
+    xd = D._dropped_torch(x, seed, 3, 0.5).float()
+    try:
+        pairs = ((D.dropped_mm(x, a, seed, 3, 0.5), xd @ a.float().t()),
+                 (D.dropped_t_mm(d, x, seed, 3, 0.5), d.float().t() @ xd),
+                 (D.dropped_addmm_(acc.clone(), d, a, seed, 3, 0.5, 1.0) - acc.float(),
+                  D._dropped_torch(d @ a, seed, 3, 0.5).float()))
+    except Exception:  # a kernel that does not build: the twins run, the element kernels stay on
+        return False
+    return all(float((u.float() - v).norm() / v.norm()) < 1e-2 for u, v in pairs)
+
+
 def self_check(device) -> dict[str, str]:
     """Runs each Triton kernel once against its PyTorch twin; switches off any that fails."""
     out = {}
@@ -404,6 +422,7 @@ def self_check(device) -> dict[str, str]:
                     err += float(((got - want).abs() > 1e-2 * want.abs() + 1e-2).sum())
                 errs.append(err)
             if kernel32 and max(errs) == 0:
+                _triton.ENABLED["dropout_mm"] = _dropout_gemms_agree(x, seed, rnd)
                 return 0.0  # the uint32 kernels agree: they stay on
         _triton.ENABLED["dropout32"] = False
         return max(errs[2:])
