@@ -47,10 +47,23 @@ def _time(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def _top_kernels(fn, iters: int = 5, top: int = 12) -> list:
+    """[(kernel name, µs per iteration)] of the GPU kernels that take the most time in `fn`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key[:70], round(e.device_time_total / iters, 1)) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--profile", action="store_true", help="also print each setting's top GPU kernels")
     args = ap.parse_args()
     require_cuda("bench/dropout_gemms.py")
     from loraforge.kernels.patch import self_check
@@ -76,6 +89,8 @@ def main() -> None:
         base = base or ms
         print(json.dumps({"setting": name, "tokens": t, "ms_fwd_bwd": round(ms, 3), "vs_p0": round(ms / base, 4)}),
               flush=True)
+        if args.profile:
+            print(json.dumps({"setting": name, "top_kernels_us": _top_kernels(run(p))}), flush=True)
 
 
 if __name__ == "__main__":

@@ -239,12 +239,24 @@ def dropped_mm(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int, 
     x, a = x.contiguous(), a.contiguous()
     t, k = x.shape
     r = a.shape[0]
-    out = torch.empty(t, r, device=x.device, dtype=x.dtype)
+    bm, bk = 64, 64
+    n_m = triton.cdiv(t, bm)
+    # Split the reduction over `in` so that the grid fills the GPU (T/64 row blocks alone leave most SMs
+    # idle at 2,048 tokens); each split writes its own fp32 slice and one reduction adds them.
+    splits, per = _splits(k, bk, n_m, x.device)
+    part = torch.empty(splits, t, r, device=x.device, dtype=torch.float32)
     sa, sb = _salt_keys(salt)
-    bm = 16 if t <= 8192 else 64
-    _dropped_mm_kernel[(triton.cdiv(t, bm),)](x, a, out, seed, t, k, r, sa, sb, _threshold(p), 1.0 / (1.0 - p),
-                                              BM=bm, BK=128, BR=_rank_block(r), num_warps=4)
-    return out
+    _dropped_mm_kernel[(n_m, splits)](x, a, part, seed, t, k, r, per, sa, sb, _threshold(p), 1.0 / (1.0 - p),
+                                      BM=bm, BK=bk, BR=_rank_block(r), num_warps=4)
+    return (part[0] if splits == 1 else part.sum(0)).to(x.dtype)
+
+
+def _splits(n: int, block: int, other_programs: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, length of each, a multiple of `block`) of a reduction of length n, so that
+    other_programs × splits is about four programs per SM and each split has ≥ 4 blocks."""
+    want = max(1, min(triton.cdiv(n, 4 * block), triton.cdiv(4 * _sm_count(device), other_programs)))
+    per = triton.cdiv(triton.cdiv(n, want), block) * block
+    return triton.cdiv(n, per), per
 
 
 def dropped_t_mm(d: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
@@ -257,11 +269,9 @@ def dropped_t_mm(d: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: int
     r = d.shape[1]
     bk, bt = 64, 64
     n_k = triton.cdiv(k, bk)
-    # Split T so that the grid fills the GPU; partial sums go to their own slice and are added by one
-    # reduction (not atomics), so the gradient is the same bits on every run.
-    splits = max(1, min(triton.cdiv(t, 4 * bt), triton.cdiv(4 * _sm_count(x.device), n_k)))
-    per = triton.cdiv(triton.cdiv(t, splits), bt) * bt
-    splits = triton.cdiv(t, per)
+    # Split T as dropped_mm splits `in`: partial sums in their own slices, added by one reduction (not
+    # atomics), so the gradient is the same bits on every run.
+    splits, per = _splits(t, bt, n_k, x.device)
     part = torch.empty(splits, r, k, device=x.device, dtype=torch.float32)
     sa, sb = _salt_keys(salt)
     _dropped_t_mm_kernel[(n_k, splits)](d, x, part, seed, t, k, r, per, sa, sb, _threshold(p), 1.0 / (1.0 - p),
@@ -298,29 +308,32 @@ def _sm_count(device: torch.device) -> int:
 if _triton.AVAILABLE:
 
     @triton.jit
-    def _dropped_tile(x_ptr, rows, cols, k, t_end, k1, k2, thr, scale):
-        # drop(x) on the tile [rows, cols] of a row-major [T, k] x, rounded to x's dtype as `dropped`
-        # rounds it; the flat index rows·k + cols is the one `dropped` hashes.
+    def _dropped_tile(x_ptr, rows, cols, k, k_end, t_end, k1, k2, thr, scale):
+        # drop(x) on the tile [rows < t_end, cols < k_end] of a row-major [T, k] x, rounded to x's dtype
+        # as `dropped` rounds it; the flat index rows·k + cols is the one `dropped` hashes.
         offs = rows.to(tl.int64)[:, None] * k + cols[None, :]
-        m = (rows[:, None] < t_end) & (cols[None, :] < k)
+        m = (rows[:, None] < t_end) & (cols[None, :] < k_end)
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         return tl.where(_keep_k32(offs, k1, k2, thr), x * scale, 0.0).to(x_ptr.dtype.element_ty)
 
     @triton.jit
-    def _dropped_mm_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, t, k, r, salt_a, salt_b, thr, scale,
+    def _dropped_mm_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, t, k, r, per, salt_a, salt_b, thr, scale,
                            BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        split = tl.program_id(1)
         rr = tl.arange(0, BR)
         k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
+        k0 = split * per
+        k_end = tl.minimum(k, k0 + per)
         acc = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, k, BK):
-            cols = k0 + tl.arange(0, BK)
-            xd = _dropped_tile(x_ptr, rows, cols, k, t, k1, k2, thr, scale)
+        for s in range(0, per, BK):
+            cols = k0 + s + tl.arange(0, BK)
+            xd = _dropped_tile(x_ptr, rows, cols, k, k_end, t, k1, k2, thr, scale)
             at = tl.load(a_ptr + rr[None, :].to(tl.int64) * k + cols[:, None],  # aᵀ tile [BK, BR]
-                         mask=(rr[None, :] < r) & (cols[:, None] < k), other=0.0)
+                         mask=(rr[None, :] < r) & (cols[:, None] < k_end), other=0.0)
             acc = tl.dot(xd, at, acc)
-        out = out_ptr + rows.to(tl.int64)[:, None] * r + rr[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < t) & (rr[None, :] < r))
+        out = part_ptr + split.to(tl.int64) * t * r + rows.to(tl.int64)[:, None] * r + rr[None, :]
+        tl.store(out, acc, mask=(rows[:, None] < t) & (rr[None, :] < r))
 
     @triton.jit
     def _dropped_t_mm_kernel(d_ptr, x_ptr, part_ptr, seed_ptr, t, k, r, per, salt_a, salt_b, thr, scale,
@@ -334,7 +347,7 @@ if _triton.AVAILABLE:
         acc = tl.zeros((BR, BK), dtype=tl.float32)
         for s in range(0, per, BT):
             rows = t0 + s + tl.arange(0, BT)
-            xd = _dropped_tile(x_ptr, rows, cols, k, t_end, k1, k2, thr, scale)
+            xd = _dropped_tile(x_ptr, rows, cols, k, k, t_end, k1, k2, thr, scale)
             dv = tl.load(d_ptr + rows.to(tl.int64)[:, None] * r + rr[None, :],
                          mask=(rows[:, None] < t_end) & (rr[None, :] < r), other=0.0)
             acc = tl.dot(tl.trans(dv), xd, acc)
