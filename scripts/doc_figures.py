@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -81,7 +82,62 @@ def serve_h100() -> str:
     return _table(["case", "stock tokens/s", "loraforge tokens/s", "speed-up", "greedy output = stock"], rows)
 
 
-FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100}
+def _count(x: float) -> str:
+    """A measured count with thousands separators, rounded half up (format's half-to-even gives 3,288 for 3288.5)."""
+    return f"{math.floor(x + 0.5):,}"
+
+
+def _ms(values: list[float]) -> str:
+    """Whole milliseconds, as a range when the values differ: "88–90 ms", "3 ms"."""
+    lo, hi = round(min(values)), round(max(values))
+    return f"{lo} ms" if lo == hi else f"{lo}–{hi} ms"
+
+
+def _ddp_runs(name: str) -> dict[tuple[str, int, str | None], dict]:
+    return {(r["case"], r["gpus"], r.get("run")): r for r in _load(f"ddp-2026-11-22-h200-{name}.json")}
+
+
+def ddp_h200() -> str:
+    """docs/distributed.md: DDP and FSDP on two H200s, calls 1 (run1) and 2 (run2-ddp7b)."""
+    one, two = _ddp_runs("run1"), _ddp_runs("run2-ddp7b")
+    before, after, ddp = two["ddp-7b", 1, "before"], two["ddp-7b", 1, "after"], two["ddp-7b", 2, None]
+    first1, first2 = one["ddp-7b", 1, None], one["ddp-7b", 2, None]
+    single, fsdp = one["13b-single", 1, None], one["fsdp-13b", 2, None]
+    rows = [["DDP, Llama-2-7B shape: tokens/s over all GPUs",
+             f"{_count(before['tokens_per_s'])} / {_count(after['tokens_per_s'])} (before / after)",
+             f"{_count(ddp['tokens_per_s'])} (**{ddp['scaling_vs_1gpu']:.2f}×**)"],
+            ["the same, first call (1 GPU run first, 3 warm-up steps)", _count(first1['tokens_per_s']),
+             f"{_count(first2['tokens_per_s'])} ({first2['scaling_vs_1gpu']:.2f}×)"],
+            ["Llama-2-13B shape: peak GiB per GPU (1 GPU DDP, 2 GPUs FSDP full shard)", f"{single['peak_gib']:.2f}",
+             f"**{fsdp['peak_gib']:.2f}**"],
+            ["Llama-2-13B shape: tokens/s", _count(single['tokens_per_s']), _count(fsdp['tokens_per_s'])]]
+    return _table(["case (calls 1 and 2)", "1 GPU", "2 GPUs"], rows)
+
+
+PHASES = ("forward", "backward", "clip", "optimizer")
+
+
+def ddp_phases_h200() -> str:
+    """docs/distributed.md: the third call's per-rank medians; the rest of a step is the step's time (from
+    tokens/s) less the timed parts (the token-count reduce, timed as `reduce`, is part of the rest)."""
+    runs = _ddp_runs("run3-phases")
+    single = [runs["ddp-7b", 1, "before"], runs["ddp-7b", 1, "after"]]
+    double = runs["ddp-7b", 2, None]
+    rows = []
+    for label, records in (("1 GPU", single), ("2 GPUs (each rank)", [double])):
+        ranks = [(r, p) for r in records for p in r["phases_ms_median_per_rank"]]
+        cells = [_ms([p[name] for _, p in ranks]) for name in PHASES]
+        rest = [1000 * r["batch_per_gpu"] * r["seq"] * r["gpus"] / r["tokens_per_s"] - sum(p[n] for n in PHASES)
+                for r, p in ranks]
+        rows.append([label, *cells, _ms(rest)])
+    first, then = (_count(r["tokens_per_s"]) for r in single)
+    text = (f"It measured 1 GPU at {first} / {then} tok/s and 2 GPUs at {_count(double['tokens_per_s'])}\n"
+            f"({double['scaling_vs_1gpu']:.2f}×). Medians per step:\n\n")
+    return text + _table(["", *PHASES, "rest of the step"], rows)
+
+
+FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100, "ddp-h200": ddp_h200,
+                                         "ddp-phases-h200": ddp_phases_h200}
 
 
 def render(text: str, where: Path, seen: set[str]) -> str:

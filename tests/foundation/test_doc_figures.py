@@ -28,5 +28,11 @@ def test_a_changed_record_or_a_hand_edit_is_caught(figures) -> None:
     edited = text.replace("| 3,157 |", "| 3,999 |", 1)  # a number typed over in the README
     assert edited != text
     assert figures.render(edited, readme, set()) == text  # rendering puts the record's number back
+    distributed = figures.ROOT / "docs" / "distributed.md"
+    text = distributed.read_text(encoding="utf-8")
+    for typed, measured in (("| 8.73 |", "| 9.99 |"), ("| 153–168 ms |", "| ~160 ms |")):
+        edited = text.replace(typed, measured, 1)
+        assert edited != text
+        assert figures.render(edited, distributed, set()) == text
     with pytest.raises(SystemExit, match="no renderer"):
         figures.render("<!-- figure: nope (x) -->\n| a |\n<!-- /figure -->", readme, set())

@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import its own layer (when no cycle results) or a lower one, never a
 higher one:
-    0  config, errors, _version
+    0  config, errors, _version, progress
     1  model
     2  data, kernels
     3  train, eval, infer
@@ -31,7 +31,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "loraforge"
 ROOT = "__init__"  # the package itself, as a top-level part
 LAYERS = {
-    "config": 0, "errors": 0, "_version": 0,
+    "config": 0, "errors": 0, "_version": 0, "progress": 0,
     "model": 1,
     "data": 2, "kernels": 2,
     "train": 3, "eval": 3, "infer": 3,

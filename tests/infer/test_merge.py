@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from gguf_files import read_gguf
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loraforge import progress
 from loraforge.errors import ConfigError, ModelLoadError
 from loraforge.infer import merge as merge_module
 from loraforge.infer.load import load
@@ -19,9 +21,17 @@ PROMPT = "<|im_start|>user\nSay apple.<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
-def merge_result(lora_run: Path, tmp_path_factory: pytest.TempPathFactory) -> MergeResult:
-    return merge_adapter(lora_run, tmp_path_factory.mktemp("merge") / "merged", dtype="float32", gguf=True,
-                         device="cpu")
+def merge_run(lora_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[MergeResult, list[progress.Task]]:
+    """The merge, and the progress passes it reported."""
+    with progress.recorded() as bars:
+        result = merge_adapter(lora_run, tmp_path_factory.mktemp("merge") / "merged", dtype="float32", gguf=True,
+                               device="cpu")
+    return result, bars
+
+
+@pytest.fixture(scope="module")
+def merge_result(merge_run: tuple[MergeResult, list[progress.Task]]) -> MergeResult:
+    return merge_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +119,16 @@ def test_merge_checks_the_merged_folder_against_base_plus_adapter(merge_result: 
     assert "passed" in parity.line() and "3/3" in parity.line()
     record = json.loads((merge_result.path / "loraforge_merge.json").read_text())
     assert record["parity"]["ok"] is True and record["gguf"] == "model-f32.gguf"
+
+
+def test_merge_parity_check_and_gguf_export_each_report_progress_to_their_total(
+        merge_run: tuple[MergeResult, list[progress.Task]], lora_run: Path) -> None:
+    result, bars = merge_run
+    counts = {b.description: (b.done, b.total) for b in bars}
+    lora_layers = sum(1 for k in load_file(str(lora_run / "adapter" / "adapter_model.safetensors")) if "lora_A" in k)
+    written = sum(1 for name in read_gguf(result.gguf_file)[1] if name != "rope_freqs.weight")
+    assert counts == {"parity check: base + adapter": (3, 3), "merging the adapter": (lora_layers, lora_layers),
+                      "parity check: merged model": (3, 3), "writing model-f32.gguf": (written, written)}
 
 
 def test_a_failed_parity_check_writes_nothing(lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from loraforge.eval import progress as eval_progress
+from loraforge import progress as eval_progress
 from loraforge.train.progress import TrainProgress
 
 

@@ -12,6 +12,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from loraforge import progress
 from loraforge.config import DataConfig
 from loraforge.data.load import load_source
 from loraforge.data.mixing import mix_sources
@@ -50,14 +51,17 @@ def finish_train_split(train: Sequence[dict], cfg: DataConfig, stats: DataStats)
 
 def build_datasets(cfg: DataConfig, tokenizer: Any, num_eval_pairs: int = 8) -> DataBundle:
     """Read, split, tokenize (or take from the cache), mix (combined mode), pack."""
-    if cfg.sources:
-        data = mix_sources(cfg, tokenizer)
-    else:
-        spec = SourceSpec(cfg.dataset, cfg.format, cfg.column_mapping, cfg.split, cfg.max_samples)
-        data = load_source(spec, cfg, tokenizer)
-        if not len(data.train):
-            raise DataError(f"data.dataset: no usable training example in {cfg.dataset!r} "
-                            f"({data.stats['train'].line('train')}). Check data.max_length and the records' fields.")
+    # Each text tokenized counts a step (tokenize.encode_segments); a bar appears if it takes over 2 s.
+    with progress.counting("tokenizing the dataset"):
+        if cfg.sources:
+            data = mix_sources(cfg, tokenizer)
+        else:
+            spec = SourceSpec(cfg.dataset, cfg.format, cfg.column_mapping, cfg.split, cfg.max_samples)
+            data = load_source(spec, cfg, tokenizer)
+            if not len(data.train):
+                raise DataError(f"data.dataset: no usable training example in {cfg.dataset!r} "
+                                f"({data.stats['train'].line('train')}). Check data.max_length and the records' "
+                                "fields.")
     train = finish_train_split(data.train, cfg, data.stats["train"])
     pairs = make_eval_pairs(data.eval_records, num_eval_pairs, cfg.seed)
     formatter = prompt_formatter(data.kind, tokenizer, load_user_template(cfg.template), cfg.system_prompt)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.errors import DataError
-from loraforge.eval.progress import track
 from loraforge.model.runtime import eval_mode, model_device
+from loraforge.progress import track
 
 IGNORE_INDEX = -100
 

@@ -16,9 +16,9 @@ import torch
 
 from loraforge.config import EvalConfig
 from loraforge.eval import metrics
-from loraforge.eval.progress import track
 from loraforge.infer import generation
 from loraforge.infer.generation import BEAM_WIDTH, Decoding
+from loraforge.progress import track
 
 Message = dict[str, str]
 Prompt = str | list[Message]

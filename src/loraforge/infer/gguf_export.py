@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from safetensors import safe_open
 
 from loraforge.errors import ConfigError, ModelLoadError
 from loraforge.infer.gguf_tokenizer import gguf_tokenizer
+from loraforge.progress import track
 
 # Types this module writes itself -> llama.cpp's file type.
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -90,16 +92,30 @@ def llama3_rope_factors(rs: dict, head_dim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def _encode(name: str, t: torch.Tensor, outtype: str) -> tuple[np.ndarray, Any]:
-    """(data, raw GGML type or None) for one tensor, typed as llama.cpp's converter types it: 1-D tensors
-    (norms) and rope factors stay f32; with q8_0, a matrix whose rows are not whole 32-value blocks stays f16."""
-    a = t.to(torch.float32).numpy()
-    if outtype == "f32" or a.ndim == 1 or name == "rope_freqs.weight":
-        return a, None
-    if outtype == "q8_0" and a.shape[-1] % 32 == 0:
-        qtype = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(a, qtype), qtype
-    return a.astype(np.float16), None
+def _stored_type(name: str, shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
+    """How llama.cpp's converter types a tensor: 1-D tensors (norms) and rope factors stay f32; with q8_0, a
+    matrix whose rows are not whole 32-value blocks stays f16."""
+    if outtype == "f32" or len(shape) == 1 or name == "rope_freqs.weight":
+        return gguf.GGMLQuantizationType.F32
+    if outtype == "q8_0" and shape[-1] % 32 == 0:
+        return gguf.GGMLQuantizationType.Q8_0
+    return gguf.GGMLQuantizationType.F16
+
+
+def _encode(a: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        return gguf.quants.quantize(a, qtype)  # uint8 blocks
+    return a.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32)
+
+
+def _announce(w: Any, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> None:
+    """The tensor's entry in the file's table, written before any data: its bytes are known from its shape."""
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+        w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=qtype)
+    else:
+        dtype = np.dtype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32)
+        w.add_tensor_info(name, shape, dtype, math.prod(shape) * dtype.itemsize)
 
 
 def _write_hparams(w: Any, config: dict, head_dim: int) -> dict:
@@ -152,7 +168,7 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, name: str | None 
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
 
-    w = gguf.GGUFWriter(str(out_file), "llama")
+    w = gguf.GGUFWriter(str(out_file), "llama")  # the file is opened by write_header_to_file
     w.add_type("model")
     w.add_name(name or model_dir.name)
     rope = _write_hparams(w, config, head_dim)
@@ -160,24 +176,34 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, *, name: str | None 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     gguf_tokenizer(model_dir, config["vocab_size"], tokenizer).write(w)
 
-    if rope.get("rope_type", rope.get("type")) == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for hf_name in f.keys():
-                target = gguf_name(hf_name)
-                if target is None:
-                    continue
-                t = f.get_tensor(hf_name).to(torch.float32)
-                if target.endswith("attn_q.weight"):
-                    t = permute_qk(t, n_head)
-                elif target.endswith("attn_k.weight"):
-                    t = permute_qk(t, n_kv)
-                data, raw_dtype = _encode(target, t, outtype)
-                w.add_tensor(target, data, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    # The tensor table goes into the file first (shapes from the safetensors headers), then each tensor is read,
+    # converted and written in turn, so a 7B model never sits whole in memory as GGUFWriter.add_tensor keeps it.
+    with ExitStack() as stack:
+        weights = {file: stack.enter_context(safe_open(str(file), framework="pt")) for file in files}
+        plan = [(target, file, hf_name) for file, f in weights.items() for hf_name in f.keys()
+                if (target := gguf_name(hf_name)) is not None]
+        types: dict[str, gguf.GGMLQuantizationType] = {}
+        llama3 = rope.get("rope_type", rope.get("type")) == "llama3"
+        rope_freqs = llama3_rope_factors(rope, head_dim) if llama3 else None
+        if rope_freqs is not None:
+            types["rope_freqs.weight"] = gguf.GGMLQuantizationType.F32
+            _announce(w, "rope_freqs.weight", rope_freqs.shape, types["rope_freqs.weight"])
+        for target, file, hf_name in plan:
+            shape = tuple(weights[file].get_slice(hf_name).get_shape())
+            types[target] = _stored_type(target, shape, outtype)
+            _announce(w, target, shape, types[target])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        if rope_freqs is not None:
+            w.write_tensor_data(rope_freqs)
+        for target, file, hf_name in track(plan, f"writing {out_file.name}"):
+            t = weights[file].get_tensor(hf_name).to(torch.float32)
+            if target.endswith("attn_q.weight"):
+                t = permute_qk(t, n_head)
+            elif target.endswith("attn_k.weight"):
+                t = permute_qk(t, n_kv)
+            w.write_tensor_data(_encode(t.numpy(), types[target]))
     w.close()
     return out_file
 

@@ -15,12 +15,14 @@ import gc
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from loraforge.errors import ConfigError, ModelLoadError
 from loraforge.infer.merge_check import TOLERANCE, ParityResult, answers, compare
+from loraforge.progress import track
 
 DTYPES = ("bfloat16", "float16", "float32")
 QUANTS = ("q8_0", "q4_k_m")  # q8_0: written by loraforge; q4_k_m: by llama.cpp's llama-quantize
@@ -98,6 +100,22 @@ def _write_gguf(folder: Path, tokenizer: Any, name: str, dtype: str, quant: str 
         unquantized.unlink(missing_ok=True)
 
 
+def merge_layers(model: Any) -> Any:
+    """peft's `merge_and_unload` (W + B·A·(alpha/r), in the base's dtype, LoRA layers removed), one LoRA layer
+    at a time under a progress bar: each layer merges itself first, and `merge_and_unload` then finds them
+    merged (peft says so in a warning per layer, silenced here) and does the rest as it always does: swap each
+    LoRA layer for its base layer, drop the peft config, keep tied embeddings tied."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer  # peft: only when merging
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in track(layers, "merging the adapter"):
+        with onload_layer(layer):  # a layer accelerate offloaded to CPU or disk is brought back to merge
+            layer.merge()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All adapters are already merged")
+        return model.merge_and_unload()
+
+
 def merge_adapter(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", gguf: bool = False,
                   quant: str | None = None, check: bool = True, device: str = "auto") -> MergeResult:
     """Merge the adapter of `run` (run or adapter folder) into its base; write the model to `out`.
@@ -125,7 +143,7 @@ def merge_adapter(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", 
     loaded = load(run, quantize="none", device=device, dtype=dtype)
     tokenizer = loaded.tokenizer
     reference = answers(loaded.model, tokenizer, loaded.formatter) if check else None
-    model = loaded.model.merge_and_unload()  # W + B·A·(alpha/r), in the base's dtype, LoRA layers removed
+    model = merge_layers(loaded.model)
     loaded.model = None
     placed_on = next(model.parameters()).device
     # The generation config should stop where training taught the model to stop and pad with our pad.

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from loraforge.progress import track
+
 PROMPTS = ("Say hello in one short sentence.", "What is 2 + 3?", "Name three colours.")
 NEW_TOKENS = 16
 # Largest |logit difference| accepted, by the dtype both models run in. float32: merging is exact but for
@@ -76,7 +78,7 @@ def answers(model: Any, tokenizer: Any, formatter: Any) -> list[Answer]:
     min_new_tokens keeps every answer NEW_TOKENS long: an early EOS would leave less to compare.
     """
     out = []
-    for prompt in PROMPTS:
+    for prompt in track(PROMPTS, "parity check: base + adapter"):
         prompt_ids = tokenizer(formatter(prompt), return_tensors="pt", add_special_tokens=False)["input_ids"]
         tokens = _greedy(model, prompt_ids, tokenizer.pad_token_id)
         out.append(Answer(prompt_ids, tokens, _logits(model, prompt_ids, tokens)))
@@ -86,7 +88,7 @@ def answers(model: Any, tokenizer: Any, formatter: Any) -> list[Answer]:
 def compare(model: Any, tokenizer: Any, reference: list[Answer], tolerance: float) -> ParityResult:
     """Check `model` against `reference` (base + adapter's answers)."""
     identical, worst, flips, ok = 0, 0.0, [], True
-    for n, ref in enumerate(reference):
+    for n, ref in enumerate(track(reference, "parity check: merged model")):
         worst = max(worst, (_logits(model, ref.prompt_ids, ref.tokens) - ref.logits).abs().max().item())
         tokens = _greedy(model, ref.prompt_ids, tokenizer.pad_token_id)
         if tokens == ref.tokens:

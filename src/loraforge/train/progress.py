@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loraforge.eval.progress import console
+from loraforge.progress import console
 
 
 class TrainProgress:

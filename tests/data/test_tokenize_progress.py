@@ -1,0 +1,23 @@
+"""Tokenizing a dataset counts each text on the progress helper's `counting` pass, and a cache hit counts none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinymodels import alpaca_records, write_jsonl
+
+from loraforge import progress
+from loraforge.config import DataConfig
+from loraforge.data.pipeline import build_datasets
+
+
+def test_build_datasets_counts_every_record_it_tokenizes(tmp_path: Path, tokenizer) -> None:
+    cfg = DataConfig(dataset=str(write_jsonl(tmp_path / "a.jsonl", alpaca_records(12))), validation_split=0.25)
+    with progress.recorded() as bars:
+        data = build_datasets(cfg, tokenizer)
+    (bar,) = bars
+    assert bar.description == "tokenizing the dataset"
+    assert bar.done == data.stats["train"].used + data.stats["validation"].used == 12
+    with progress.recorded() as bars:
+        build_datasets(cfg, tokenizer)  # from the cache: nothing to tokenize
+    assert [b.done for b in bars] == [0]
