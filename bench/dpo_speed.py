@@ -112,10 +112,11 @@ def _trl(path: str, tiny: bool, warm: int, steps: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = build_stock(path, 16, "all", device=device, quant=not tiny)
-    # Text long enough that TRL's truncation gives PROMPT + ANSWER tokens a side, like the loraforge arm.
+    # Text long enough that TRL's truncation (TRL 1.x: prompt + answer cut to max_length, keeping the start)
+    # gives PROMPT + ANSWER tokens a side, as the loraforge arm has.
     g = torch.Generator().manual_seed(0)
     words = lambda n: tokenizer.decode(torch.randint(100, 20000, (n,), generator=g).tolist())  # noqa: E731
-    rows = [{"prompt": words(PROMPT * 2), "chosen": words(ANSWER * 2), "rejected": words(ANSWER * 2)}
+    rows = [{"prompt": words(PROMPT), "chosen": words(ANSWER * 2), "rejected": words(ANSWER * 2)}
             for _ in range(PAIRS * (warm + steps))]
     times: list[float] = []
 
@@ -127,7 +128,7 @@ def _trl(path: str, tiny: bool, warm: int, steps: int) -> dict:
 
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-dpo-"), per_device_train_batch_size=PAIRS,
                      max_steps=warm + steps, learning_rate=2e-4, beta=0.1, max_length=PROMPT + ANSWER,
-                     max_prompt_length=PROMPT, bf16=not tiny, optim="adamw_torch" if tiny else "paged_adamw_32bit",
+                     bf16=not tiny, optim="adamw_torch" if tiny else "paged_adamw_32bit",
                      gradient_checkpointing=True, logging_steps=1000, save_strategy="no", report_to=[],
                      use_cpu=tiny)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
