@@ -150,7 +150,7 @@ def arm_record(case: str, arm: str, meta: dict[str, Any], *, child: Child | None
                result: dict[str, Any] | None = None, error: str | None = None,
                settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """One arm's record: case, arm, its metric fields (`result`), `error` if it failed, `settings`, how it ran
-    (`command`, `process_wall_s`, `returncode`, `log`), and the stamp (`device`, `date`, `versions`: the
+    (`command`, `process_wall_s`, `process_returncode`, `log`), and the stamp (`device`, `date`, `versions`: the
     parent's, overridden by what the arm's process reported of the libraries it imported)."""
     result = dict(result or {})
     child_versions = result.pop("versions", None) or {}
@@ -162,7 +162,7 @@ def arm_record(case: str, arm: str, meta: dict[str, Any], *, child: Child | None
         rec["settings"] = settings
     if child is not None:
         rec.update(command=shlex.join(child.cmd), process_wall_s=round(child.wall_s, 1),
-                   returncode=child.returncode, log=f"peers-logs/{child.log.name}")
+                   process_returncode=child.returncode, log=f"peers-logs/{child.log.name}")
     rec.update(meta)
     rec["versions"] = {**meta.get("versions", {}), **child_versions}
     return rec

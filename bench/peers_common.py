@@ -57,8 +57,8 @@ def random_batches(vocab: int, batch: int, seq: int, n: int = 4, seed: int = 0) 
     """`n` batches of random tokens, drawn on the CPU so that every process, whatever its stack, gets the
     same ones. input_ids are the labels; no attention mask (unpadded rows: every stack takes its causal path)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (n, batch, seq), generator=g)
-    return [{"input_ids": x.cuda(), "labels": x.cuda()} for x in ids]
+    ids = torch.randint(0, vocab, (n, batch, seq), generator=g).cuda()
+    return [{"input_ids": x, "labels": x} for x in ids]
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -16,6 +16,7 @@ folder).
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import time
@@ -53,8 +54,10 @@ LIBS = ("unsloth", "unsloth_zoo", "trl", "torch", "transformers", "peft", "bitsa
 def load(path: str, max_seq_length: int, seed: int = 0):
     """(model, tokenizer, settings): Unsloth's QLoRA model with LoRA attached, as its docs recommend."""
     t = time.perf_counter()
+    # use_exact_model_name: a local folder, never to be mapped to a hub repository of a similar name.
+    # max_seq_length: Unsloth's forward cuts longer inputs to it, so it is the step's length.
     model, tok = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=max_seq_length,
-                                                   dtype=torch.bfloat16, load_in_4bit=True)
+                                                   dtype=torch.bfloat16, load_in_4bit=True, use_exact_model_name=True)
     model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=2 * R, lora_dropout=0, bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing="unsloth",
                                              random_state=seed)
@@ -125,7 +128,10 @@ def sft(a: argparse.Namespace) -> dict:
     rows = [json.loads(line) for line in Path(a.data).read_text().splitlines() if line.strip()]
     data = Dataset.from_list([{"text": r["text"] + eos} for r in rows])
     counter = _TokenCount(tok.pad_token_id)
-    hook = model.get_input_embeddings().register_forward_pre_hook(counter)
+    try:
+        hook = model.get_input_embeddings().register_forward_pre_hook(counter)
+    except Exception:  # noqa: BLE001 - then the trainer's own count stands in
+        hook = None
     counted: dict[int, tuple[float, float]] = {}  # step -> (seconds, tokens read at the embedding)
     seen: dict[int, tuple[float, float]] = {}  # step -> (seconds, the trainer's num_input_tokens_seen)
     history: list[dict] = []
@@ -151,17 +157,18 @@ def sft(a: argparse.Namespace) -> dict:
                   max_seq_length=a.seq, packing=True, dataset_text_field="text", include_num_input_tokens_seen=True,
                   disable_tqdm=True)
     # Only the fields this TRL's SFTConfig has (max_length vs max_seq_length moved between versions).
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    known = _fields(SFTConfig)
     cfg = SFTConfig(**{k: v for k, v in wanted.items() if k in known})
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=data, args=cfg, callbacks=[Clock()])
     out = trainer.train()
     adapter = Path(a.out) / "adapter"
     model.save_pretrained(str(adapter))
     to_adapter_s = time.perf_counter() - T0
-    hook.remove()
+    if hook is not None:
+        hook.remove()
     by_hook = counter.value() > 0
     marks = counted if by_hook else seen
-    last = max(marks)
+    last = max(marks) if marks else 0
     return {**_rates(marks, last), "tokens_counted_by": "embedding hook" if by_hook else "trainer",
             "trainer_window_tokens_per_s": _rates(seen, last)["tokens_per_s"],
             "trainer_tokens_per_s": next((x["train_tokens_per_second"] for x in reversed(history)
@@ -171,11 +178,25 @@ def sft(a: argparse.Namespace) -> dict:
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
             "loss_first": next((x["loss"] for x in history if "loss" in x), None),
             "loss_last": next((x["loss"] for x in reversed(history) if "loss" in x), None),
-            "records": len(rows), "packed_rows": len(trainer.train_dataset),
+            "records": len(rows), "packed_rows": _len(trainer.train_dataset),
             "packing": getattr(trainer.args, "packing", None), "padding_free": getattr(trainer, "padding_free", None),
             "sft_config": {k: v for k, v in wanted.items() if k in known and k != "output_dir"},
             "sft_config_dropped": sorted(k for k in wanted if k not in known),
             "load_s": settings.pop("load_s"), "unsloth_settings": settings, "versions": loaded_versions(LIBS)}
+
+
+def _fields(cls) -> set[str]:
+    try:
+        return {f.name for f in dataclasses.fields(cls)}
+    except TypeError:  # not a dataclass (a patched stand-in): its keyword arguments
+        return set(inspect.signature(cls).parameters)
+
+
+def _len(data) -> int | None:
+    try:
+        return len(data)
+    except TypeError:  # a streamed dataset
+        return None
 
 
 def _rates(marks: dict[int, tuple[float, float]], last: int) -> dict:
