@@ -5,11 +5,12 @@ Device command lines, from the repo root, with the folder /work/shared/tools/pee
 TRL, bitsandbytes) carried as .gpu/site and the end-to-end data in .gpu/e2e; one case a call (~9 minutes each):
 
     export PYTHONPATH=$PWD/.gpu/site:$PWD/src PYTHONUNBUFFERED=1
-    python bench/peers.py --cases step --budget-s 530 --out $OUT --tag=-step          # ~6 min
-    python bench/peers.py --cases e2e --budget-s 530 --out $OUT --tag=-e2e            # ~5 min
+    python bench/peers.py --cases step --budget-s 500 --out $OUT --tag=-step          # ~7.5 min
+    python bench/peers.py --cases e2e --budget-s 500 --out $OUT --tag=-e2e            # ~4.5 min
     rm -rf /dev/shm/loraforge-ckpt/llama2-7b*  # host memory for the offloaded checkpoints of long sequences
-    python bench/peers.py --cases context --budget-s 530 --out $OUT --tag=-context1 \\
-        [--resume bench/results/peers-DATE-h200-context0.json]                         # several calls, see below
+    python bench/peers.py --cases context --budget-s 500 --out $OUT --tag=-context1    # then, with that JSON
+    python bench/peers.py --cases context --budget-s 500 --out $OUT --tag=-context2 \\
+        --resume bench/results/peers-DATE-h200-context1.json                           # ... until complete
 
 Cases, as the records name them:
 - step: `llama2-7b-r16-all-4x512`, `llama3-8b-r16-all-4x512`. QLoRA (NF4, double quant, bf16 compute), LoRA r=16
@@ -67,7 +68,8 @@ from loraforge.bench.models import SHAPES  # noqa: E402
 from loraforge.data.templates import alpaca_prompt  # noqa: E402
 from loraforge.errors import ConfigError, DataError, LoraforgeError  # noqa: E402
 
-ARMS = {"step": ("stock", "unsloth", "loraforge"), "context": ("unsloth", "loraforge", "stock"),
+# In the order they run: the two the issue compares first, so that a call cut short loses stock (measured often).
+ARMS = {"step": ("unsloth", "loraforge", "stock"), "context": ("unsloth", "loraforge", "stock"),
         "e2e": ("loraforge-train", "bench", "unsloth-sft")}
 DEFAULT_ARMS = {"step": ARMS["step"], "context": ("unsloth", "loraforge"), "e2e": ARMS["e2e"]}
 UNSLOTH_PACKAGES = ("unsloth", "unsloth_zoo", "trl")  # stamped from metadata; the arm's process reports its own too
@@ -578,7 +580,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", default=str(HERE / "results"), help="where the JSON and the log archive go")
     ap.add_argument("--work", default="/tmp/peers-work", help="logs, run folders, Unsloth's compiled cache")
     ap.add_argument("--tag", default="", help="appended to the file names, e.g. -step")
-    ap.add_argument("--budget-s", type=float, default=530.0, help="no arm or probe is started that would end later")
+    ap.add_argument("--budget-s", type=float, default=500.0, help="no arm or probe is started that would end later")
     ap.add_argument("--arm-timeout-s", type=float, default=300.0, help="step case: one arm's time limit")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
