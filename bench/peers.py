@@ -282,7 +282,8 @@ def context_record(case: str, arm: str, state: ContextState, meta: dict[str, Any
     s = state.search
     closed = state.closed()
     if probed:
-        max_tokens = state.verified() if closed else None
+        nothing_fits = closed and s.good == 0  # no probe trained, so there is nothing to verify
+        max_tokens = (0 if nothing_fits else state.verified()) if closed else None
         complete = closed and (max_tokens is not None or len(state.verify) >= 3)
         failed_full = [t["len"] for t in state.verify if not t.get("ok")]
         first_failing = min(failed_full) if failed_full else s.bad

@@ -126,6 +126,12 @@ def test_verification_steps_down(peers) -> None:
     rec = peers.context_record("c", "loraforge", state, {"versions": {}}, {}, probed=True)
     assert rec["max_tokens"] is None and rec["complete"] and len(rec["verify"]) == 3
 
+    none = peers.ContextState(peers.Search(65536, 1 << 20, 4096))  # not even the shortest probe trains
+    peers.search_longest(none, _probe(0, []), lambda: 1e9, lambda: None)
+    assert peers.verify_longest(none, full_step, lambda: 1e9, lambda: None, 4096) == "done" and none.verify == []
+    rec = peers.context_record("c", "loraforge", none, {"versions": {}}, {}, probed=True)
+    assert rec["max_tokens"] == 0 and rec["complete"] and rec["first_failing"] <= 4096
+
 
 def test_estimate(peers) -> None:
     trials = [{"len": 65536, "ok": True, "s": 10.0, "wall_s": 40.0}, {"len": 131072, "ok": False}]
