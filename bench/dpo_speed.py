@@ -23,7 +23,6 @@ Writes dpo-<date>-<device>.json: records {"case", "arm", "tokens_per_s", "peak_g
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import subprocess
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from loraforge.bench.device import device_tag, require_cuda, versions  # noqa: E402
+from loraforge.bench.device import device_tag, require_cuda, stamp  # noqa: E402
 from loraforge.bench.models import ROOT, SHAPES, bench_run, build_loraforge, build_stock, lora_params  # noqa: E402
 from loraforge.config import TrainingConfig  # noqa: E402
 from loraforge.train import preference  # noqa: E402
@@ -199,7 +198,7 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     name = "cpu" if a.tiny else torch.cuda.get_device_name(0)
-    meta = {"device": name, "date": _dt.date.today().isoformat(), "versions": versions()}
+    meta = stamp(name)
     rows = [{**r, **meta} for r in rows]
     out = Path(a.out) / f"dpo-{meta['date']}-{device_tag(name)}{'-tiny' if a.tiny else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ per case and arm ("stock" | "loraforge"), with tokens_per_s, peak_gib and the fa
 """
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import sys
@@ -19,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 
-from loraforge.bench.device import device_tag, require_cuda, versions  # noqa: E402
+from loraforge.bench.device import device_tag, require_cuda, stamp  # noqa: E402
 from loraforge.bench.models import bench_run, build_loraforge, build_stock, lora_params, make_checkpoint  # noqa: E402
 from loraforge.bench.speed import _time_steps  # noqa: E402
 from loraforge.kernels.patch import fast_path_summary  # noqa: E402
@@ -68,7 +67,7 @@ def main() -> None:
     require_cuda("the dropout speed benchmark")
     name = torch.cuda.get_device_name(0)
     rows = [_one(arm, shape, p, a.warmup, a.steps) for shape, p in CASES for arm in ("loraforge", "stock")]
-    meta = {"device": name, "date": _dt.date.today().isoformat(), "versions": versions()}
+    meta = stamp(name)
     rows = [{**r, **meta} for r in rows]
     out = Path(a.out) / f"train-fastpath-{meta['date']}-{device_tag(name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ fast_path, versions, date).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
@@ -193,7 +192,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child_case:
         return _child(args)
-    from loraforge.bench.device import device_tag, require_cuda, versions
+    from loraforge.bench.device import device_tag, require_cuda, stamp
     from loraforge.bench.models import make_checkpoint
 
     require_cuda("bench/train_e2e.py")
@@ -227,7 +226,7 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
             records.append(rec)
     gpu = torch.cuda.get_device_name(0)
-    meta = {"device": gpu, "versions": versions(), "date": _dt.date.today().isoformat(),
+    meta = {**stamp(gpu),
             "batch": f"{BATCH}x{SEQ}", "lora": "r16 alpha32 all-linear, NF4 double quant, paged AdamW 32-bit"}
     for r in records:
         r.update(meta)

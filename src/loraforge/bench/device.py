@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import platform
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Any
 
 import torch
 
@@ -42,3 +46,16 @@ def versions() -> dict[str, str]:
     except Exception:
         pass
     return v
+
+
+def stamp(device: str, packages: Iterable[str] = ()) -> dict[str, Any]:
+    """What every benchmark record carries about where and when it ran: the device's name, today's date, and
+    the versions of the libraries both stacks run on plus `packages` (e.g. a peer's: "unsloth", "trl"), read
+    from their installed metadata so that stamping imports none of them (Unsloth patches what it imports)."""
+    v = versions()
+    for name in packages:
+        try:
+            v[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            v[name] = "not installed"
+    return {"device": device, "date": _dt.date.today().isoformat(), "versions": v}
