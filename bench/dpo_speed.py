@@ -43,13 +43,14 @@ from loraforge.train import preference  # noqa: E402
 PAIRS, PROMPT, ANSWER = 2, 128, 384
 
 
-def make_checkpoint(tiny: bool, device: str) -> str:
-    """Random bf16 (fp32 tiny) weights of the case's shape with the embedded tokenizer, written once."""
+def make_checkpoint(tiny: bool, device: str, tokenizer_dir: str | None = None) -> str:
+    """Random bf16 (fp32 tiny) weights of the case's shape with the embedded tokenizer (or the one in
+    `tokenizer_dir`: a GPU machine without the embedded model's package), written once."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from loraforge.model.embedded import resolve_embedded
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_embedded("smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or resolve_embedded("smollm2-135m-instruct"))
     shape = "tiny" if tiny else "llama2-7b"
     root = tempfile.gettempdir() + "/loraforge-dpo-ckpt" if tiny else ROOT
     path = f"{root}/{shape}-vocab{len(tokenizer)}"
@@ -161,8 +162,8 @@ def _timed(step, warm: int, steps: int, device: str) -> dict:
     return {"step_s": step_s, "peak_gib": peak}
 
 
-def one_arm(arm: str, tiny: bool, warm: int, steps: int) -> dict:
-    path = make_checkpoint(tiny, "cpu" if tiny else "cuda")
+def one_arm(arm: str, tiny: bool, warm: int, steps: int, tokenizer_dir: str | None = None) -> dict:
+    path = make_checkpoint(tiny, "cpu" if tiny else "cuda", tokenizer_dir)
     t = (_trl if arm == "trl" else _loraforge)(path, tiny, warm, steps)
     case = f"dpo-{'tiny' if tiny else 'llama2-7b'}-{'fp32-' if tiny else 'qlora-nf4-'}r16-all-{PAIRS}pairs-2x512"
     return {"case": case, "arm": arm, "tokens_per_s": round(2 * PAIRS * (PROMPT + ANSWER) / t["step_s"], 1),
@@ -175,10 +176,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape (fp32, no 4-bit)")
+    ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded SmolLM2's)")
     ap.add_argument("--arm", choices=["trl", "loraforge"], help="run one arm here and print its record (internal)")
     a = ap.parse_args()
     if a.arm:
-        print(json.dumps(one_arm(a.arm, a.tiny, a.warmup, a.steps)), flush=True)
+        print(json.dumps(one_arm(a.arm, a.tiny, a.warmup, a.steps, a.tokenizer)), flush=True)
         return
     if not a.tiny:
         require_cuda("the DPO speed benchmark")
@@ -191,6 +193,7 @@ def main() -> None:
                 print("trl arm skipped: `import trl` failed (pip install trl to compare)", flush=True)
                 continue
         cmd = [sys.executable, __file__, "--arm", arm, "--steps", str(a.steps), "--warmup", str(a.warmup)]
+        cmd += ["--tokenizer", a.tokenizer] if a.tokenizer else []
         done = subprocess.run(cmd + (["--tiny"] if a.tiny else []), capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{arm} arm failed:\n{done.stderr[-3000:]}", flush=True)
