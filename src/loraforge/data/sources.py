@@ -153,7 +153,7 @@ def _streamed_rows(ds: Any, where: str, path: str) -> Iterator[RawRecord]:
     # hands the worker only its share of the shard files, and stream.py shards by record itself.
     i = 0
     try:
-        for batch in ds.iter(batch_size=256):
+        for batch in ds.iter(batch_size=64):  # rows may be large (long documents): few at a time
             for values in zip(*batch.values(), strict=True):
                 yield RawRecord(dict(zip(batch, values, strict=True)), where, i)
                 i += 1
