@@ -133,14 +133,14 @@ def _hub_dataset(folder: Path, shards: int, rows_per_shard: int, every: int) -> 
     return sum(f.stat().st_size for f in (folder / "data").iterdir())
 
 
-@pytest.mark.long  # ~90 s: writes ~460 MB of parquet and streams through it three times in one capped process
+@pytest.mark.long  # ~90 s: writes ~920 MB of parquet and streams through it three times in one capped process
 def test_streaming_resume_over_data_larger_than_the_memory_cap(tmp_path: Path, tiny_model_dir: Path) -> None:
     steps = 6
     big = tmp_path / "big"
-    size = _hub_dataset(big, shards=6, rows_per_shard=800, every=400)  # 4,800 rows, 12 of them to train on
+    size = _hub_dataset(big, shards=12, rows_per_shard=800, every=800)  # 9,600 rows, 12 of them to train on
     small = tmp_path / "small"
     _hub_dataset(small, shards=2, rows_per_shard=40, every=5)
-    assert size > 400 << 20, size
+    assert size > 900 << 20, size
     paths = {}
     for name, data in (("warm", small), ("full", big), ("cut", big)):
         cfg = _streaming(run_config(tiny_model_dir, data, tmp_path / name, max_steps=steps, save_steps=0),
@@ -155,9 +155,9 @@ def test_streaming_resume_over_data_larger_than_the_memory_cap(tmp_path: Path, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     caps = json.loads(proc.stdout.strip().splitlines()[-1])
     assert caps["limit"] - caps["peak"] < size and caps["held"] == 0, caps  # the data cannot be held whole
-    # the runs streamed through most of the data (the last window starts at record 4,400 of 4,800), and the cut
+    # the runs streamed through most of the data (the last window starts at record 8,800 of 9,600), and the cut
     # session stopped mid-stream
     positions = {name: json.loads((tmp_path / name / "checkpoints" / f"step-{step}" / "trainer_state.json")
                                   .read_text())["stream_record"] for name, step in (("full", steps), ("cut", 3))}
-    assert positions == {"full": 4400, "cut": 2000}, positions
+    assert positions == {"full": 8800, "cut": 4000}, positions
     _same_run(tmp_path / "full", tmp_path / "cut", steps)

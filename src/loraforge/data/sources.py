@@ -1,8 +1,9 @@
 """Where records come from: files (JSON/JSONL/CSV/Parquet/text), dataset folders and ids, the embedded
 chitchat data, and loaders registered in Python (`custom:NAME`).
 
-Every reader is a generator of `RawRecord`s, so a JSONL, text, CSV or Parquet file is read piece by
-piece (streaming mode relies on this); only a JSON array and an OpenAssistant tree need the whole source.
+Every reader is a generator of `RawRecord`s, so a JSONL, JSON array, text, CSV or Parquet file is read piece
+by piece (streaming and memory-mapped modes rely on this); only a JSON file holding one object and an
+OpenAssistant tree need the whole source.
 """
 
 from __future__ import annotations
