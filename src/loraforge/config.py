@@ -148,7 +148,12 @@ class DataConfig(_Section):
     max_eval_samples: int | None = opt(None, "Use at most this many validation records.", ge=1)
     packing: bool = opt(False, "Pack several examples into one sequence (no attention across examples).")
     group_by_length: bool = opt(False, "Batch examples of similar length to waste less on padding.")
-    streaming: bool = opt(False, "Read the data lazily (for files larger than memory).")
+    streaming: bool = opt(False, "Stream the training data: records are read, tokenized (in the DataLoader's "
+                          "workers) and packed as training goes, in the source's order, never held whole; needs "
+                          "training.max_steps. Validation: the first max_eval_samples (else 256) held-out records. "
+                          "See docs/data.md.")
+    memory_map: bool = opt(False, "Tokenize once into an on-disk store read through memory maps (data larger than "
+                           "memory, still shuffled by epoch); streaming=false only.")
     skip_invalid: bool = opt(False, "Skip malformed records (counted in the log) instead of stopping.")
     cache: bool = opt(True, "Reuse tokenized data from the cache ($LORAFORGE_CACHE or ~/.cache/loraforge/tokenized) "
                       "when data, tokenizer and settings are unchanged.")

@@ -75,9 +75,9 @@ def _three_formats(tmp_path: Path) -> list[SourceConfig]:
             SourceConfig(path=str(q), column_mapping={"question": "instruction", "answer": "output"})]
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_each_source_keeps_its_own_format(tmp_path: Path, tokenizer, streaming: bool) -> None:
-    cfg = DataConfig(sources=_three_formats(tmp_path), validation_split=0.0, streaming=streaming, format="alpaca",
+@pytest.mark.parametrize("memory_map", [False, True])
+def test_each_source_keeps_its_own_format(tmp_path: Path, tokenizer, memory_map: bool) -> None:
+    cfg = DataConfig(sources=_three_formats(tmp_path), validation_split=0.0, memory_map=memory_map, format="alpaca",
                      max_length=128)
     data = build_datasets(cfg, tokenizer, 0)
     rendered = [tokenizer.decode(data.train[i]["input_ids"]) for i in range(len(data.train))]

@@ -1,4 +1,4 @@
-"""Streaming reads a file without loading it whole; a second run takes the tokens from the cache."""
+"""Memory-mapped mode (data.memory_map) reads a file without loading it whole; a second run hits the cache."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def big_jsonl(path: Path, n: int) -> Path:
 def test_streaming_never_holds_the_file(tmp_path: Path, tokenizer) -> None:
     path = big_jsonl(tmp_path / "big.jsonl", 600)
     size = os.path.getsize(path)
-    cfg = DataConfig(dataset=str(path), streaming=True, validation_split=0.1, max_length=64)
+    cfg = DataConfig(dataset=str(path), memory_map=True, validation_split=0.1, max_length=64)
     # warm up once on a small file: the tokenizer's fingerprint and lazy imports are fixed costs, not the file
-    build_datasets(DataConfig(dataset=str(write_jsonl(tmp_path / "s.jsonl", alpaca_records(4))), streaming=True),
+    build_datasets(DataConfig(dataset=str(write_jsonl(tmp_path / "s.jsonl", alpaca_records(4))), memory_map=True),
                    tokenizer)
     tracemalloc.start()
     try:
@@ -63,11 +63,11 @@ def test_streaming_examples_iterable_is_lazy(tmp_path: Path, tokenizer) -> None:
     assert stream.stats.read == 3  # only what was asked for was read
 
 
-@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("memory_map", [False, True])
 def test_second_run_is_a_cache_hit(tmp_path: Path, tokenizer, monkeypatch, private_cache: Path,
-                                   streaming: bool) -> None:
+                                   memory_map: bool) -> None:
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_records(10))
-    cfg = DataConfig(dataset=str(path), streaming=streaming, validation_split=0.2)
+    cfg = DataConfig(dataset=str(path), memory_map=memory_map, validation_split=0.2)
     first = build_datasets(cfg, tokenizer, 2)
     assert first.stats["train"].cache == "miss"
     assert any((private_cache / "tokenized").iterdir())
@@ -83,7 +83,7 @@ def test_second_run_is_a_cache_hit(tmp_path: Path, tokenizer, monkeypatch, priva
     assert second.stats["train"].used == first.stats["train"].used
     # other settings, or changed data, miss the cache
     with pytest.raises(AssertionError, match="tokenized again"):
-        build_datasets(DataConfig(dataset=str(path), streaming=streaming, validation_split=0.2, max_length=100),
+        build_datasets(DataConfig(dataset=str(path), memory_map=memory_map, validation_split=0.2, max_length=100),
                        tokenizer)
     write_jsonl(path, alpaca_records(11))
     with pytest.raises(AssertionError, match="tokenized again"):

@@ -25,7 +25,7 @@ def _trainer(tmp: Path, model_dir: Path, **data) -> LLAMATrainer:
 
 
 def test_streaming_data_trains_through_the_loop(tmp_path: Path, tiny_model_dir: Path):
-    trainer = _trainer(tmp_path, tiny_model_dir, streaming=True)
+    trainer = _trainer(tmp_path, tiny_model_dir, memory_map=True)
     result = trainer.train()
     assert result.steps == 3 and math.isfinite(result.train_loss)
     # streamed examples live in the on-disk store, read lazily, not as an in-memory list

@@ -1,4 +1,4 @@
-"""Tokenized examples on disk: the tokenization cache, and the backing store of streaming mode.
+"""Tokenized examples on disk: the tokenization cache, and the backing store of memory-mapped mode.
 
 An entry is a folder under `<cache root>/tokenized/<key>/` (cache root: $LORAFORGE_CACHE, else
 ~/.cache/loraforge) with, per split, `input_ids.bin` and `labels.bin` (int32, all examples back to back)

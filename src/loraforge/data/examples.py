@@ -44,31 +44,40 @@ def iter_examples(raw: Iterable[RawRecord], cfg: DataConfig, tokenizer: Any, fmt
     """Normalize and tokenize lazily, counting into `stats`; yields (example, normalized record)."""
     user_template = load_user_template(cfg.template)
     for rec in raw:
-        stats.read += 1
-        try:
-            norm = normalize(rec.data, fmt, rec.where, column_mapping)
-        except InvalidRecord as e:
-            if not cfg.skip_invalid:
-                raise DataError(f"{e} (set data.skip_invalid=true to skip and count such records)") from None
-            stats.skipped_invalid += 1
-            if len(stats.first_errors) < 5:
-                stats.first_errors.append(str(e))
-            continue
-        if "messages" in norm and cfg.system_prompt and norm["messages"][0]["role"] != "system":
-            norm["messages"] = [{"role": "system", "content": cfg.system_prompt}, *norm["messages"]]
-        examples, truncated = encode_record(norm, cfg, tokenizer, user_template)
-        stats.truncated += truncated
-        # An example with no scored label gives a 0/0 = NaN loss: e.g. a conversation truncated before its
-        # first assistant turn. Drop it here and count it, rather than let it poison a batch. (Position 0
-        # is never scored: the model predicts token t from the tokens before it.)
-        examples = [e for e in examples if any(v != IGNORE_INDEX for v in e["labels"][1:])]
-        if not examples:
-            stats.dropped_no_labels += 1
-            continue
-        stats.used += 1
-        stats.examples += len(examples)
+        examples, norm = record_examples(rec, cfg, tokenizer, fmt, stats, column_mapping, user_template)
         for e in examples:
             yield e, norm
+
+
+def record_examples(rec: RawRecord, cfg: DataConfig, tokenizer: Any, fmt: str, stats: DataStats,
+                    column_mapping: dict[str, str] | None,
+                    user_template: str | None) -> tuple[list[dict[str, list[int]]], dict | None]:
+    """One raw record → (its tokenized examples, its normalized record), counted into `stats`. No examples
+    when it is skipped as invalid or dropped; the streaming path (stream.py) tokenizes with this too."""
+    stats.read += 1
+    try:
+        norm = normalize(rec.data, fmt, rec.where, column_mapping)
+    except InvalidRecord as e:
+        if not cfg.skip_invalid:
+            raise DataError(f"{e} (set data.skip_invalid=true to skip and count such records)") from None
+        stats.skipped_invalid += 1
+        if len(stats.first_errors) < 5:
+            stats.first_errors.append(str(e))
+        return [], None
+    if "messages" in norm and cfg.system_prompt and norm["messages"][0]["role"] != "system":
+        norm["messages"] = [{"role": "system", "content": cfg.system_prompt}, *norm["messages"]]
+    examples, truncated = encode_record(norm, cfg, tokenizer, user_template)
+    stats.truncated += truncated
+    # An example with no scored label gives a 0/0 = NaN loss: e.g. a conversation truncated before its
+    # first assistant turn. Drop it here and count it, rather than let it poison a batch. (Position 0
+    # is never scored: the model predicts token t from the tokens before it.)
+    examples = [e for e in examples if any(v != IGNORE_INDEX for v in e["labels"][1:])]
+    if not examples:
+        stats.dropped_no_labels += 1
+        return [], norm
+    stats.used += 1
+    stats.examples += len(examples)
+    return examples, norm
 
 
 def tokenize_records(raw: Iterable[RawRecord], cfg: DataConfig, tokenizer: Any, fmt: str, stats: DataStats,

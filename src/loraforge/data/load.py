@@ -1,9 +1,11 @@
 """One source, read, split and tokenized — through the tokenization cache (cache.py) when it is on.
 
 `load_source` turns a `SourceSpec` into a `SourceData`. In memory mode the records are read whole, shuffled
-and split by count; in streaming mode (`data.streaming`) they are read one at a time, each record goes to
-validation by a seeded hash of its index (split.py), and the examples are written straight into an on-disk
-`TokenStore` the trainer indexes lazily. The file readers are in sources.py; tokenizing is in examples.py.
+and split by count; in memory-mapped mode (`data.memory_map`) they are read one at a time, each record goes
+to validation by a seeded hash of its index (split.py), and the examples are written straight into an
+on-disk `TokenStore` the trainer indexes lazily. `load_stream` (`data.streaming`) tokenizes nothing up front
+but the held-out records: the training split is a `TrainStream` (stream.py). The file readers are in
+sources.py; tokenizing is in examples.py.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from loraforge.data import cache, chitchat, sources
 from loraforge.data.examples import iter_examples, tokenize_records
 from loraforge.data.records import KIND_OF_FORMAT, InvalidRecord, RawRecord, detect_format, oasst_conversations
 from loraforge.data.split import in_validation, split_records
+from loraforge.data.stream import TrainStream, held_out, stream_config
 from loraforge.data.templates import load_user_template
 from loraforge.data.types import DataStats, SourceData, SourceSpec
 from loraforge.errors import DataError
 
 EVAL_RECORDS_KEPT = 64  # normalized validation records kept (and cached) for generation-time evaluation
+STREAM_EVAL_RECORDS = 256  # held-out records of a streamed source when data.max_eval_samples is not set
 
 
 def read_source(path: str, split: str = "train") -> list[RawRecord]:
@@ -84,8 +88,8 @@ class StreamingExamples:
             fmt = resolve_format("auto", first_records(sources.iter_source(self.source, self.data_split), 50),
                                  self.column_mapping)
         if fmt == "oasst":
-            raise DataError(f"{self.source}: OpenAssistant trees cannot be streamed (a tree needs all its rows); "
-                            "set data.streaming=false.")
+            raise DataError(f"{self.source}: OpenAssistant trees cannot be read one record at a time (a tree needs "
+                            "all its rows); set data.memory_map=false.")
         self.stats = stats = DataStats()
         for example, _ in iter_examples(self.raw(), self.cfg, self.tokenizer, fmt, stats, self.column_mapping):
             yield example
@@ -111,7 +115,7 @@ def source_cache_key(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> str |
     if load_user_template(template) and Path(template).expanduser().is_file():
         template = Path(template).expanduser().read_text(encoding="utf-8")
     settings = {k: getattr(cfg, k) for k in ("max_length", "train_on_inputs", "system_prompt", "validation_split",
-                                              "max_eval_samples", "skip_invalid", "seed", "streaming")}
+                                              "max_eval_samples", "skip_invalid", "seed", "memory_map")}
     return cache.cache_key(source=ident, spec=dataclasses.asdict(spec), validation=val_ident, template=template,
                            settings=settings, tokenizer=cache.tokenizer_fingerprint(tokenizer),
                            code=cache.code_fingerprint())
@@ -119,11 +123,11 @@ def source_cache_key(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> str |
 
 def load_source(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> SourceData:
     """Read, split and tokenize one source, through the tokenization cache when `cfg.cache` is on."""
-    use_cache = getattr(cfg, "cache", True) or cfg.streaming
+    use_cache = getattr(cfg, "cache", True) or cfg.memory_map
     key = source_cache_key(spec, cfg, tokenizer) if use_cache else None
     if key and getattr(cfg, "cache", True) and (hit := cache.lookup(key)):
-        return from_cache(hit, streaming=cfg.streaming)
-    if cfg.streaming:
+        return from_cache(hit, streaming=cfg.memory_map)
+    if cfg.memory_map:
         # The store is the streaming backing; with an uncachable source (custom:) it is a one-off entry.
         key = key or cache.cache_key(once=random.random())
         return _stream_into_store(spec, cfg, tokenizer, key, cached=getattr(cfg, "cache", True))
@@ -140,6 +144,28 @@ def load_source(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> SourceData
         for s in data.stats.values():
             s.cache = "miss"
     return data
+
+
+def load_stream(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> SourceData:
+    """Streaming mode: the training split as a `TrainStream`, read as training goes; the held-out examples
+    (split.py's streaming rule, at most max_eval_samples or STREAM_EVAL_RECORDS records) tokenized now."""
+    fmt = resolve_format(spec.format, first_records(sources.iter_source(spec.path, spec.split, streaming=True), 50),
+                         spec.column_mapping)
+    if fmt == "oasst":
+        raise DataError(f"{spec.path}: OpenAssistant trees cannot be streamed (a tree needs all its rows); "
+                        "set data.streaming=false.")
+    if fmt == "auto":
+        raise DataError(f"data.dataset: {spec.path!r}: no readable record among its first 50 tells the format; "
+                        "set data.format, or check the records.")
+    scfg = stream_config(cfg, spec.max_samples or cfg.max_samples)
+    train = TrainStream(spec.path, spec.split, fmt, spec.column_mapping, scfg, tokenizer)
+    limit = cfg.max_eval_samples or STREAM_EVAL_RECORDS
+    validation, val_records, val_stats = held_out(spec.path, spec.split, fmt, spec.column_mapping, scfg, tokenizer,
+                                                  limit)
+    note = ("streaming: training records are read and tokenized as training goes, so they are not counted up "
+            "front; packing (when on) happens in the stream")
+    stats = {"train": DataStats(notes=[note]), "validation": val_stats}
+    return SourceData(train, validation, fmt, _kind(fmt), stats, _dedupe(val_records)[:EVAL_RECORDS_KEPT])
 
 
 def _load_in_memory(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> SourceData:

@@ -3,7 +3,8 @@
 `build_datasets` loads the configured source (load.py: read, split, tokenize, or take from the cache) or, in
 combined mode (`data.sources`), loads each source and mixes them (mixing.py); then packs the training split
 (`data.packing`, last), picks the held-out (prompt, reference) pairs for generation-time evaluation and the
-prompt formatter. The data types are in types.py.
+prompt formatter. In streaming mode the training split stays a stream (stream.py). The data types are in
+types.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from loraforge import progress
 from loraforge.config import DataConfig
-from loraforge.data.load import load_source
+from loraforge.data.load import load_source, load_stream
 from loraforge.data.mixing import mix_sources
 from loraforge.data.packing import pack_dataset
 from loraforge.data.templates import load_user_template, prompt_formatter
@@ -50,7 +51,17 @@ def finish_train_split(train: Sequence[dict], cfg: DataConfig, stats: DataStats)
 
 
 def build_datasets(cfg: DataConfig, tokenizer: Any, num_eval_pairs: int = 8) -> DataBundle:
-    """Read, split, tokenize (or take from the cache), mix (combined mode), pack."""
+    """Read, split, tokenize (or take from the cache), mix (combined mode), pack. Streaming mode (`data.streaming`)
+    leaves the training split as a stream (stream.py), tokenized and packed as training reads it."""
+    if cfg.streaming:
+        if cfg.sources:
+            raise DataError("data.streaming: combined mode (data.sources) is not streamed; set data.streaming=false "
+                            "(data.memory_map=true keeps large sources on disk), or stream one source.")
+        spec = SourceSpec(cfg.dataset, cfg.format, cfg.column_mapping, cfg.split, cfg.max_samples)
+        data = load_stream(spec, cfg, tokenizer)
+        pairs = make_eval_pairs(data.eval_records, num_eval_pairs, cfg.seed)
+        formatter = prompt_formatter(data.kind, tokenizer, load_user_template(cfg.template), cfg.system_prompt)
+        return DataBundle(data.train, data.validation, data.kind, pairs, data.stats, formatter)
     # Each text tokenized counts a step (tokenize.encode_segments); a bar appears if it takes over 2 s.
     with progress.counting("tokenizing the dataset"):
         if cfg.sources:

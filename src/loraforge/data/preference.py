@@ -215,7 +215,8 @@ def tokenize_pairs(raw: list[RawRecord], cfg: DataConfig, tokenizer: Any, stats:
 
 def build_preference_datasets(cfg: DataConfig, tokenizer: Any, num_eval_pairs: int = 0) -> PreferenceData:
     """Read, split and tokenize preference pairs (the DPO / ORPO counterpart of pipeline.build_datasets)."""
-    for name, on in (("sources", bool(cfg.sources)), ("packing", cfg.packing), ("streaming", cfg.streaming)):
+    for name, on in (("sources", bool(cfg.sources)), ("packing", cfg.packing), ("streaming", cfg.streaming),
+                     ("memory_map", cfg.memory_map)):
         if on:
             raise ConfigError(f"data.{name} is not supported with preference training (training.objective dpo or "
                               f"orpo): a pair's two sides must stay whole and side by side. Unset data.{name}.")

@@ -153,11 +153,7 @@ def read_json_file(path: Path) -> Iterator[RawRecord]:
         yield from _json_lines(path, array_hint=head.startswith("["))
         return
     if head.startswith("["):
-        try:
-            data = _loads("".join(line for _, line in strict_lines(path)), str(path))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
-        for i, rec in enumerate(data):
+        for i, rec in enumerate(iter_json_array(path)):
             yield RawRecord(rec, str(path), i)
         return
     if head.startswith("{") and suffix == ".json":
@@ -174,6 +170,126 @@ def read_json_file(path: Path) -> Iterator[RawRecord]:
                 yield RawRecord(data, str(path), 0)
             return
     yield from _json_lines(path)
+
+
+# A JSON array is parsed one element at a time from chunks of decoded text (json's raw_decode at the element's
+# start; an element cut by the chunk's end is retried with the next chunk appended), so a file of any size is
+# read in memory bounded by its largest record. An element that still fails once it spans this much text is
+# an error, so a broken file is not read whole before it is reported.
+JSON_CHUNK_CHARS = 1 << 20
+JSON_RECORD_LIMIT = 64 << 20
+
+
+def _text_chunks(path: Path, size: int) -> Iterator[str]:
+    """The file's text in chunks of `size` characters, decoded as `text_lines` decodes it."""
+    try:
+        with _open_bytes(path) as f:
+            head = f.read(4096)
+            encoding = _encoding(path, head)
+            f.seek(0)
+            reader = io.TextIOWrapper(f, encoding=encoding, newline="")
+            read = 0
+            try:
+                while chunk := reader.read(size):
+                    read += len(chunk)
+                    yield chunk
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, after character {read}: not valid {encoding.upper().removesuffix('-SIG')} "
+                                f"text ({e.reason}). Save the file as UTF-8.") from None
+    except _GZIP_ERRORS as e:
+        raise DataError(f"{path}: a broken or truncated gzip file ({type(e).__name__}: {e}).") from None
+
+
+def iter_json_array(path: Path, chunk_chars: int = JSON_CHUNK_CHARS) -> Iterator[Any]:
+    """The elements of a file holding one top-level JSON array, parsed incrementally (see above). Errors name
+    the line and column in the file, as json's own messages do for a file read whole."""
+    decoder = json.JSONDecoder()
+    text = _ArrayText(_text_chunks(path, chunk_chars), chunk_chars)
+    expect, count = "[", 0  # "[" at the start; then "value"; then "," or "]"
+    while True:
+        if not text.skip_space():
+            what = "the array's opening '['" if expect == "[" else "the end of the array (']')"
+            raise DataError(f"{path}: invalid JSON: the file ends before {what}.")
+        ch = text.buf[text.at]
+        if ch == "]" and (expect == "," or (expect == "value" and count == 0)):
+            text.at += 1
+            if text.skip_space():
+                text.fail(path, text.at, "Extra data")
+            return
+        if expect in ("[", ","):
+            if ch != expect:
+                text.fail(path, text.at, "Expecting ',' delimiter" if expect == "," else "Expecting '['")
+            text.at += 1
+            expect = "value"
+            continue
+        try:
+            value, end = decoder.raw_decode(text.buf, text.at)
+        except json.JSONDecodeError as e:
+            # Cut by the chunk's end, or broken: read on (up to the record limit) before calling it broken.
+            if len(text.buf) - text.at < JSON_RECORD_LIMIT and text.read_more():
+                continue
+            text.fail(path, e.pos, e.msg)
+        except RecursionError:
+            raise InvalidRecord(f"{path}, record {count}: the JSON is nested too deeply (over ~1000 levels) to be a "
+                                "record.") from None
+        if _number_may_go_on(value, text.buf, end) and text.read_more():  # "-2500." + "5]": parse again
+            continue
+        yield value
+        text.at, expect, count = end, ",", count + 1
+
+
+def _number_may_go_on(value: Any, buf: str, end: int) -> bool:
+    """Whether a number parsed from `buf` may be the prefix of a longer one cut by the chunk's end."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    while end < len(buf) and buf[end] in "0123456789+-.eE":
+        end += 1
+    return end == len(buf)
+
+
+class _ArrayText:
+    """The window of a JSON array's text being parsed: `buf[at:]` is unparsed; text before `at` is dropped as
+    the window moves on, keeping the line and column it ended at for error messages."""
+
+    def __init__(self, chunks: Iterator[str], chunk_chars: int):
+        self.chunks, self.chunk_chars = chunks, chunk_chars
+        self.buf, self.at, self.done = "", 0, False
+        self.lines_before, self.cols_before = 0, 0
+
+    def read_more(self) -> bool:
+        if self.done:
+            return False
+        if self.at > self.chunk_chars:
+            dropped = self.buf[:self.at]
+            nl = dropped.rfind("\n")
+            if nl >= 0:
+                self.lines_before += dropped.count("\n")
+                self.cols_before = len(dropped) - nl - 1
+            else:
+                self.cols_before += len(dropped)
+            self.buf, self.at = self.buf[self.at:], 0
+        nxt = next(self.chunks, None)
+        if nxt is None:
+            self.done = True
+            return False
+        self.buf += nxt
+        return True
+
+    def skip_space(self) -> bool:
+        """Move past whitespace; False at the end of the file."""
+        while True:
+            while self.at < len(self.buf) and self.buf[self.at] in " \t\r\n":
+                self.at += 1
+            if self.at < len(self.buf):
+                return True
+            if not self.read_more():
+                return False
+
+    def fail(self, path: Path, pos: int, msg: str) -> None:
+        nl = self.buf.rfind("\n", 0, pos)
+        line = self.lines_before + self.buf.count("\n", 0, pos) + 1
+        col = pos - nl if nl >= 0 else self.cols_before + pos + 1
+        raise DataError(f"{path}: invalid JSON at line {line}, column {col}: {msg}.")
 
 
 def _json_lines(path: Path, *, array_hint: bool = False) -> Iterator[RawRecord]:

@@ -1,8 +1,9 @@
 """Where records come from: files (JSON/JSONL/CSV/Parquet/text), dataset folders and ids, the embedded
 chitchat data, and loaders registered in Python (`custom:NAME`).
 
-Every reader is a generator of `RawRecord`s, so a JSONL, text, CSV or Parquet file is read piece by
-piece (streaming mode relies on this); only a JSON array and an OpenAssistant tree need the whole source.
+Every reader is a generator of `RawRecord`s, so a JSONL, JSON array, text, CSV or Parquet file is read piece
+by piece (streaming and memory-mapped modes rely on this); only a JSON file holding one object and an
+OpenAssistant tree need the whole source.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from loraforge.data.records import (
 from loraforge.errors import DataError
 
 CUSTOM_PREFIX = "custom:"
+HUB_PREFIX = "hf:"  # hf:NAME is always a Hugging Face dataset id, even when a local file or folder is called NAME
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 
-def iter_source(path: str, split: str = "train") -> Iterator[RawRecord]:
-    """Yield the raw records of any source, lazily where the format allows."""
+def iter_source(path: str, split: str = "train", *, streaming: bool = False) -> Iterator[RawRecord]:
+    """Yield the raw records of any source, lazily where the format allows. `streaming`: read dataset folders and
+    ids through `datasets`' streaming mode (no Arrow copy of the whole dataset is built first)."""
     if path == chitchat.NAME:
         for i, (cid, messages) in enumerate(chitchat.load_chitchat()):
             yield RawRecord({"messages": messages}, f"chitchat:{cid}", i)
@@ -40,11 +43,14 @@ def iter_source(path: str, split: str = "train") -> Iterator[RawRecord]:
 
         yield from read_registered(path[len(CUSTOM_PREFIX):])
         return
+    if path.startswith(HUB_PREFIX):
+        yield from read_dataset(path[len(HUB_PREFIX):], split, streaming=streaming, hub=True)
+        return
     p = Path(path).expanduser()
     if p.is_file():
         yield from read_file(p)
         return
-    yield from read_dataset(path, split)
+    yield from read_dataset(path, split, streaming=streaming)
 
 
 def read_file(path: Path) -> Iterator[RawRecord]:
@@ -109,11 +115,13 @@ def read_parquet(path: Path) -> Iterator[RawRecord]:
         raise DataError(f"{where}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}).") from None
 
 
-def read_dataset(path: str, split: str = "train") -> Iterator[RawRecord]:
-    """A folder saved with `save_to_disk`, a folder of data files, or a Hugging Face dataset id."""
+def read_dataset(path: str, split: str = "train", *, streaming: bool = False, hub: bool = False) -> Iterator[RawRecord]:
+    """A folder saved with `save_to_disk`, a folder of data files, or a Hugging Face dataset id (`hub`: it is
+    one, whatever the local files). `streaming`: data files and ids are read by `datasets`' streaming mode, a
+    batch of rows at a time (a saved folder is memory-mapped Arrow, lazy already)."""
     import datasets
 
-    p = Path(path).expanduser()
+    p = Path("/nonexistent/hub-id") if hub else Path(path).expanduser()
     saved = p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file())
     if p.is_dir() and not saved:
         _one_format(p)
@@ -125,7 +133,7 @@ def read_dataset(path: str, split: str = "train") -> Iterator[RawRecord]:
                     raise DataError(f"{path}: no split {split!r}; the folder has {sorted(ds)}. Set data.split.")
                 ds = ds[split]
         else:
-            ds = datasets.load_dataset(str(p) if p.is_dir() else path, split=split)
+            ds = datasets.load_dataset(str(p) if p.is_dir() else path, split=split, streaming=streaming)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "cannot read this source"
@@ -134,8 +142,27 @@ def read_dataset(path: str, split: str = "train") -> Iterator[RawRecord]:
         raise DataError(f"data.dataset: {path!r}: {hint}. Point data.dataset at a .json/.jsonl/.csv/.parquet/"
                         ".txt file, a dataset folder, or 'chitchat'.") from e
     where = f"{path}[{split}]"
+    if isinstance(ds, datasets.IterableDataset):
+        yield from _streamed_rows(ds, where, path)
+        return
     for i, row in enumerate(ds):
         yield RawRecord(row, where, i)
+
+
+def _streamed_rows(ds: Any, where: str, path: str) -> Iterator[RawRecord]:
+    # `.iter(batch_size)`, not `iter(ds)`: inside a DataLoader worker, iterating a datasets 5.x IterableDataset
+    # hands the worker only its share of the shard files, and stream.py shards by record itself.
+    i = 0
+    try:
+        for batch in ds.iter(batch_size=64):  # rows may be large (long documents): few at a time
+            for values in zip(*batch.values(), strict=True):
+                yield RawRecord(dict(zip(batch, values, strict=True)), where, i)
+                i += 1
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types; all mean "cannot read on"
+        raise DataError(f"data.dataset: {path!r}: datasets could not stream it after record {i} "
+                        f"({type(e).__name__}: {str(e)[:200]}).") from e
 
 
 _DATASET_METADATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"}
@@ -160,6 +187,8 @@ def identity(path: str, split: str = "train") -> str | None:
     """A fingerprint that changes when the source's content may have changed (cache key); None = uncachable."""
     if path.startswith(CUSTOM_PREFIX):
         return None  # user code: we cannot know when its output changes
+    if path.startswith(HUB_PREFIX):
+        return f"hub:{path[len(HUB_PREFIX):]}:{split}"
     if path == chitchat.NAME:
         p = chitchat.chitchat_path()
         return f"chitchat:{_stat(p)}"

@@ -47,8 +47,9 @@ class DataStats:
 @dataclass
 class DataBundle:
     """Tokenized examples ({"input_ids", "labels"} dicts; packed rows add "position_ids") plus what
-    generation-time evaluation needs. `train`/`validation` are lists, or in streaming mode lazily indexed
-    on-disk sequences (`TokenStore`, supporting len, [i] and iteration; `.lengths` gives every length)."""
+    generation-time evaluation needs. `train`/`validation` are lists, or in memory-mapped mode lazily indexed
+    on-disk sequences (`TokenStore`, supporting len, [i] and iteration; `.lengths` gives every length); in
+    streaming mode `train` is a `TrainStream` (stream.py), with no length."""
 
     train: Sequence[dict[str, list[int]]]
     validation: Sequence[dict[str, list[int]]]

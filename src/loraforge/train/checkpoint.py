@@ -51,6 +51,9 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     elapsed_seconds: float = 0.0
+    # data.streaming: where the next micro-batch starts in the stream (data/stream.py's StreamPosition)
+    stream_record: int = 0
+    stream_row: int = 0
 
 
 def rng_state() -> dict[str, Any]:

@@ -3,7 +3,9 @@
 The data stream is one sequence of micro-batches over all epochs. Micro-batch m belongs to epoch
 m // per_epoch; each epoch's order is a permutation seeded by (seed, epoch). So the whole stream is a
 pure function of (seed, m): resuming at optimizer step s means starting at m = s × accumulation, with
-no state beyond the step counter — the property exact resume rests on.
+no state beyond the step counter — the property exact resume rests on. A streamed training set
+(`data.streaming`, data/stream.py) has no order to permute: its micro-batches come with the stream
+position after them, which `StepFeed` hands on with each step for the checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,6 +71,7 @@ class StepInputs:
     batches: list[dict[str, torch.Tensor]]
     labelled: int  # tokens that carry a label (after the shift): the step's loss denominator
     seen: int  # real (non-padding) tokens fed
+    position: Any = None  # streaming: the stream position after the step's last micro-batch
 
 
 class StepFeed:
@@ -81,7 +85,7 @@ class StepFeed:
     from that count.
     """
 
-    def __init__(self, batches: Iterator[dict[str, torch.Tensor]], accumulation: int, device: torch.device,
+    def __init__(self, batches: Iterator[Any], accumulation: int, device: torch.device,
                  pad_token_id: int | None):
         self.batches, self.accumulation, self.device, self.pad = batches, accumulation, device, pad_token_id
         self._next: StepInputs | None = None
@@ -101,10 +105,14 @@ class StepFeed:
 
     def _load(self) -> StepInputs:
         micro = [next(self.batches) for _ in range(self.accumulation)]
+        position = None
+        if isinstance(micro[0], tuple):  # a stream's (micro-batch, position after it)
+            position = micro[-1][1]
+            micro = [b for b, _ in micro]
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         seen = sum(tokens_in(b, self.pad) for b in micro)
         on_device = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
-        return StepInputs(on_device, labelled, seen)
+        return StepInputs(on_device, labelled, seen, position)
 
 
 def tokens_in(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> int:

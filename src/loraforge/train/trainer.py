@@ -239,6 +239,9 @@ class LLAMATrainer:
         do with it. The first process claims it for all (a launcher ends the others if it refuses).
         """
         tcfg = self.config.training
+        if self.config.data.streaming and tcfg.objective == "sft" and tcfg.max_steps <= 0:
+            raise ConfigError("data.streaming: a stream has no known length, so epochs cannot be counted; set "
+                              "training.max_steps (optimizer steps to train for).")
         run_dir = Path(tcfg.output_dir)
         if not is_first_process():
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,15 +260,17 @@ class LLAMATrainer:
         # recur (packing gives exactly one); otherwise a multiple of 8 suits the tensor cores.
         multiple = (128 if self.fast_path.graphs is not None else 8) if self.accelerator.device.type == "cuda" else None
         collate = self._collator(multiple)
-        stream = self._micro_batch_stream()
+        streamed = hasattr(self.data.train, "micro_batches")  # data.streaming: a stream, no length (stream.py)
+        stream = None if streamed else self._micro_batch_stream()
         accum = tcfg.gradient_accumulation_steps
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(
             1, math.ceil(tcfg.num_train_epochs * stream.per_epoch / accum))
         run = self._start_run(run_dir, total_steps)
         state = run.state
         # Workers (dataloader_num_workers > 0) start here, before the signal handlers they must not inherit.
-        feed = StepFeed(self._train_batches(stream, collate, start=state.micro_batch), accum,
-                        self.accelerator.device, self.tokenizer.pad_token_id)
+        batches = self._streamed_batches(collate, state) if streamed else \
+            self._train_batches(stream, collate, start=state.micro_batch)
+        feed = StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id)
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
@@ -284,6 +289,8 @@ class LLAMATrainer:
             while state.step < total_steps:
                 inputs = feed.take()
                 state.micro_batch += accum
+                if inputs.position is not None:
+                    state.stream_record, state.stream_row = inputs.position.record, inputs.position.row
                 ahead = feed.prefetch if state.step + 1 < total_steps else None
                 out = self._optimizer_step(run, inputs, ahead)
                 state.step += 1
@@ -303,7 +310,8 @@ class LLAMATrainer:
 
                 if state.step % tcfg.logging_steps == 0 or is_last:
                     elapsed = time.perf_counter() - window.t0
-                    record = {"step": state.step, "epoch": round(state.micro_batch / stream.per_epoch, 4),
+                    epoch = round(state.micro_batch / stream.per_epoch, 4) if stream else None
+                    record = {"step": state.step, "epoch": epoch,
                               "loss": window.nll / max(1, window.tokens), "lr": out.lr,
                               "grad_norm": float(out.grad_norm) if out.grad_norm is not None else None,
                               "tokens_per_s": window.seen / max(elapsed, 1e-9),
@@ -399,6 +407,17 @@ class LLAMATrainer:
         """The collated micro-batches of `stream` from micro-batch `start` on, forever."""
         indices = (idx for _, idx in stream.batches(start=start))
         return iter(self._loader(self.data.train, collate, batch_sampler=indices))
+
+    def _streamed_batches(self, collate: Any, state: ckpt.TrainerState) -> Iterator[Any]:
+        """data.streaming: (micro-batch, stream position after it) from the position `state` holds, forever; the
+        records are tokenized in training.dataloader_num_workers processes (data/stream.py)."""
+        from loraforge.data.stream import StreamPosition, as_is  # with the data layer, imported when a run starts
+
+        acc, train = self.accelerator, self.data.train
+        return train.micro_batches(StreamPosition(state.stream_record, state.stream_row),
+                                   self.config.training.per_device_train_batch_size, collate,
+                                   load=lambda records: self._loader(records, as_is, batch_size=None),
+                                   world_size=acc.num_processes, rank=acc.process_index)
 
     def _start_run(self, run_dir: Path, total_steps: int) -> _Run:
         """Optimizer and schedule, prepared for the strategy; the state resumed if asked; the logs opened."""
