@@ -13,9 +13,9 @@ only lowers precision. The intervals say how much of a difference 48 replies can
 `loraforge demo --dpo` (`run_dpo_demo`): preference training once. Honest pairs from chitchat: the prompt is
 a conversation's first user turn, the chosen answer the real human reply, the rejected answer the base
 model's own greedy reply to the same prompt (generated once and cached under $LORAFORGE_CACHE/dpo-demo).
-DPO teaches the model to prefer the human's reply over its own; held-out reward accuracy (0.5 at the start:
-policy = reference, every pair a tie) and win rates are measured before and after, and written with the
-perplexity of the held-out human replies to the run folder's report.html and results.json.
+The held-out pairs share no prompt with the training ones. DPO teaches the model to prefer the human's reply
+over its own; held-out reward accuracy (0.5 at step 0: policy = reference, every pair a tie) rises, and the
+figures go to the console, report.html, results.json and dpo-demo-<date>.json (bench/results form).
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
+import os
+import platform
 import random
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,61 +206,113 @@ def _with_interval(summary: dict | None, name: str, key: str, value: float) -> s
 # ----------------------------------------------------------------------------------------------------------
 # loraforge demo --dpo
 
-DEMO_PAIRS = 320
-PAIR_RECIPE = 1  # bump when the way pairs are built changes (the cache key includes it)
-MAX_NEW_TOKENS = 48
+# Sized for two shared CPU cores (bench/results/dpo-cpu-demo-2026-12-03.json): the cost is generating the
+# rejected replies and the pairs' forward/backward passes, both linear in pairs × tokens.
+TRAIN_PAIRS = 40  # one pass of 5 steps × 8 pairs: the held-out accuracy is up by then (measured)
+HELD_OUT_PAIRS = 32  # at 0.9 its 95% interval is about [0.76, 0.97]
+MAX_CHARS = 120  # prompts and human replies longer than this are left out: short pairs are fast pairs
+MAX_NEW_TOKENS = 16  # the base model's reply is cut here; its assistant style shows in the first words
+GENERATION_BATCH = 36
+PAIR_RECIPE = 2  # bump when the way pairs are built changes (the cache key includes it)
+
+
+@dataclass(frozen=True)
+class DemoPairs:
+    """The demo's pairs files: training and held-out pairs never share a prompt."""
+
+    train: Path
+    held_out: Path
+    n_train: int
+    n_held_out: int
+    seconds: float  # spent building them; 0 when found in the cache
+    cached: bool
 
 
 def dpo_config_path() -> Path:
     return demo_config_path().with_name("demo-dpo.yaml")
 
 
+def _prompt_key(text: str) -> str:
+    """'Hello?', 'hello!' and 'Hello' are one prompt (chitchat opens 193 conversations with 'Hello?')."""
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
 def _prompts(n: int, seed: int) -> list[tuple[list[dict[str, str]], str]]:
-    """(first user turn, the human's reply) of `n` chitchat conversations, short enough for the demo."""
+    """(first user turn, the human's reply) of `n` chitchat conversations, in a seeded random order. Each
+    opens with a different first turn (see _prompt_key: the first conversation in the file wins), so no
+    held-out prompt repeats a training one; both texts are at most MAX_CHARS long."""
     from loraforge.data.chitchat import load_chitchat
 
-    picked = []
+    by_prompt: dict[str, tuple[list[dict[str, str]], str]] = {}
     for _, messages in load_chitchat():
-        if len(messages) >= 2 and messages[0]["role"] == "user" and 2 <= len(messages[1]["content"]) <= 200 \
-                and len(messages[0]["content"]) <= 200:
-            picked.append(([messages[0]], messages[1]["content"]))
+        if len(messages) < 2 or messages[0]["role"] != "user":
+            continue
+        prompt, reply = messages[0]["content"], messages[1]["content"]
+        key = _prompt_key(prompt)
+        if key and len(prompt) <= MAX_CHARS and 2 <= len(reply.strip()) and len(reply) <= MAX_CHARS:
+            by_prompt.setdefault(key, ([messages[0]], reply))
+    picked = list(by_prompt.values())
     random.Random(seed).shuffle(picked)
     return picked[:n]
 
 
-def build_demo_pairs(cfg: RunConfig, n: int = DEMO_PAIRS, log=print) -> Path:
-    """Write (or find in the cache) the demo's pairs file and return its path."""
-    from loraforge.model.embedded import cache_root
-
-    key = hashlib.sha256(json.dumps([cfg.model.model_name, n, cfg.data.seed, MAX_NEW_TOKENS, PAIR_RECIPE]).encode())
-    path = cache_root() / "dpo-demo" / f"pairs-{key.hexdigest()[:16]}.jsonl"
-    if path.is_file():
-        log(f"pairs: {path} (cached)")
-        return path
+def _base_replies(cfg: RunConfig, prompts: list[list[dict[str, str]]]) -> list[str]:
+    """The base model's own greedy reply to each prompt, as a user of it would see it."""
     from loraforge.data.templates import prompt_formatter
     from loraforge.infer.generation import Decoding, encode, generate_batch
     from loraforge.model.load import load_base
 
-    t0 = time.perf_counter()
-    prompts = _prompts(n, cfg.data.seed)
     model, tokenizer = load_base(cfg.model, for_training=False)
     fmt = prompt_formatter("chat", tokenizer)
-    encoded = [encode(tokenizer, fmt(p)) for p, _ in prompts]
-    # Greedy, as a user of the base model would see it; the repetition penalty keeps it from looping.
-    replies = generate_batch(model, tokenizer, encoded, Decoding(max_new_tokens=MAX_NEW_TOKENS,
-                                                                 repetition_penalty=1.1), batch_size=16)
-    rows = [{"prompt": p, "chosen": human, "rejected": reply}
+    encoded = [encode(tokenizer, fmt(p)) for p in prompts]
+    # Batches of similar prompt lengths: less left padding pushed through the model.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    # The repetition penalty keeps greedy decoding from looping.
+    replies = generate_batch(model, tokenizer, [encoded[i] for i in order],
+                             Decoding(max_new_tokens=MAX_NEW_TOKENS, repetition_penalty=1.1),
+                             batch_size=GENERATION_BATCH)
+    out = [""] * len(order)
+    for i, reply in zip(order, replies, strict=True):
+        out[i] = reply
+    return out
+
+
+def build_demo_pairs(cfg: RunConfig, n_train: int = TRAIN_PAIRS, n_held_out: int = HELD_OUT_PAIRS,
+                     log=print) -> DemoPairs:
+    """Write (or find in the cache, $LORAFORGE_CACHE/dpo-demo) the demo's training and held-out pairs:
+    the prompt a conversation's first user turn, chosen the human's real reply, rejected the base model's
+    own greedy reply. The first `n_held_out` pairs of the shuffled prompts are held out."""
+    from loraforge.model.embedded import cache_root
+
+    key = hashlib.sha256(json.dumps([cfg.model.model_name, n_train, n_held_out, cfg.data.seed, MAX_CHARS,
+                                     MAX_NEW_TOKENS, PAIR_RECIPE]).encode()).hexdigest()[:16]
+    folder = cache_root() / "dpo-demo" / key
+    files = {"held_out": folder / "held_out.jsonl", "train": folder / "train.jsonl"}
+    if all(f.is_file() for f in files.values()):
+        log(f"pairs: {folder} (cached)")
+        counts = {k: len(f.read_text(encoding="utf-8").splitlines()) for k, f in files.items()}
+        return DemoPairs(files["train"], files["held_out"], counts["train"], counts["held_out"], 0.0, True)
+    t0 = time.perf_counter()
+    prompts = _prompts(n_train + n_held_out, cfg.data.seed)
+    replies = _base_replies(cfg, [p for p, _ in prompts])
+    rows = [{"prompt": p[0]["content"], "chosen": human, "rejected": reply}
             for (p, human), reply in zip(prompts, replies, strict=True)
             if reply.strip() and reply.strip() != human.strip()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    log(f"pairs: {len(rows)} built from chitchat in {time.perf_counter() - t0:.0f}s → {path}")
-    return path
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("held_out", rows[:n_held_out]), ("train", rows[n_held_out:])):
+        tmp = files[name].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        tmp.replace(files[name])  # train last: a folder with both files is complete
+    seconds = time.perf_counter() - t0
+    n_out = min(n_held_out, len(rows))
+    log(f"pairs: {len(rows) - n_out} for training and {n_out} held out, built from chitchat in {seconds:.0f}s "
+        f"→ {folder}")
+    return DemoPairs(files["train"], files["held_out"], len(rows) - n_out, n_out, seconds, False)
 
 
 def run_dpo_demo(out: Path = Path("runs/demo-dpo"), steps: int | None = None) -> dict[str, Any]:
+    """Build the pairs, measure the held-out pairs, train DPO, measure them again; print the figures and
+    write the run folder (report.html, results.json, dpo-demo-<date>.json in bench/results form)."""
     from loraforge.eval.report import write_report
     from loraforge.train.trainer import LLAMATrainer
 
@@ -267,35 +324,135 @@ def run_dpo_demo(out: Path = Path("runs/demo-dpo"), steps: int | None = None) ->
     console.rule("[bold]loraforge demo --dpo")
     t0 = time.perf_counter()
     pairs = build_demo_pairs(cfg, log=say)
-    cfg = load_config(dpo_config_path(), overrides + [f"data.dataset={pairs}"])
+    # The held-out pairs come as their own file: data.validation_split does not apply.
+    cfg = load_config(dpo_config_path(), overrides + [f"data.dataset={pairs.train}",
+                                                      f"data.validation_dataset={pairs.held_out}"])
+    t = cfg.training
+    say(f"model {cfg.model.model_name} · LoRA r={cfg.lora.r} {cfg.lora.target_modules} · DPO beta={t.beta} · "
+        f"{t.max_steps} steps of {t.per_device_train_batch_size}×{t.gradient_accumulation_steps} pairs at lr "
+        f"{t.learning_rate:g} · {pairs.n_train} training pairs, {pairs.n_held_out} held out")
     trainer = LLAMATrainer.from_config(cfg, log=say)
     trainer.setup()
-    before = trainer.evaluate()
-    say(f"held-out pairs before: reward accuracy {before['eval_reward_accuracy']:.3f}, win rate "
-        f"{before['eval_win_rate']:.3f}")
-    t_train = time.perf_counter()
-    result = trainer.train()
-    train_s = time.perf_counter() - t_train
-    after = trainer.evaluate()
-    results = {"reward_accuracy_before": before["eval_reward_accuracy"],
-               "reward_accuracy_after": after["eval_reward_accuracy"],
-               "reward_margin_after": after["eval_reward_margin"],
-               "win_rate_base": after["eval_base_win_rate"], "win_rate_finetuned": after["eval_win_rate"],
-               "perplexity_base": after["eval_base_perplexity"], "perplexity_finetuned": after["eval_perplexity"],
-               "held_out_pairs": len(trainer.data.validation), "train_pairs": len(trainer.data.train),
-               "steps": result.steps, "train_seconds": round(train_s, 1),
-               "wall_s": round(time.perf_counter() - t0, 1), "pairs_file": str(pairs)}
-    report = {"base": {"perplexity": after["eval_base_perplexity"], "win_rate": after["eval_base_win_rate"],
-                       "reward_accuracy": before["eval_reward_accuracy"]},
-              "finetuned": {"perplexity": after["eval_perplexity"], "win_rate": after["eval_win_rate"],
-                            "reward_accuracy": after["eval_reward_accuracy"]},
-              "meta": {"model": cfg.model.model_name, "adapter": str(result.adapter_dir), "dataset": str(pairs),
-                       "objective": "dpo", "device": str(trainer.accelerator.device)}}
+    # Before: DPO's implicit reward beta * (policy - reference) is 0 for every side at step 0 when the adapter
+    # starts at zero (policy = reference): every held-out pair is a tie, counted as half. An evaluation pass
+    # would only confirm it (two minutes on a busy 2-core machine), so it runs only when the adapter does not.
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = ({"eval_reward_accuracy": 0.5, "eval_reward_margin": 0.0} if starts_at_reference(model)
+              else trainer.evaluate())
+    evals: list[dict[str, float]] = []
+    result = trainer.train(on_eval=lambda step, metrics: evals.append(metrics))
+    after = evals[-1]  # the loop's own evaluation at its last step
+    summary = dpo_summary(cfg, pairs, before, after, result.steps, steps, out, t0)
+    (out / f"dpo-demo-{summary['date']}.json").write_text(json.dumps(summary, indent=1))
+    report = {"base": {"reward_accuracy": before["eval_reward_accuracy"], "win_rate": after["eval_base_win_rate"],
+                       "perplexity": after["eval_base_perplexity"]},
+              "finetuned": {"reward_accuracy": after["eval_reward_accuracy"], "win_rate": after["eval_win_rate"],
+                            "perplexity": after["eval_perplexity"]},
+              "meta": {"model": cfg.model.model_name, "adapter": str(result.adapter_dir), "objective": "dpo",
+                       "dataset": f"{pairs.n_train} training, {pairs.n_held_out} held-out pairs: {pairs.train.parent}",
+                       "reward accuracy 95% interval (Wilson)": summary["reward_accuracy_after_interval"],
+                       "reward margin": f"{after['eval_reward_margin']:+.3f}",
+                       "wall time": f"{summary['wall_s']:.0f}s",
+                       "device": summary["device"]}}
     paths = write_report(out, report, out / "metrics.jsonl")
-    results["report"] = str(paths["html"])
+    results = {**summary, "report": str(paths["html"]), "adapter": str(result.adapter_dir),
+               "pairs": str(pairs.train.parent)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    say(f"reward accuracy {results['reward_accuracy_before']:.3f} → {results['reward_accuracy_after']:.3f} · "
-        f"win rate {results['win_rate_base']:.3f} (base) → {results['win_rate_finetuned']:.3f} · perplexity of "
-        f"the human replies {results['perplexity_base']:.1f} → {results['perplexity_finetuned']:.1f} · "
-        f"{results['wall_s']:.0f}s in all · {paths['html']}")
+    _print_dpo_summary(console, summary, out)
     return results
+
+
+BEFORE_NOTE = ("reward_accuracy_before: DPO's held-out reward accuracy at step 0. The implicit reward "
+               "beta * (policy - reference) is 0 for every side then (every LoRA B matrix starts at zero, checked), "
+               "so every pair is a tie, counted as half: 0.5 by construction, measured only when the adapter does "
+               "not start at zero. win_rate_base is the base model's own preference: "
+               "the share of held-out pairs where it gives the human reply a higher mean token log-prob than its "
+               "own reply.")
+
+
+def dpo_summary(cfg: RunConfig, pairs: DemoPairs, before: dict[str, float], after: dict[str, float], steps_done: int,
+                steps_asked: int | None, out: Path, t0: float) -> dict[str, Any]:
+    """The demo's figures in the form bench/results keeps: what ran, where, and what it measured."""
+    import peft
+    import psutil
+    import torch
+    import transformers
+
+    t = cfg.training
+    n = pairs.n_held_out
+    proc = psutil.Process()
+    cpu = proc.cpu_times()
+    command = "loraforge demo --dpo" + (f" --out {out}" if out != Path("runs/demo-dpo") else "") \
+        + (f" --steps {steps_asked}" if steps_asked else "")
+    return {
+        "date": datetime.date.today().isoformat(), "command": command,
+        "device": _cpu_model(), "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "model": cfg.model.model_name, "lora": {"r": cfg.lora.r, "alpha": cfg.lora.lora_alpha,
+                                                "targets": cfg.lora.target_modules},
+        "train_pairs": pairs.n_train, "held_out_pairs": n, "steps": steps_done,
+        "pairs_per_step": t.per_device_train_batch_size * t.gradient_accumulation_steps,
+        "beta": t.beta, "lr": t.learning_rate, "max_length": cfg.data.max_length,
+        "rejected": f"base model's greedy reply, at most {MAX_NEW_TOKENS} new tokens, repetition penalty 1.1",
+        "reward_accuracy_before": before["eval_reward_accuracy"],
+        "reward_accuracy_before_measured": "eval_loss" in before,
+        "reward_accuracy_after": after["eval_reward_accuracy"],
+        "reward_accuracy_after_interval": wilson_interval(after["eval_reward_accuracy"], n),
+        "reward_margin_before": before["eval_reward_margin"], "reward_margin_after": after["eval_reward_margin"],
+        "win_rate_base": after["eval_base_win_rate"], "win_rate_finetuned": after["eval_win_rate"],
+        "perplexity_human_replies_base": after["eval_base_perplexity"],
+        "perplexity_human_replies_finetuned": after["eval_perplexity"],
+        "pairs_seconds": round(pairs.seconds, 1), "pairs_cached": pairs.cached,
+        "demo_s": round(time.perf_counter() - t0, 1),
+        # The whole process, interpreter start and imports included, as `time loraforge demo --dpo` shows it.
+        "wall_s": round(time.time() - proc.create_time(), 1), "cpu_s": round(cpu.user + cpu.system, 1),
+        "note": BEFORE_NOTE,
+    }
+
+
+def starts_at_reference(model: Any) -> bool:
+    """Every LoRA B matrix is zero: the model is its base exactly, as peft's default initialisation leaves it."""
+    return all(not p.any() for name, p in model.named_parameters() if "lora_B" in name)
+
+
+def wilson_interval(share: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a share measured on `n` pairs (ties, which count half, only at step 0)."""
+    if n <= 0:
+        return [0.0, 1.0]
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _print_dpo_summary(console: Console, s: dict[str, Any], out: Path) -> None:
+    low, high = s["reward_accuracy_after_interval"]
+    table = Table(title=f"{s['held_out_pairs']} held-out pairs (no prompt seen in training): the human's reply "
+                        "(chosen) vs the base model's own (rejected)")
+    table.add_column("")
+    table.add_column("before (base)", justify="right")
+    table.add_column("after DPO", justify="right")
+    table.add_row("DPO reward accuracy ↑", f"{s['reward_accuracy_before']:.3f}",
+                  f"{s['reward_accuracy_after']:.3f} [{low:.3f}, {high:.3f}]")
+    table.add_row("DPO reward margin ↑", f"{s['reward_margin_before']:+.3f}", f"{s['reward_margin_after']:+.3f}")
+    table.add_row("win rate: mean log-prob prefers the human reply ↑", f"{s['win_rate_base']:.3f}",
+                  f"{s['win_rate_finetuned']:.3f}")
+    table.add_row("perplexity of the human replies ↓", f"{s['perplexity_human_replies_base']:.1f}",
+                  f"{s['perplexity_human_replies_finetuned']:.1f}")
+    console.print(table)
+    console.print("Before = step 0: the implicit reward beta·(policy − reference) is 0 for both sides of every pair "
+                  "(a tie, counted as half). In brackets: 95% Wilson interval.", style="dim")
+    console.print(f"{s['steps']} steps of {s['pairs_per_step']} pairs · pairs built in {s['pairs_seconds']:.0f}s"
+                  f"{' (cached)' if s['pairs_cached'] else ''} · {s['wall_s']:.0f}s wall, {s['cpu_s']:.0f}s CPU on "
+                  f"{s['cpu_cores']} cores ({s['device']})")
+    console.print(f"run folder: {out}  (report.html, results.json, dpo-demo-{s['date']}.json, adapter/)")
