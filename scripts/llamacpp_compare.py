@@ -37,13 +37,14 @@ NEAR_TIE = 1e-2  # largest top-two logit margin that float32 on both sides may r
 PYTHONS = ("/work/venvs/llamacpp/bin/python",)  # tried after $LORAFORGE_LLAMACPP_PYTHON, before this Python
 
 # Run by the Python that has llama_cpp. The KV cache in f32 (GGML type 0; llama.cpp's default is f16), so that
-# nothing on this side is rounded below float32. logits_all=False: eval keeps the last position's logits only.
+# nothing on this side is rounded below float32. logits_all=True: without it llama-cpp-python 0.3.x leaves
+# `scores` at zero after eval (every argmax is token 0); 512 positions × 49,152 floats is 100 MB.
 WORKER = """
 import json, sys
 import numpy as np
 import llama_cpp
 path, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=2, logits_all=False, verbose=False, type_k=0, type_v=0)
+llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
 eos = llm.token_eos()
 rows = []
 for text in prompts:
@@ -71,12 +72,16 @@ def llamacpp_python() -> str | None:
     return None
 
 
-def merged_demo_model(work: Path) -> Any:
-    """The embedded model with a visible random LoRA adapter, merged in float32 with a GGUF file."""
+def merged_demo_model(work: Path, adapter: Path | None = None) -> Any:
+    """The embedded model with `adapter` (a trained run's, e.g. `make demo`'s runs/demo/adapter) or else a
+    visible random LoRA adapter, merged in float32 with a GGUF file."""
+    from loraforge.infer.merge import merge_adapter
+
+    if adapter is not None:
+        return merge_adapter(adapter, work / "merged", dtype="float32", gguf=True, device="cpu")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loraforge.infer.merge import merge_adapter
     from loraforge.model.card import name_base
     from loraforge.model.embedded import resolve_embedded
 
@@ -119,13 +124,13 @@ def top_two_margin(model: Any, ids: list[int], prefix: list[int]) -> float:
     return float(top2[0] - top2[1])
 
 
-def compare(work: Path, python: str) -> dict[str, Any]:
+def compare(work: Path, python: str, adapter: Path | None = None) -> dict[str, Any]:
     """Merge, export, decode on both sides; the JSON record (see the module docstring)."""
     import transformers
 
     import loraforge
 
-    result = merged_demo_model(work)
+    result = merged_demo_model(work, adapter)
     model, tok, ours = loraforge_answers(result.path)
     proc = subprocess.run([python, "-c", WORKER, str(result.gguf_file), json.dumps([r["prompt"] for r in ours]),
                            str(NEW_TOKENS)], capture_output=True, text=True, timeout=900)
@@ -145,7 +150,8 @@ def compare(work: Path, python: str) -> dict[str, Any]:
             margin = top_two_margin(model, mine["ids"], mine["tokens"][:k])
             row["first_difference"] = {"token": k, "loraforge_top_two_margin": margin, "near_tie": margin <= NEAR_TIE}
         prompts.append(row)
-    return {"model": "smollm2-135m-instruct (embedded) + random LoRA r=8 all-linear, merged in float32",
+    what = f"adapter {adapter}" if adapter else "random LoRA r=8 all-linear"
+    return {"model": f"smollm2-135m-instruct (embedded) + {what}, merged in float32",
             "gguf": result.gguf_file.name, "new_tokens": NEW_TOKENS, "near_tie": NEAR_TIE,
             "eos_equal": theirs["eos"] == tok.eos_token_id, "parity": result.parity.line() if result.parity else None,
             "equal": all(r["equal"] for r in prompts) and theirs["eos"] == tok.eos_token_id,
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", help="a Python with llama-cpp-python (default: the first one found)")
     parser.add_argument("--out", type=Path, help="also write the record to this file")
+    parser.add_argument("--adapter", type=Path, help="a trained adapter folder (default: a random LoRA)")
     args = parser.parse_args(argv)
     python = args.python or llamacpp_python()
     if python is None:
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="llamacpp-compare-") as work:
-        record = compare(Path(work), python)
+        record = compare(Path(work), python, args.adapter)
     text = json.dumps(record, indent=1, ensure_ascii=False)
     print(text)
     if args.out:
