@@ -51,6 +51,15 @@ def test_chat_lists_sharing_a_prefix_label_only_the_last_reply(tokenizer):
     assert _labelled_text(pair["rejected"], tokenizer) == "pear<|im_end|>"
 
 
+def test_prompt_as_a_message_list_with_string_answers(tokenizer):
+    """docs/preference.md's layout: `prompt` a message list (system + user, no assistant turn yet)."""
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say apple."}]
+    norm, pair = _pair({"prompt": prompt, "chosen": "apple", "rejected": "pear"}, tokenizer)
+    assert norm["messages"] == prompt and (norm["chosen"], norm["rejected"]) == ("apple", "pear")
+    assert _labelled_text(pair["chosen"], tokenizer) == "apple<|im_end|>"
+    assert "Be brief." in tokenizer.decode(pair["rejected"]["input_ids"])
+
+
 def test_alpaca_pair_uses_the_alpaca_template(tokenizer):
     record = {"instruction": "Repeat apple.", "input": "twice", "chosen": "apple apple", "rejected": "pear"}
     _, pair = _pair(record, tokenizer)

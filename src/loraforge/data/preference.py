@@ -121,7 +121,7 @@ def normalize_pair(record: Any, where: str, template: str, column_mapping: dict[
         if not shared and isinstance(prompt, str) and prompt.strip():
             shared = [{"role": "user", "content": prompt}]
         elif not shared and prompt is not None:
-            shared = normalize_messages(prompt, where, "prompt")
+            shared = normalize_messages(prompt, where, "prompt", need_answer=False)
         if not chosen or not rejected:
             raise InvalidRecord(f"{where}: fields 'chosen' and 'rejected' are identical: a pair needs two "
                                 "different answers.")
@@ -139,7 +139,7 @@ def normalize_pair(record: Any, where: str, template: str, column_mapping: dict[
         else:  # data.template: alpaca, or a user template written for Alpaca's fields
             norm = {"instruction": prompt, "input": ""}
     else:
-        norm = {"messages": normalize_messages(prompt, where, "prompt")}
+        norm = {"messages": normalize_messages(prompt, where, "prompt", need_answer=False)}
     if "messages" in norm and norm["messages"][-1]["role"] == "assistant":
         raise InvalidRecord(f"{where}: field 'prompt' ends with an assistant message; it must end with the turn "
                             "the answers reply to.")

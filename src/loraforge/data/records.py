@@ -361,7 +361,10 @@ def normalize_alpaca(record: dict[str, Any], where: str) -> dict[str, str]:
             "output": _field(record, "output", where)}
 
 
-def normalize_messages(messages: Any, where: str, field: str = "messages") -> list[dict[str, str]]:
+def normalize_messages(messages: Any, where: str, field: str = "messages", *,
+                       need_answer: bool = True) -> list[dict[str, str]]:
+    """A message list in OpenAI or ShareGPT form → [{"role", "content"}]. `need_answer=False` for a
+    preference pair's prompt, which ends before the answers and so holds no assistant message to train on."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRecord(f"{where}: field '{field}' must be a non-empty list of messages.")
     out = []
@@ -380,7 +383,7 @@ def normalize_messages(messages: Any, where: str, field: str = "messages") -> li
         if not isinstance(content, str):
             raise InvalidRecord(f"{at}: field 'content' must be a string, got {type(content).__name__}.")
         out.append({"role": ROLE_ALIASES[role.lower()], "content": content})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+    if need_answer and not any(m["role"] == "assistant" and m["content"].strip() for m in out):
         raise InvalidRecord(f"{where}: the conversation has no non-empty assistant message to train on.")
     return out
 
