@@ -146,14 +146,44 @@ def test_a_stream_resumed_at_its_position_goes_on_unchanged(tmp_path: Path, toke
         assert _rows(stream, 4, pos) == full[stride * 2:stride * 2 + 4]
 
 
+def _oasst_rows(trees: int) -> list[dict]:
+    """oasst1-style message rows, each tree's rows together: a prompt, two ranked replies, a follow-up."""
+    rows = []
+    for t in range(trees):
+        tid = f"t{t}"
+        rows += [{"message_id": f"{tid}-p", "parent_id": None, "message_tree_id": tid, "role": "prompter",
+                  "text": f"question {t}?"},
+                 {"message_id": f"{tid}-a2", "parent_id": f"{tid}-p", "message_tree_id": tid, "role": "assistant",
+                  "text": f"worse answer {t}", "rank": 1},
+                 {"message_id": f"{tid}-a1", "parent_id": f"{tid}-p", "message_tree_id": tid, "role": "assistant",
+                  "text": f"best answer {t}", "rank": 0},
+                 {"message_id": f"{tid}-q", "parent_id": f"{tid}-a1", "message_tree_id": tid, "role": "prompter",
+                  "text": f"and then {t}?"}]
+    return rows
+
+
+def test_openassistant_rows_stream_a_tree_at_a_time(tmp_path: Path, tokenizer) -> None:
+    path = write_jsonl(tmp_path / "o.jsonl", _oasst_rows(6))
+    cfg = dict(dataset=str(path), validation_split=0.0, max_length=64)
+    streamed = [row for row, _ in _rows(build_datasets(DataConfig(**cfg, streaming=True), tokenizer).train, 6)]
+    cached = build_datasets(DataConfig(**cfg), tokenizer).train
+    # one conversation per tree, along the best-ranked reply, as the in-memory path builds it; in tree order
+    assert sorted(map(json.dumps, streamed)) == sorted(map(json.dumps, cached))
+    texts = [tokenizer.decode(r["input_ids"]) for r in streamed]
+    assert all(f"best answer {t}" in x and "worse answer" not in x for t, x in enumerate(texts))
+    # a tree whose rows come back after another tree began cannot be streamed: said, with the row
+    rows = _oasst_rows(2)
+    mixed = write_jsonl(tmp_path / "m.jsonl", rows[:2] + rows[4:] + rows[2:4])
+    stream = build_datasets(DataConfig(dataset=str(mixed), validation_split=0.0, max_length=64, streaming=True),
+                            tokenizer).train
+    with pytest.raises(DataError, match="tree 't0' goes on after other trees began"):
+        _rows(stream, 3)
+
+
 def test_streaming_refuses_what_it_cannot_do(tmp_path: Path, tokenizer) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", _records(4))
     with pytest.raises(DataError, match="combined mode"):
         build_datasets(DataConfig(sources=[SourceConfig(path=str(a))], streaming=True), tokenizer)
-    oasst = write_jsonl(tmp_path / "o.jsonl", [{"message_id": "1", "parent_id": None, "role": "prompter",
-                                                "text": "hi", "rank": 0}])
-    with pytest.raises(DataError, match="OpenAssistant trees cannot be streamed"):
-        build_datasets(DataConfig(dataset=str(oasst), streaming=True), tokenizer)
     # a source with nothing to train on stops with a message instead of reading for ever
     empty = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "x", "output": ""}] * 3)
     stream = build_datasets(DataConfig(dataset=str(empty), streaming=True, validation_split=0.0, skip_invalid=True),

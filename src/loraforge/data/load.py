@@ -151,17 +151,16 @@ def load_stream(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> SourceData
     (split.py's streaming rule, at most max_eval_samples or STREAM_EVAL_RECORDS records) tokenized now."""
     fmt = resolve_format(spec.format, first_records(sources.iter_source(spec.path, spec.split, streaming=True), 50),
                          spec.column_mapping)
-    if fmt == "oasst":
-        raise DataError(f"{spec.path}: OpenAssistant trees cannot be streamed (a tree needs all its rows); "
-                        "set data.streaming=false.")
+    oasst = fmt == "oasst"  # message rows: streamed a tree at a time, as conversations
+    fmt = "chat" if oasst else fmt
     if fmt == "auto":
         raise DataError(f"data.dataset: {spec.path!r}: no readable record among its first 50 tells the format; "
                         "set data.format, or check the records.")
     scfg = stream_config(cfg, spec.max_samples or cfg.max_samples)
-    train = TrainStream(spec.path, spec.split, fmt, spec.column_mapping, scfg, tokenizer)
+    train = TrainStream(spec.path, spec.split, fmt, spec.column_mapping, scfg, tokenizer, oasst)
     limit = cfg.max_eval_samples or STREAM_EVAL_RECORDS
     validation, val_records, val_stats = held_out(spec.path, spec.split, fmt, spec.column_mapping, scfg, tokenizer,
-                                                  limit)
+                                                  limit, oasst)
     note = ("streaming: training records are read and tokenized as training goes, so they are not counted up "
             "front; packing (when on) happens in the stream")
     stats = {"train": DataStats(notes=[note]), "validation": val_stats}

@@ -14,7 +14,7 @@ import gzip
 import io
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -433,6 +433,34 @@ def normalize(record: Any, fmt: str, where: str, column_mapping: dict[str, str] 
 
 
 # ------------------------------------------------------------------------------------------- OpenAssistant
+
+
+def oasst_trees(rows: Iterable[RawRecord]) -> Iterator[RawRecord]:
+    """Streaming OpenAssistant: oasst1's files hold each tree's rows together (`message_tree_id`; without
+    it a root row starts a tree), so a tree's conversation is built as soon as its rows end and no more than
+    one tree is held. A tree whose rows come back after another tree began cannot be streamed: a clear
+    error (data.memory_map reads every row first)."""
+    seen: set[str] = set()
+    tree: str | None = None
+    rows_of_tree: list[RawRecord] = []
+    for rec in rows:
+        row = rec.data
+        tid = None
+        if isinstance(row, dict):
+            tid = row.get("message_tree_id") or (row.get("message_id") if row.get("parent_id") is None else None)
+        if tid is not None and tid != tree:
+            if tid in seen:
+                raise DataError(f"{rec.where}: OpenAssistant tree {tid!r} goes on after other trees began; streaming "
+                                "needs each tree's rows together (as oasst1's files have them). Set "
+                                "data.streaming=false (data.memory_map=true reads all rows first).")
+            if rows_of_tree:
+                yield from oasst_conversations(rows_of_tree)[0]
+            if tree is not None:
+                seen.add(tree)
+            tree, rows_of_tree = tid, []
+        rows_of_tree.append(rec)
+    if rows_of_tree:
+        yield from oasst_conversations(rows_of_tree)[0]
 
 
 def oasst_conversations(rows: list[RawRecord]) -> tuple[list[RawRecord], list[str]]:

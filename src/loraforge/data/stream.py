@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from loraforge.config import DataConfig
 from loraforge.data.examples import record_examples
 from loraforge.data.packing import pack_examples, pack_groups
-from loraforge.data.records import RawRecord
+from loraforge.data.records import RawRecord, oasst_trees
 from loraforge.data.sources import iter_source
 from loraforge.data.split import in_validation
 from loraforge.data.templates import load_user_template
@@ -57,7 +57,15 @@ class _Item:
     examples: list[Example]
 
 
-def training_records(source: str, split: str, cfg: DataConfig, start: int = 0) -> Iterator[tuple[int, int, Any]]:
+def source_records(source: str, split: str, oasst: bool = False) -> Iterator[RawRecord]:
+    """The source's records in order; OpenAssistant message rows become one conversation per tree
+    (records.oasst_trees), so a record is a conversation there too."""
+    rows = iter_source(source, split, streaming=True)
+    return oasst_trees(rows) if oasst else rows
+
+
+def training_records(source: str, split: str, cfg: DataConfig, start: int = 0,
+                     oasst: bool = False) -> Iterator[tuple[int, int, Any]]:
     """(number, index in the source, RawRecord or None) from record number `start` on, forever: the source is
     read again from its start when it ends. None stands for a record that is not for training (held out by
     split.py's streaming rule). A pass ends early after `data.max_samples` training records."""
@@ -66,7 +74,7 @@ def training_records(source: str, split: str, cfg: DataConfig, start: int = 0) -
         if length is not None and start - number >= length:
             number += (start - number) // length * length  # whole passes before `start`: not read again
         in_pass, used = 0, 0
-        for index, rec in enumerate(iter_source(source, split, streaming=True)):
+        for index, rec in enumerate(source_records(source, split, oasst)):
             held_out = not cfg.validation_dataset and in_validation(index, cfg)
             if not held_out and cfg.max_samples and used >= cfg.max_samples:
                 break
@@ -92,7 +100,7 @@ class RecordStream(IterableDataset):
         t = self.train
         user_template = load_user_template(t.cfg.template)
         stats = DataStats()  # the counts of a stream are not reported (they would need the whole stream)
-        for number, index, rec in training_records(t.source, t.split, t.cfg, self.start):
+        for number, index, rec in training_records(t.source, t.split, t.cfg, self.start, t.oasst):
             if (number - self.start) % workers != worker:
                 continue
             examples: list[Example] = []
@@ -117,6 +125,7 @@ class TrainStream:
     column_mapping: dict[str, str] | None
     cfg: DataConfig
     tokenizer: Any
+    oasst: bool = False  # OpenAssistant message rows, streamed a tree at a time (fmt is then "chat")
 
     def records(self, start: int) -> RecordStream:
         return RecordStream(self, start)
@@ -163,7 +172,7 @@ class TrainStream:
 
 
 def held_out(source: str, split: str, fmt: str, column_mapping: dict[str, str] | None, cfg: DataConfig,
-             tokenizer: Any, limit: int) -> tuple[list[Example], list[dict], DataStats]:
+             tokenizer: Any, limit: int, oasst: bool = False) -> tuple[list[Example], list[dict], DataStats]:
     """The validation examples of a streamed source: its first `limit` held-out records (split.py's streaming
     rule), or the first `limit` records of `data.validation_dataset`; (examples, normalized records, stats)."""
     stats = DataStats()
@@ -173,7 +182,7 @@ def held_out(source: str, split: str, fmt: str, column_mapping: dict[str, str] |
     if cfg.validation_dataset:
         raw: Iterator[RawRecord] = iter_source(cfg.validation_dataset, "validation", streaming=True)
     elif cfg.validation_split > 0:
-        raw = (r for i, r in enumerate(iter_source(source, split, streaming=True)) if in_validation(i, cfg))
+        raw = (r for i, r in enumerate(source_records(source, split, oasst)) if in_validation(i, cfg))
     else:
         return examples, records, stats
     for n, rec in enumerate(raw):
