@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraforge import progress
 from loraforge.config import DataConfig
 from loraforge.data import chitchat
 from loraforge.data.collate import PadCollator
@@ -187,11 +188,13 @@ def encode_pair(norm: dict[str, Any], cfg: DataConfig, tokenizer: Any, user_temp
 
 
 def tokenize_pairs(raw: list[RawRecord], cfg: DataConfig, tokenizer: Any, stats: DataStats,
-                   user_template: str | None) -> tuple[PairSet, list[dict[str, Any]]]:
-    """Normalize and tokenize every record, counting into `stats`; a bad record stops the run unless
-    `data.skip_invalid` (then it is counted and its message kept)."""
+                   user_template: str | None, bar: progress.Task | None = None) -> tuple[PairSet, list[dict[str, Any]]]:
+    """Normalize and tokenize every record, counting into `stats` (and a step of `bar` each); a bad record
+    stops the run unless `data.skip_invalid` (then it is counted and its message kept)."""
     pairs, kept = PairSet(), []
     for rec in raw:
+        if bar is not None:
+            bar.advance()
         stats.read += 1
         try:
             norm = normalize_pair(rec.data, rec.where, cfg.template, cfg.column_mapping)
@@ -232,8 +235,10 @@ def build_preference_datasets(cfg: DataConfig, tokenizer: Any, num_eval_pairs: i
     val_raw = val_raw[:cfg.max_eval_samples] if cfg.max_eval_samples else val_raw
     user_template = load_user_template(cfg.template)
     stats = {"train": DataStats(), "validation": DataStats()}
-    train, _ = tokenize_pairs(train_raw, cfg, tokenizer, stats["train"], user_template)
-    validation, val_records = tokenize_pairs(val_raw, cfg, tokenizer, stats["validation"], user_template)
+    # A bar with ETA once tokenizing takes over 2 s (thousands of pairs); a small set draws nothing.
+    with progress.task("tokenizing the preference pairs", len(train_raw) + len(val_raw), show_after_s=2.0) as bar:
+        train, _ = tokenize_pairs(train_raw, cfg, tokenizer, stats["train"], user_template, bar)
+        validation, val_records = tokenize_pairs(val_raw, cfg, tokenizer, stats["validation"], user_template, bar)
     if not train:
         raise DataError(f"data.dataset: no usable preference pair in {cfg.dataset!r} "
                         f"({stats['train'].line('train')}).")
