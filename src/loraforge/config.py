@@ -213,6 +213,16 @@ class TrainingConfig(_Section):
         "auto", "Several processes: auto = what `accelerate launch --config_file` set, else DDP; fsdp = full "
         "shard (QLoRA-compatible); deepspeed_zero2/3 through Accelerate's DeepSpeed plugin.")
 
+    def long_context_switches(self) -> dict[str, bool]:
+        """The long-context switches as the run resolves them: each individual one, if set, wins over
+        `long_context`. The one rule train/long_context.py applies and model/memory.py predicts from."""
+        def pick(v: bool | None) -> bool:
+            return self.long_context if v is None else bool(v)
+
+        return {"offload_activations": pick(self.offload_activations),
+                "chunked_cross_entropy": pick(self.chunked_cross_entropy),
+                "drop_full_attention_mask": self.long_context}
+
 
 @dataclass
 class EvalConfig(_Section):

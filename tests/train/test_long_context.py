@@ -4,19 +4,19 @@ attention-mask hook, and all of them together against plain training."""
 import torch
 
 from loraforge.config import RunConfig, TrainingConfig, load_config
-from loraforge.train.long_context import _drop_full_mask_hook, apply_long_context, long_context_switches
+from loraforge.train.long_context import _drop_full_mask_hook, apply_long_context
 
 
 def test_switches_and_config(tmp_path):
     run = load_config(None, ["training.long_context=true"])
-    assert long_context_switches(run.training) == {"offload_activations": True, "chunked_cross_entropy": True,
+    assert run.training.long_context_switches() == {"offload_activations": True, "chunked_cross_entropy": True,
                                                    "drop_full_attention_mask": True}
     run = load_config(None, ["training.long_context=true", "training.offload_activations=false"])
-    assert long_context_switches(run.training)["offload_activations"] is False
+    assert run.training.long_context_switches()["offload_activations"] is False
     run = load_config(None, ["training.chunked_cross_entropy=true"])
-    sw = long_context_switches(run.training)
+    sw = run.training.long_context_switches()
     assert sw["chunked_cross_entropy"] and not sw["offload_activations"]
-    assert not any(long_context_switches(RunConfig().training).values())
+    assert not any(RunConfig().training.long_context_switches().values())
 
 
 def _peft(model_dir, dtype=torch.float64):

@@ -133,7 +133,6 @@ def train_arm(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None]) -
     import torch
 
     from loraforge.bench.device import versions
-    from loraforge.train.long_context import long_context_switches
     from loraforge.train.trainer import LLAMATrainer
 
     if arm.device == "cuda" and not torch.cuda.is_available():
@@ -143,7 +142,7 @@ def train_arm(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None]) -
     t0 = time.perf_counter()
     trainer = LLAMATrainer.from_config(cfg, log=log)
     trainer.setup()
-    _require_path(arm, trainer, long_context_switches(cfg.training))
+    _require_path(arm, trainer, cfg.training.long_context_switches())
     # Before any step LoRA's B is zero, so this is the base model as the arm holds it (NF4 or not): the part
     # of a difference between arms that the quantization alone makes.
     step0 = _held_out(trainer)

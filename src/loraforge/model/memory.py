@@ -342,13 +342,10 @@ def check_fits(run: RunConfig, placement: Any, log=print) -> MemoryEstimate | No
 
 
 def _long_context_parts(t: TrainingConfig) -> tuple[bool, bool]:
-    """(offloaded checkpoints, chunked loss) as the run resolves them: each switch, if set, wins over
-    `long_context`, and offloading needs checkpointing. train/long_context.py applies the same rule
-    (`long_context_switches`); model/ may not import train/."""
-    def pick(v: bool | None) -> bool:
-        return t.long_context if v is None else bool(v)
-
-    return pick(t.offload_activations) and t.gradient_checkpointing, pick(t.chunked_cross_entropy)
+    """(offloaded checkpoints, chunked loss) as the run gets them; offloading needs checkpointing (it
+    offloads the checkpoints: train/long_context.py declines it otherwise)."""
+    sw = t.long_context_switches()
+    return sw["offload_activations"] and t.gradient_checkpointing, sw["chunked_cross_entropy"]
 
 
 def memory_model(config: Any, run: RunConfig, *, stack: Stack = "loraforge") -> dict[str, float]:

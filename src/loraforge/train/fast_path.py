@@ -13,7 +13,6 @@ from typing import Any
 from loraforge.config import RunConfig
 from loraforge.kernels.graphs import enable_graphed_layers
 from loraforge.kernels.patch import fast_path_summary, patch_model
-from loraforge.train.long_context import long_context_switches
 
 
 @dataclass
@@ -61,7 +60,7 @@ def _graphs(model: Any, run: RunConfig, report: dict[str, Any], *, cuda: bool, p
         return None
     if not run.training.gradient_checkpointing:
         log("CUDA graphs: off (they replay checkpointed layers; training.gradient_checkpointing is false)")
-    elif long_context_switches(run.training)["offload_activations"]:
+    elif run.training.long_context_switches()["offload_activations"]:
         log("CUDA graphs: off (long-context offloading runs its own checkpoint)")
     elif processes > 1:
         log("CUDA graphs: off under several processes (not yet measured with DDP's gradient hooks)")

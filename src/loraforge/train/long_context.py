@@ -28,18 +28,6 @@ from loraforge.kernels.offload import enable_offloaded_checkpointing
 from loraforge.kernels.patch import _lm_forward_factory, _unwrap
 
 
-def long_context_switches(training: TrainingConfig) -> dict[str, bool]:
-    """Resolved switches: each individual one, if set, wins over `long_context`."""
-    lc = training.long_context
-
-    def pick(v: bool | None) -> bool:
-        return lc if v is None else bool(v)
-
-    return {"offload_activations": pick(training.offload_activations),
-            "chunked_cross_entropy": pick(training.chunked_cross_entropy),
-            "drop_full_attention_mask": lc}
-
-
 def _causal_lm(model: Any) -> Any:
     return _unwrap(model)[1]
 
@@ -83,7 +71,7 @@ def apply_long_context(model: Any, training: TrainingConfig, log: Callable[[str]
     """Turn on what `training.long_context` and the individual switches ask for; idempotent.
 
     `offload_kwargs` go to `enable_offloaded_checkpointing` (e.g. `host_limit_bytes`)."""
-    sw = long_context_switches(training)
+    sw = training.long_context_switches()
     out: dict[str, Any] = {}
     if not any(sw.values()):
         return out
