@@ -38,15 +38,6 @@ TrustRemoteCode = Annotated[bool, typer.Option(
          "model.trust_remote_code is ignored without this flag: only use it for folders and models you trust.")]
 
 
-def _allow_remote_code(allowed: bool) -> None:
-    # Read by loraforge.infer.load (and so by every command that loads a run folder): an environment
-    # variable rather than an argument so that it reaches the loader through eval, serve and merge alike.
-    if allowed:
-        from loraforge.infer.load import REMOTE_CODE_ENV
-
-        os.environ[REMOTE_CODE_ENV] = "1"
-
-
 def _quiet_libraries() -> None:
     # transformers/peft deprecation chatter is for library authors, not for someone running a fine-tune.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -138,13 +129,12 @@ def evaluate(
     ROUGE-1/2/L for both models, the loss curve, and sample answers side by side. With --tasks, runs
     lm-evaluation-harness (pip install 'loraforge[eval]') on both and writes lm_eval_results.json.
     """
-    _allow_remote_code(trust_remote_code)
     if tasks:
         from loraforge.eval.harness import run_harness, table
 
         names = [t for item in tasks for t in item.split(",") if t.strip()]  # --tasks a,b or --tasks a --tasks b
         found = run_harness(run, names, include_path=include, limit=int(limit) if limit and limit >= 1 else limit,
-                            out_dir=out, log=typer.echo)
+                            out_dir=out, log=typer.echo, trust_remote_code=trust_remote_code)
         for task, metric, base, tuned in table(found):
             typer.echo(f"{task:24s} {metric:16s} base {base if base is None else f'{base:.4f}'}  "
                        f"fine-tuned {tuned:.4f}")
@@ -154,7 +144,7 @@ def evaluate(
 
     overrides = {k: v for k, v in {"num_generation_samples": samples, "max_new_tokens": max_new_tokens,
                                    "decoding": decoding}.items() if v is not None}
-    results = compare_run(run, out_dir=out, data=data, eval_overrides=overrides)
+    results = compare_run(run, out_dir=out, data=data, eval_overrides=overrides, trust_remote_code=trust_remote_code)
     typer.echo(f"report: {results['report']['html']}")
 
 
@@ -172,11 +162,10 @@ def generate(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate answers with the fine-tuned model, using the template it was trained with."""
-    _allow_remote_code(trust_remote_code)
     from loraforge.infer.generate import generate_cli
 
     generate_cli(run, prompts=prompt or [], file=file, out=out, max_new_tokens=max_new_tokens, decoding=decoding,
-                 temperature=temperature, top_p=top_p, batch_size=batch_size)
+                 temperature=temperature, top_p=top_p, batch_size=batch_size, trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -188,10 +177,10 @@ def chat(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Chat in the terminal with streaming replies. /reset clears the history, /exit quits."""
-    _allow_remote_code(trust_remote_code)
     from loraforge.infer.chat import chat_loop
 
-    chat_loop(run, max_new_tokens=max_new_tokens, temperature=temperature, system=system)
+    chat_loop(run, max_new_tokens=max_new_tokens, temperature=temperature, system=system,
+              trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -208,10 +197,10 @@ def merge(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Merge the adapter into a 16-bit copy of the base and write a standard Hugging Face folder."""
-    _allow_remote_code(trust_remote_code)
     from loraforge.infer.merge import merge_adapter
 
-    result = merge_adapter(run, out, dtype=dtype, gguf=gguf, quant=quant, check=check)
+    result = merge_adapter(run, out, dtype=dtype, gguf=gguf, quant=quant, check=check,
+                           trust_remote_code=trust_remote_code)
     typer.echo(result.parity.line() if result.parity else "parity check skipped (--no-check)")
     typer.echo(f"merged model written to {result.path}" + (f" (GGUF: {result.gguf_file})" if result.gguf_file else ""))
 
@@ -234,12 +223,12 @@ def serve(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /."""
-    _allow_remote_code(trust_remote_code)
     from loraforge.serve.app import run_server
 
     run_server([str(r) for r in run], host=host, port=port, api_key=api_key, insecure_no_key=insecure_no_key,
                max_concurrency=max_concurrency, max_tokens_limit=max_tokens_limit,
-               max_prompt_tokens=max_prompt_tokens, timeout=timeout, fast_decode=fast_decode)
+               max_prompt_tokens=max_prompt_tokens, timeout=timeout, fast_decode=fast_decode,
+               trust_remote_code=trust_remote_code)
 
 
 @app.command()

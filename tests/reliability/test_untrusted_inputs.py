@@ -32,7 +32,6 @@ REC = {"instruction": "Say hi", "output": "hi"}
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1", **(env or {})}
-    env.pop("LORAFORGE_TRUST_REMOTE_CODE", None)
     return subprocess.run([sys.executable, "-m", "loraforge.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 

@@ -74,14 +74,15 @@ class _null:
 
 
 def compare_run(run_or_adapter: str | Path, *, out_dir: str | Path | None = None, data: str | None = None,
-                eval_overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
+                eval_overrides: dict[str, Any] | None = None, log=print, trust_remote_code: bool = False
+                ) -> dict[str, Any]:
     """`loraforge eval`: load the run's base + adapter, evaluate both on its held-out data, write the report."""
     import dataclasses
     import datetime
 
     from loraforge.infer.load import load
 
-    loaded = load(run_or_adapter)
+    loaded = load(run_or_adapter, trust_remote_code=trust_remote_code)
     run = loaded.run
     data_cfg = run.data if run is not None else DataConfig()
     if data:

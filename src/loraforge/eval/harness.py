@@ -82,7 +82,7 @@ def task_manager(tasks: Sequence[str], include_path: Path | None) -> Any:
 def run_harness(run_or_adapter: str | Path, tasks: Sequence[str], *, include_path: Path | None = None,
                 limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
                 device: str = "auto", dtype: str = "auto", out_dir: Path | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, trust_remote_code: bool = False) -> dict[str, Any]:
     """Run lm-eval's `tasks` on the base and on base + adapter; write and return both models' metrics.
 
     Returns {"tasks", "base": {task: {metric: value}}, "fine_tuned": {...}, "meta"}; the same goes to
@@ -100,7 +100,7 @@ def run_harness(run_or_adapter: str | Path, tasks: Sequence[str], *, include_pat
     for name, peft in (("base", None), ("fine_tuned", str(adapter_dir))):
         log(f"lm-eval {name}: {base_path}" + (f" + adapter {adapter_dir}" if peft else "") + f" on {device}")
         lm = HFLM(pretrained=base_path, peft=peft, tokenizer=str(adapter_dir), device=device, dtype=dtype,
-                  batch_size=batch_size)
+                  batch_size=batch_size, trust_remote_code=trust_remote_code)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000)
         results[name] = {task: {k: v for k, v in metrics.items() if isinstance(v, NUMERIC) and k != "alias"}

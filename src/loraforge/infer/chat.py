@@ -110,13 +110,15 @@ def _join(worker: Thread) -> None:
 
 
 def chat_loop(run: str | Path, *, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None,
-              input_fn: Callable[[str], str] = input, out: TextIO | None = None) -> ChatSession:
+              input_fn: Callable[[str], str] = input, out: TextIO | None = None,
+              trust_remote_code: bool = False) -> ChatSession:
     """Read lines, answer them with streamed text; `/reset` clears the history, `/exit` (or EOF) quits.
 
     Ctrl-C during a reply stops that reply and returns to the prompt; Ctrl-C at the prompt quits.
     """
     out = out or sys.stdout
-    session = ChatSession(load(run), system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    session = ChatSession(load(run, trust_remote_code=trust_remote_code), system=system,
+                          max_new_tokens=max_new_tokens, temperature=temperature)
     out.write(f"chatting with {run} — /reset clears the history, /exit quits\n")
     while True:
         try:

@@ -86,14 +86,14 @@ def generate_texts(loaded: Loaded, prompts: list[Prompt], *, max_new_tokens: int
 
 def generate_cli(run: str | Path, *, prompts: list[str], file: str | Path | None = None, out: str | Path | None = None,
                  max_new_tokens: int = 256, decoding: str = "greedy", temperature: float = 0.7, top_p: float = 0.9,
-                 batch_size: int = 8) -> list[dict[str, Any]]:
+                 batch_size: int = 8, trust_remote_code: bool = False) -> list[dict[str, Any]]:
     """Generate for `prompts` and the prompts in `file`; write JSONL to `out` (or print it)."""
     all_prompts: list[Prompt] = list(prompts) + (read_prompts(file) if file else [])
     if not all_prompts:
         raise DataError("nothing to generate: give --prompt TEXT (repeatable) or --file PROMPTS.txt|.jsonl.")
     # Checked before the model loads, so that a bad option fails at once.
     Decoding.named(decoding, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    loaded = load(run)
+    loaded = load(run, trust_remote_code=trust_remote_code)
     answers = generate_texts(loaded, all_prompts, max_new_tokens=max_new_tokens, decoding=decoding,
                              temperature=temperature, top_p=top_p, batch_size=batch_size)
     records = [{"prompt": p, "output": a} for p, a in zip(all_prompts, answers, strict=False)]

@@ -6,14 +6,13 @@ base in `adapter_config.json`; the template is then the tokenizer's chat templat
 
 A folder loaded here may come from someone else, so nothing in it decides whether code runs: a run's
 `model.trust_remote_code: true` is ignored unless the caller allows remote code (the `trust_remote_code`
-argument of `load`, or the CLI's `--trust-remote-code` flag, which sets $LORAFORGE_TRUST_REMOTE_CODE=1).
+argument of `load`, which each command passes from its `--trust-remote-code` flag).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from loraforge.config import ModelConfig, RunConfig, load_config
 from loraforge.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
-REMOTE_CODE_ENV = "LORAFORGE_TRUST_REMOTE_CODE"
 
 
 @dataclass
@@ -73,22 +71,15 @@ def _run_facts(file: Path) -> dict[str, Any]:
     return facts
 
 
-def remote_code_allowed(trust_remote_code: bool | None = None) -> bool:
-    """The caller's choice; None = what the command line said ($LORAFORGE_TRUST_REMOTE_CODE=1)."""
-    if trust_remote_code is not None:
-        return trust_remote_code
-    return os.environ.get(REMOTE_CODE_ENV, "") == "1"
-
-
 def load(run_or_adapter: str | Path, *, quantize: str | None = None, device: str = "auto",
-         base_model: str | None = None, dtype: str | None = None, trust_remote_code: bool | None = None) -> Loaded:
+         base_model: str | None = None, dtype: str | None = None, trust_remote_code: bool = False) -> Loaded:
     """Load base + adapter for generation.
 
     quantize: None = as trained (4-bit stays 4-bit), "none", "4bit" or "8bit".
     base_model: override the base (e.g. a local copy of the hub model the adapter was trained on).
     dtype: dtype of the unquantized weights ("bfloat16", "float16", "float32"); None = the run's setting.
-    trust_remote_code: let transformers run model code from the hub. None = only if the command line said
-    so (`--trust-remote-code`); a run folder's own `model.trust_remote_code` never turns it on.
+    trust_remote_code: let transformers run model code from the hub (the commands' `--trust-remote-code`);
+    a run folder's own `model.trust_remote_code` never turns it on.
     """
     import torch
     from peft import PeftModel
@@ -115,7 +106,7 @@ def load(run_or_adapter: str | Path, *, quantize: str | None = None, device: str
         mcfg.dtype = dtype
     if quantize is not None:
         mcfg.use_4bit, mcfg.use_8bit = quantize == "4bit", quantize == "8bit"
-    allowed = remote_code_allowed(trust_remote_code)
+    allowed = trust_remote_code
     if run is not None and run.model.trust_remote_code and not allowed:
         log.warning("%s asks for model.trust_remote_code; loading it with remote code off. If you trust the "
                     "folder and the hub repository %r, add --trust-remote-code.", run_or_adapter, mcfg.model_name)

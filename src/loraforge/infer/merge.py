@@ -117,7 +117,8 @@ def merge_layers(model: Any) -> Any:
 
 
 def merge_adapter(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", gguf: bool = False,
-                  quant: str | None = None, check: bool = True, device: str = "auto") -> MergeResult:
+                  quant: str | None = None, check: bool = True, device: str = "auto",
+                  trust_remote_code: bool = False) -> MergeResult:
     """Merge the adapter of `run` (run or adapter folder) into its base; write the model to `out`.
 
     dtype: "bfloat16" or "float16" for deployment; "float32" is allowed (tests compare exactly in it).
@@ -140,7 +141,7 @@ def merge_adapter(run: str | Path, out: str | Path, *, dtype: str = "bfloat16", 
     # What llama.cpp shows as the model's name: the run folder's name (or the adapter folder's).
     name = (adapter_dir.resolve().parent if run_cfg is not None else adapter_dir.resolve()).name
 
-    loaded = load(run, quantize="none", device=device, dtype=dtype)
+    loaded = load(run, quantize="none", device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = loaded.tokenizer
     reference = answers(loaded.model, tokenizer, loaded.formatter) if check else None
     model = merge_layers(loaded.model)

@@ -403,12 +403,14 @@ def _is_loopback(host: str) -> bool:
 
 def run_server(runs: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                insecure_no_key: bool = False, max_concurrency: int = 8, max_tokens_limit: int = 1024,
-               max_prompt_tokens: int = 4096, timeout: float = 120.0, fast_decode: bool | None = None) -> None:
+               max_prompt_tokens: int = 4096, timeout: float = 120.0, fast_decode: bool | None = None,
+               trust_remote_code: bool = False) -> None:
     """Load the runs and serve until SIGINT/SIGTERM; in-flight requests get up to 30 s to finish."""
     import uvicorn
 
     check_exposure(host, api_key, insecure_no_key)  # before loading the model: a mistake shows at once
-    engine = Engine(runs, max_batch=max_concurrency, max_waiting=4 * max_concurrency, fast_decode=fast_decode)
+    engine = Engine(runs, max_batch=max_concurrency, max_waiting=4 * max_concurrency, fast_decode=fast_decode,
+                    trust_remote_code=trust_remote_code)
     limits = Limits(api_key=api_key or None, max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                     timeout=timeout)
     app = create_app(engine, limits)

@@ -205,13 +205,14 @@ class Engine:
 
     def __init__(self, runs: list[str | Path], *, max_batch: int = 8, max_waiting: int = 32,
                  batch_wait_s: float = 0.02, batch_wait_max_s: float = 0.1, device: str = "auto",
-                 fast_decode: bool | None = None, stream_interval_s: float = 0.02) -> None:
+                 fast_decode: bool | None = None, stream_interval_s: float = 0.02,
+                 trust_remote_code: bool = False) -> None:
         from loraforge.data.templates import load_user_template, prompt_formatter
         from loraforge.infer.load import load, locate
 
         if not runs:
             raise ModelLoadError("serve needs at least one run or adapter folder.")
-        first = load(runs[0], device=device)
+        first = load(runs[0], device=device, trust_remote_code=trust_remote_code)
         self.model, self.tokenizer = first.model, first.tokenizer
         self.adapters: dict[str, Adapter] = {}
         base_name = self._base_name(runs[0])
