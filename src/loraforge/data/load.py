@@ -22,7 +22,6 @@ from loraforge.data import cache, chitchat, sources
 from loraforge.data.examples import iter_examples, tokenize_records
 from loraforge.data.records import KIND_OF_FORMAT, InvalidRecord, RawRecord, detect_format, oasst_conversations
 from loraforge.data.split import in_validation, split_records
-from loraforge.data.stream import TrainStream, held_out, stream_config
 from loraforge.data.templates import load_user_template
 from loraforge.data.types import DataStats, SourceData, SourceSpec
 from loraforge.errors import DataError
@@ -149,6 +148,10 @@ def load_source(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> SourceData
 def load_stream(spec: SourceSpec, cfg: DataConfig, tokenizer: Any) -> SourceData:
     """Streaming mode: the training split as a `TrainStream`, read as training goes; the held-out examples
     (split.py's streaming rule, at most max_eval_samples or STREAM_EVAL_RECORDS records) tokenized now."""
+    # Imported here: stream.py builds on torch's IterableDataset, and the preview and cached paths, which
+    # import this module, answer in seconds because they never import torch.
+    from loraforge.data.stream import TrainStream, held_out, stream_config
+
     fmt = resolve_format(spec.format, first_records(sources.iter_source(spec.path, spec.split, streaming=True), 50),
                          spec.column_mapping)
     oasst = fmt == "oasst"  # message rows: streamed a tree at a time, as conversations
