@@ -73,6 +73,12 @@ class Task:
         else:
             self._maybe_show()
 
+    def grow(self, n: int) -> None:
+        """n more steps to come: the total (None until now) grows by n."""
+        self.total = (self.total or 0) + n
+        if self._bar is not None:
+            self._bar.update(self._id, total=self.total)
+
     def _maybe_show(self) -> None:
         if not self._out.is_terminal or time.perf_counter() - self._started < self.show_after_s:
             return
@@ -129,6 +135,12 @@ def count(n: int = 1) -> None:
     """One more step of the innermost `counting` pass; nothing outside one."""
     if _counting:
         _counting[-1].advance(n)
+
+
+def expect(n: int) -> None:
+    """n more steps to come in the innermost `counting` pass (a total, hence an ETA); nothing outside one."""
+    if _counting:
+        _counting[-1].grow(n)
 
 
 @contextmanager

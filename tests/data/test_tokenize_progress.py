@@ -1,4 +1,5 @@
-"""Tokenizing a dataset counts each text on the progress helper's `counting` pass, and a cache hit counts none;
+"""Tokenizing a dataset counts each record on the progress helper's `counting` pass, whose total is known up front,
+and a cache hit counts none;
 preference pairs advance a bar of known total, one step a pair."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def test_build_datasets_counts_every_record_it_tokenizes(tmp_path: Path, tokeniz
     (bar,) = bars
     assert bar.description == "tokenizing the dataset"
     assert bar.done == data.stats["train"].used + data.stats["validation"].used == 12
+    assert bar.total == 12  # known before the first record: the bar has an ETA
     with progress.recorded() as bars:
         build_datasets(cfg, tokenizer)  # from the cache: nothing to tokenize
     assert [b.done for b in bars] == [0]

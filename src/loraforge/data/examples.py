@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from loraforge import progress
 from loraforge.config import DataConfig
 from loraforge.data.records import InvalidRecord, RawRecord, normalize
 from loraforge.data.templates import alpaca_segments, chat_segments, load_user_template
@@ -55,6 +56,7 @@ def record_examples(rec: RawRecord, cfg: DataConfig, tokenizer: Any, fmt: str, s
     """One raw record → (its tokenized examples, its normalized record), counted into `stats`. No examples
     when it is skipped as invalid or dropped; the streaming path (stream.py) tokenizes with this too."""
     stats.read += 1
+    progress.count()  # a step of the dataset's tokenizing bar, when one is open (pipeline.build_datasets)
     try:
         norm = normalize(rec.data, fmt, rec.where, column_mapping)
     except InvalidRecord as e:
@@ -83,6 +85,8 @@ def record_examples(rec: RawRecord, cfg: DataConfig, tokenizer: Any, fmt: str, s
 def tokenize_records(raw: Iterable[RawRecord], cfg: DataConfig, tokenizer: Any, fmt: str, stats: DataStats,
                      column_mapping: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
     """Normalize and tokenize; returns (tokenized examples, normalized records kept, one per example)."""
+    if hasattr(raw, "__len__"):
+        progress.expect(len(raw))  # the tokenizing bar's total: one step a record (record_examples)
     out, kept = [], []
     for example, norm in iter_examples(raw, cfg, tokenizer, fmt, stats, column_mapping):
         out.append(example)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from loraforge import progress
 from loraforge.data.templates import Segments
 
 IGNORE_INDEX = -100
@@ -53,5 +52,4 @@ def encode_segments(segments: Segments, tokenizer: Any, max_length: int, *, trai
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     truncated = len(ids) > max_length
-    progress.count()  # a step of the dataset's tokenizing bar, when one is open (pipeline.build_datasets)
     return Encoded(ids[:max_length], labels[:max_length], truncated)
