@@ -195,3 +195,54 @@ def test_orpo_runs_and_the_nan_guard_stops(make_pref, monkeypatch):
     monkeypatch.setattr(preference, "pair_forward", nan_forward)
     with pytest.raises(TrainingError, match="non-finite"):
         LLAMATrainer.from_config(make_pref("nan", max_steps=5, max_nonfinite_steps=2), log=lambda m: None).train()
+
+
+# long: a preempted DPO run and its resume, then a two-trial DPO sweep (~25 s)
+@pytest.mark.long
+def test_sigterm_trackers_and_the_sweep_work_for_dpo(make_pref, monkeypatch, tmp_path):
+    """What the SFT loop has keeps working under DPO: SIGTERM saves a resumable checkpoint, TensorBoard
+    receives the preference metrics, and a sweep optimizes the held-out DPO loss."""
+    import os
+    import signal
+
+    import yaml
+
+    from loraforge.config import load_config
+    from loraforge.train.sweep import run_sweep
+    from loraforge.train.trainer import Preempted
+
+    pytest.importorskip("tensorboard")
+    cfg = make_pref("tb", max_steps=4, report_to=["tensorboard"])
+    real, calls = preference.pair_forward, []
+
+    def sigterm_on_the_third_forward(model, batch, tcfg):  # micro-batch 3 = step 2's first (2 per step)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch, tcfg)
+
+    monkeypatch.setattr(preference, "pair_forward", sigterm_on_the_third_forward)
+    with pytest.raises(Preempted) as stopped:
+        LLAMATrainer.from_config(cfg, log=lambda m: None).train()
+    assert Path(stopped.value.checkpoint).name == "step-2"
+    monkeypatch.setattr(preference, "pair_forward", real)
+    resumed = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, resume_from_checkpoint="latest"))
+    result = LLAMATrainer.from_config(resumed, log=lambda m: None).train()
+    assert [r["step"] for r in read_metrics(result.run_dir) if "loss" in r and "eval_loss" not in r] == [1, 2, 3, 4]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(result.run_dir / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "reward_accuracy", "reward_margin", "eval_loss"} <= set(acc.Tags()["scalars"])
+
+    base = make_pref("base", max_steps=4)
+    base.save(tmp_path / "base.yaml")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"training.beta": {"low": 0.05, "high": 0.5}}))
+    out = tmp_path / "sweep"
+    best = run_sweep(tmp_path / "base.yaml", [], trials=2, space=tmp_path / "space.yaml", out=out,
+                     log=lambda m: None)
+    rows = json.loads((out / "trials.json").read_text())
+    assert len(rows) == 2 and all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    assert best["best_value"] == min(r["eval_loss"] for r in rows if r["state"] == "COMPLETE")
+    assert load_config(out / "best.yaml").training.objective == "dpo"
