@@ -125,3 +125,27 @@ def test_needs_gradient_checkpointing(ckpt):
     m.gradient_checkpointing_disable()
     with pytest.raises(ValueError, match="gradient checkpointing must be on"):
         enable_graphed_layers(m, emulate=True)
+
+
+def test_dpo_steps_replay_the_graphs_and_the_reference_pass_bypasses_them(ckpt):
+    """DPO on the graphed fast path: the policy pass (with grad) runs the captured layers; the reference
+    pass (adapter off, no grad) runs eagerly past them, so it never replays a graph holding the adapter."""
+    from loraforge.config import TrainingConfig
+    from loraforge.train import preference
+
+    ref, graphed, runner = _pair(ckpt)
+    vocab = ref.config.vocab_size
+    tcfg = TrainingConfig(objective="dpo", beta=0.1)
+    n = len(runner.params)
+    for step in range(2):  # two pairs (chosen rows first), the same shape twice
+        batch = lm_batch(vocab, 4, 24, seed=10 + step)
+        batch["labels"][:, :8] = -100  # a shared 8-token prompt carries no label
+        losses = {}
+        for name, m in (("ref", ref), ("graphed", graphed)):
+            loss = preference.pair_forward(m, batch, tcfg)["loss"].sum()
+            loss.backward()
+            losses[name] = float(loss.detach())
+        assert losses["graphed"] == pytest.approx(losses["ref"], rel=1e-6)
+        _assert_same(_grads(ref), _grads(graphed))
+    assert runner.stats.captured == n and not runner.stats.disabled and runner.stats.fallbacks == 0
+    assert runner.stats.replays == 4 * n  # the policy pass only: forward + backward per layer per step
