@@ -132,6 +132,22 @@ def test_workers_give_the_same_batches(tmp_path: Path, tokenizer) -> None:
     assert batches(0) == batches(2)
 
 
+def test_a_bad_record_met_in_a_worker_is_the_plain_data_error(tmp_path: Path, tokenizer) -> None:
+    """Raised in a DataLoader worker, a DataError would reach the user wrapped in the worker's traceback
+    text; the stream hands it to the main process as data and raises it there unchanged."""
+    recs = _records(20)
+    recs[13] = {"instruction": 5, "output": "x"}
+    stream = build_datasets(DataConfig(dataset=str(write_jsonl(tmp_path / "b.jsonl", recs)), validation_split=0.0,
+                                       max_length=64, streaming=True), tokenizer).train
+
+    def load(records):
+        return DataLoader(records, batch_size=None, num_workers=2, collate_fn=as_is)
+
+    with pytest.raises(DataError, match=r"b\.jsonl, line 14: field 'instruction'") as e:
+        _rows(stream, 20, load=load)
+    assert "Traceback" not in str(e.value)
+
+
 def test_a_stream_resumed_at_its_position_goes_on_unchanged(tmp_path: Path, tokenizer, monkeypatch) -> None:
     monkeypatch.setattr(stream_module, "PACK_WINDOW", 8)  # several packing windows within 20 rows
     stream = _packing_stream(tmp_path, tokenizer)

@@ -33,7 +33,7 @@ from loraforge.data.sources import iter_source
 from loraforge.data.split import in_validation
 from loraforge.data.templates import load_user_template
 from loraforge.data.types import DataStats
-from loraforge.errors import DataError
+from loraforge.errors import DataError, LoraforgeError
 
 # Examples gathered before a window is packed: enough for best-fit to fill rows well (as the cached path's
 # whole-set packing does), few enough to re-tokenize in a moment on resume (one window) and to hold.
@@ -50,11 +50,13 @@ class StreamPosition:
 
 @dataclass(frozen=True)
 class _Item:
-    """One record as a worker hands it on: its number, its index in the source, its examples."""
+    """One record as a worker hands it on: its number, its index in the source, its examples; or, last, the
+    error that stopped the worker (a bad record, an unreadable source), which the main process raises."""
 
     number: int
     index: int
     examples: list[Example]
+    error: LoraforgeError | None = None
 
 
 def source_records(source: str, split: str, oasst: bool = False) -> Iterator[RawRecord]:
@@ -100,13 +102,19 @@ class RecordStream(IterableDataset):
         t = self.train
         user_template = load_user_template(t.cfg.template)
         stats = DataStats()  # the counts of a stream are not reported (they would need the whole stream)
-        for number, index, rec in training_records(t.source, t.split, t.cfg, self.start, t.oasst):
-            if (number - self.start) % workers != worker:
-                continue
-            examples: list[Example] = []
-            if rec is not None:
-                examples, _ = record_examples(rec, t.cfg, t.tokenizer, t.fmt, stats, t.column_mapping, user_template)
-            yield _Item(number, index, examples)
+        try:
+            for number, index, rec in training_records(t.source, t.split, t.cfg, self.start, t.oasst):
+                if (number - self.start) % workers != worker:
+                    continue
+                examples: list[Example] = []
+                if rec is not None:
+                    examples, _ = record_examples(rec, t.cfg, t.tokenizer, t.fmt, stats, t.column_mapping,
+                                                  user_template)
+                yield _Item(number, index, examples)
+        except LoraforgeError as e:
+            # Handed on as data: raised in a DataLoader worker, torch would re-raise it in the main process
+            # wrapped in the worker's traceback text, and the user would read a traceback, not the message.
+            yield _Item(-1, -1, [], e)
 
 
 def as_is(item: Any) -> Any:
@@ -142,6 +150,8 @@ class TrainStream:
             next_start = window_start
             while not window or (self.cfg.packing and len(window) < PACK_WINDOW):
                 item = next(items)
+                if item.error is not None:
+                    raise item.error
                 if item.index == 0:  # a pass begins: the one before must have given something to train on
                     if seen_pass_start and not pass_has_examples:
                         raise DataError(f"data.dataset: no usable training example in {self.source!r} (every record "
