@@ -50,6 +50,23 @@ def iter_examples(raw: Iterable[RawRecord], cfg: DataConfig, tokenizer: Any, fmt
             yield e, norm
 
 
+def skip_or_raise(e: InvalidRecord, cfg: DataConfig, stats: DataStats) -> None:
+    """A bad record: the DataError naming its file, record and field, unless `data.skip_invalid` (then it
+    is counted and its message kept for the log)."""
+    if not cfg.skip_invalid:
+        raise DataError(f"{e} (set data.skip_invalid=true to skip and count such records)") from None
+    stats.skipped_invalid += 1
+    if len(stats.first_errors) < 5:
+        stats.first_errors.append(str(e))
+
+
+def with_system_prompt(norm: dict, system_prompt: str | None) -> dict:
+    """`data.system_prompt` as the first message of a chat record that has no system message of its own."""
+    if "messages" in norm and system_prompt and norm["messages"][0]["role"] != "system":
+        norm["messages"] = [{"role": "system", "content": system_prompt}, *norm["messages"]]
+    return norm
+
+
 def record_examples(rec: RawRecord, cfg: DataConfig, tokenizer: Any, fmt: str, stats: DataStats,
                     column_mapping: dict[str, str] | None,
                     user_template: str | None) -> tuple[list[dict[str, list[int]]], dict | None]:
@@ -58,16 +75,10 @@ def record_examples(rec: RawRecord, cfg: DataConfig, tokenizer: Any, fmt: str, s
     stats.read += 1
     progress.count()  # a step of the dataset's tokenizing bar, when one is open (pipeline.build_datasets)
     try:
-        norm = normalize(rec.data, fmt, rec.where, column_mapping)
+        norm = with_system_prompt(normalize(rec.data, fmt, rec.where, column_mapping), cfg.system_prompt)
     except InvalidRecord as e:
-        if not cfg.skip_invalid:
-            raise DataError(f"{e} (set data.skip_invalid=true to skip and count such records)") from None
-        stats.skipped_invalid += 1
-        if len(stats.first_errors) < 5:
-            stats.first_errors.append(str(e))
+        skip_or_raise(e, cfg, stats)
         return [], None
-    if "messages" in norm and cfg.system_prompt and norm["messages"][0]["role"] != "system":
-        norm["messages"] = [{"role": "system", "content": cfg.system_prompt}, *norm["messages"]]
     examples, truncated = encode_record(norm, cfg, tokenizer, user_template)
     stats.truncated += truncated
     # An example with no scored label gives a 0/0 = NaN loss: e.g. a conversation truncated before its

@@ -24,6 +24,7 @@ from loraforge import progress
 from loraforge.config import DataConfig
 from loraforge.data import chitchat
 from loraforge.data.collate import PadCollator
+from loraforge.data.examples import skip_or_raise, with_system_prompt
 from loraforge.data.records import InvalidRecord, RawRecord, normalize_messages
 from loraforge.data.sources import iter_source
 from loraforge.data.split import split_records
@@ -197,16 +198,11 @@ def tokenize_pairs(raw: list[RawRecord], cfg: DataConfig, tokenizer: Any, stats:
             bar.advance()
         stats.read += 1
         try:
-            norm = normalize_pair(rec.data, rec.where, cfg.template, cfg.column_mapping)
-            if "messages" in norm and cfg.system_prompt and norm["messages"][0]["role"] != "system":
-                norm["messages"] = [{"role": "system", "content": cfg.system_prompt}, *norm["messages"]]
+            norm = with_system_prompt(normalize_pair(rec.data, rec.where, cfg.template, cfg.column_mapping),
+                                      cfg.system_prompt)
             pair, truncated = encode_pair(norm, cfg, tokenizer, user_template, rec.where)
         except InvalidRecord as e:
-            if not cfg.skip_invalid:
-                raise DataError(f"{e} (set data.skip_invalid=true to skip such records)") from None
-            stats.skipped_invalid += 1
-            if len(stats.first_errors) < 5:
-                stats.first_errors.append(str(e))
+            skip_or_raise(e, cfg, stats)
             continue
         stats.truncated += truncated
         stats.used += 1
