@@ -65,6 +65,8 @@ from peers_common import parse_result  # noqa: E402
 from loraforge.bench.device import device_tag, require_cuda, stamp  # noqa: E402
 from loraforge.bench.max_context import _LF_ENV, PROBE_SHARE, Search  # noqa: E402
 from loraforge.bench.models import SHAPES  # noqa: E402
+from loraforge.data.records import normalize  # noqa: E402
+from loraforge.data.sources import iter_source  # noqa: E402
 from loraforge.data.templates import alpaca_prompt  # noqa: E402
 from loraforge.errors import ConfigError, DataError, LoraforgeError  # noqa: E402
 
@@ -628,26 +630,14 @@ def load_resume(path: str) -> dict[tuple[str, str], dict[str, Any]]:
 
 def alpaca_texts(path: str) -> list[str]:
     """The Alpaca records as the text `loraforge train` reads with data.template alpaca: the prompt, then the
-    response (the EOS is the Unsloth arm's tokenizer's to add)."""
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"--data {path}: cannot read it ({e}); the e2e case needs bench/train_e2e.py's Alpaca "
-                        "JSONL") from e
+    response (the EOS is the Unsloth arm's tokenizer's to add). Read and checked by the product's own
+    readers, so a bad record gets the message `loraforge train` would give."""
+    if not Path(path).is_file():
+        raise DataError(f"--data {path}: no such file; the e2e case needs bench/train_e2e.py's Alpaca JSONL")
     texts = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not a JSON record ({e.msg})") from e
-        fields = {k: (r.get(k) or "") if isinstance(r, dict) else None for k in ("instruction", "input", "output")}
-        bad = [k for k, v in fields.items() if not isinstance(v, str) or (k != "input" and not v)]
-        if bad:
-            raise DataError(f"{path}:{i}: field(s) {bad} must be strings (instruction and output non-empty)")
-        texts.append(alpaca_prompt(fields["instruction"], fields["input"]) + fields["output"])
+    for rec in iter_source(path, "train"):
+        r = normalize(rec.data, "alpaca", rec.where)  # InvalidRecord (a DataError) names file, line, field
+        texts.append(alpaca_prompt(r["instruction"], r["input"]) + r["output"])
     if not texts:
         raise DataError(f"{path}: no records")
     return texts

@@ -197,10 +197,10 @@ def test_inputs(peers, tmp_path: Path) -> None:
                     + json.dumps({"instruction": "Add", "input": "2+2", "output": "4"}) + "\n")
     assert peers.alpaca_texts(str(data)) == [alpaca_prompt("Hi") + "Hello", alpaca_prompt("Add", "2+2") + "4"]
     data.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"alpaca.jsonl:2: not a JSON record"):
+    with pytest.raises(DataError, match=r"alpaca.jsonl, line 2: invalid JSON"):
         peers.alpaca_texts(str(data))
     data.write_text(json.dumps({"instruction": "Hi", "output": 3}) + "\n")
-    with pytest.raises(DataError, match=r"alpaca.jsonl:1: field\(s\) \['output'\]"):
+    with pytest.raises(DataError, match=r"alpaca.jsonl, line 1: field 'output' must be a string"):
         peers.alpaca_texts(str(data))
     prev = tmp_path / "prev.json"
     broken = '[{"case": "c", "arm": "unsloth", "search": {"start": 1, "nope": 2}}]'
