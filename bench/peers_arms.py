@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
-from peers_common import cap_memory, random_batches, run_arm, time_steps, trainable  # noqa: E402
+from peers_common import cap_memory, random_batches, run_arm, step_arguments, time_steps, trainable  # noqa: E402
 
 from loraforge.bench.context_worker import _Worker, host_available  # noqa: E402
 from loraforge.bench.models import ROOT, bench_run, build_loraforge, build_stock, make_checkpoint  # noqa: E402
@@ -115,13 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", required=True)
     p.add_argument("--word-tokenizer", action="store_true")
     p.add_argument("--tokenizer", default=None)
-    p = sub.add_parser("step")
+    p = step_arguments(sub.add_parser("step"))
     p.add_argument("--side", choices=("stock", "loraforge"), required=True)
-    p.add_argument("--path", required=True)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
     p = sub.add_parser("fits")
     p.add_argument("--side", choices=("stock", "loraforge"), required=True)
     p.add_argument("--shape", default="llama3-8b")

@@ -53,6 +53,16 @@ def run_arm(fn: Callable[[], dict[str, Any]]) -> None:
         sys.exit(1)
 
 
+def step_arguments(p: Any) -> Any:
+    """The step arm's arguments, the same in every arm's process (an argparse parser or subparser)."""
+    p.add_argument("--path", required=True)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    return p
+
+
 def random_batches(vocab: int, batch: int, seq: int, n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """`n` batches of random tokens, drawn on the CPU so that every process, whatever its stack, gets the
     same ones. input_ids are the labels; no attention mask (unpadded rows: every stack takes its causal path)."""

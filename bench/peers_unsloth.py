@@ -40,6 +40,7 @@ from peers_common import (  # noqa: E402
     loaded_versions,
     random_batches,
     run_arm,
+    step_arguments,
     time_steps,
     trainable,
     window_rate,
@@ -211,12 +212,7 @@ def _rates(marks: dict[int, tuple[float, float]], last: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("step")
-    p.add_argument("--path", required=True)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20)
+    step_arguments(sub.add_parser("step"))
     p = sub.add_parser("fits")
     p.add_argument("--path", required=True)
     p.add_argument("--n", type=int, required=True)
