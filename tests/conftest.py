@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -38,3 +39,15 @@ def embedded_model_dir() -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
     """A 2-layer random Llama-3-style model (GQA, rope scaling) with the SmolLM2 tokenizer."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama3", tokenizer_dir=embedded_model_dir)
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """Progress bars drawn as on a terminal, into the returned buffer (loraforge.progress's console)."""
+    from rich.console import Console
+
+    from loraforge import progress
+
+    screen = io.StringIO()
+    monkeypatch.setattr(progress, "console", lambda: Console(file=screen, force_terminal=True, width=200))
+    return screen

@@ -11,13 +11,6 @@ from rich.console import Console
 from loraforge import progress
 
 
-@pytest.fixture
-def screen(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
-    out = io.StringIO()
-    monkeypatch.setattr(progress, "console", lambda: Console(file=out, force_terminal=True, width=120))
-    return out
-
-
 def test_track_and_task_record_their_counts_without_a_terminal() -> None:
     with progress.recorded() as bars:
         assert list(progress.track(iter("abc"), "letters", total=3)) == ["a", "b", "c"]
@@ -38,15 +31,15 @@ def test_count_reaches_the_innermost_counting_pass_and_nothing_outside_one() -> 
     assert [(b.description, b.done) for b in bars] == [("outer", 2), ("inner", 5)] and outer.total is None
 
 
-def test_a_bar_shows_only_once_the_pass_has_taken_a_moment(screen: io.StringIO) -> None:
+def test_a_bar_shows_only_once_the_pass_has_taken_a_moment(terminal: io.StringIO) -> None:
     with progress.counting("quick", show_after_s=3600) as bar:
         progress.count(1000)
         assert bar._bar is None
-    assert screen.getvalue() == ""
+    assert terminal.getvalue() == ""
     with progress.counting("slow", show_after_s=0) as bar:
         progress.count()
         assert bar._bar is not None
-    assert "slow" in screen.getvalue()
+    assert "slow" in terminal.getvalue()
 
 
 def test_nothing_is_drawn_when_stderr_is_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

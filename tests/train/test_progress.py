@@ -8,15 +8,8 @@ import io
 import pytest
 from rich.console import Console
 
-from loraforge import progress as eval_progress
+from loraforge import progress
 from loraforge.train.progress import TrainProgress
-
-
-@pytest.fixture
-def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
-    screen = io.StringIO()
-    monkeypatch.setattr(eval_progress, "console", lambda: Console(file=screen, force_terminal=True, width=200))
-    return screen
 
 
 def test_eta_from_the_steps_run_even_when_a_step_takes_minutes() -> None:
@@ -30,7 +23,7 @@ def test_eta_from_the_steps_run_even_when_a_step_takes_minutes() -> None:
 def test_the_bar_shows_the_logged_loss_and_an_eta(terminal: io.StringIO, monkeypatch) -> None:
     import loraforge.train.progress as train_progress
 
-    monkeypatch.setattr(train_progress, "console", eval_progress.console)
+    monkeypatch.setattr(train_progress, "console", progress.console)
     bar = TrainProgress(total_steps=4)
     assert bar.live
     bar.start(0)
@@ -44,9 +37,9 @@ def test_the_bar_shows_the_logged_loss_and_an_eta(terminal: io.StringIO, monkeyp
 
 
 def test_track_draws_on_a_terminal_and_stays_silent_in_a_log(terminal: io.StringIO, monkeypatch) -> None:
-    assert list(eval_progress.track(range(3), "perplexity")) == [0, 1, 2]
+    assert list(progress.track(range(3), "perplexity")) == [0, 1, 2]
     assert "perplexity" in terminal.getvalue()
     log = io.StringIO()
-    monkeypatch.setattr(eval_progress, "console", lambda: Console(file=log))  # not a terminal
-    assert list(eval_progress.track(iter(range(3)), "perplexity")) == [0, 1, 2]
+    monkeypatch.setattr(progress, "console", lambda: Console(file=log))  # not a terminal
+    assert list(progress.track(iter(range(3)), "perplexity")) == [0, 1, 2]
     assert log.getvalue() == ""
