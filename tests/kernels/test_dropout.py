@@ -2,10 +2,13 @@
 CUDA-graph replays that see the forward's masks again (emulated on the CPU; the tests marked `cuda`
 at the end replay real graphs and check the Triton kernel, and are skipped without a GPU)."""
 
+import os
+
 import pytest
 import torch
 
-from loraforge.kernels.dropout import draw_seed, dropped, keep_mask, seeds_from
+from loraforge.kernels import _triton
+from loraforge.kernels.dropout import _threshold, draw_seed, dropped, keep_mask, seeds_from
 from loraforge.kernels.frozen import FrozenWeight
 from loraforge.kernels.lora import lora_linears, lora_mlp
 
@@ -94,6 +97,126 @@ def test_no_dropout_draws_no_seed():
     with seeds_from(torch.tensor(1)) as src:
         lora_linears(x, ws, (1.0,), ab, (0.0,))
     assert src.users == 0
+
+
+# ------------------------------------------------------------------ the mask's definition and statistics
+
+_M32 = 0xFFFFFFFF
+
+
+def _lowbias32_int(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & _M32
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & _M32
+    return h ^ (h >> 16)
+
+
+def _spec_keep(seed: int, salt: int, n: int, p: float) -> list[bool]:
+    """The mask as dropout.py's docstring defines it, in Python integers (no int64 tricks)."""
+    sa, sb = (salt * 0x9E3779B1) & _M32, (salt * 0x7F4A7C15 + 1) & _M32
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    mul = _lowbias32_int(_lowbias32_int(lo ^ sa) ^ hi) | 1
+    add = _lowbias32_int(_lowbias32_int(hi ^ sb) ^ lo)
+    out = []
+    for i in range(n):
+        h = _lowbias32_int(((i // 2) * mul + add) & _M32)  # one hash per pair of elements
+        out.append((h >> 16 if i % 2 else h & 0xFFFF) >= round(p * 65536))
+    return out
+
+
+def test_mask_is_the_documented_pair_hash():
+    for seed, salt, p in ((42, 0, 0.5), (2**62 - 1, 2**20 + 3, 0.05), (123456789012345, 7, 0.1)):
+        got = keep_mask(torch.tensor(seed), salt, 301, p).tolist()
+        assert got == _spec_keep(seed, salt, 301, p), (seed, salt, p)
+    assert _threshold(0.05) == 3277  # p is exact to 1/65536: 0.05 drops 3277/65536 = 0.050003
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_keep_rate_is_one_minus_p(p):
+    n = 1 << 20
+    rate = keep_mask(torch.tensor(987654321987), 5, n, p).double().mean().item()
+    assert abs(rate - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.corrcoef(torch.stack((a.flatten().double(), b.flatten().double())))[0, 1].item()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_neighbours_are_uncorrelated(p):
+    """The two halves of one hash, the pairs either side of a pair boundary, and rows one apart."""
+    m = keep_mask(torch.tensor(31337), 2, 1 << 20, p)
+    rows = m.view(1024, 1024)
+    for a, b in ((m[0::2], m[1::2]), (m[1:-1:2], m[2::2]), (rows[:-1], rows[1:])):
+        assert abs(_corr(a, b)) < 0.01
+
+
+def test_other_salts_and_seeds_draw_unrelated_masks():
+    """Not merely different: unrelated to the first mask at the same place and one pair or row on (a seed
+    added to the counter unmixed would make seed + 1's mask the first one shifted by a pair)."""
+    seed, n = torch.tensor(2**40 + 12345), 1 << 18
+    m = keep_mask(seed, 0, n, 0.5)
+    for other in (keep_mask(seed, 1, n, 0.5), keep_mask(seed + 1, 0, n, 0.5), keep_mask(seed + 2**32, 0, n, 0.5),
+                  keep_mask(seed + 1, 1, n, 0.5)):
+        assert not torch.equal(m, other)
+        for shift in (0, 2, 512):
+            assert abs(_corr(m[shift:], other[: n - shift])) < 0.02, shift
+
+
+# ------------------------------------------------------------------ the Triton kernels on the CPU
+# Triton's interpreter (TRITON_INTERPRET=1, fp32 only: its bf16 is broken) runs the very kernels on CPU
+# tensors, so the GPU's mask is checked bit for bit without a GPU. Skipped in ordinary runs.
+
+interpreter = pytest.mark.skipif(not (_triton.AVAILABLE and os.environ.get("TRITON_INTERPRET") == "1"),
+                                 reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    from loraforge.kernels import dropout as D
+
+    monkeypatch.setattr(D, "_triton_on", lambda t: True)  # the kernels take CPU tensors
+    monkeypatch.setattr(D, "_sm_count", lambda device: 4)  # small enough that the GEMMs split
+    for name in ("dropout", "dropout32", "dropout_mm"):
+        monkeypatch.setitem(_triton.ENABLED, name, True)
+    return D
+
+
+_SEEDS = (torch.tensor(2**62 - 1), torch.tensor(123456789012345), torch.tensor(0))
+
+
+@interpreter
+def test_element_kernels_equal_the_twin_in_the_interpreter(kernels_on_cpu):
+    D = kernels_on_cpu
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 7), (7, 9), (37, 410)):  # odd sizes: a last pair cut short
+        x = torch.randn(*shape, generator=g) + 3  # no zeros: a dropped element shows
+        acc = torch.randn(*shape, generator=g)
+        for seed, (salt, p) in zip(_SEEDS, ((0, 0.05), (6, 0.5), (2**20 + 3, 0.9)), strict=True):
+            ref = D._dropped_torch(x, seed, salt, p)
+            for kernel32 in (False, True):  # the int64 fallback, then the uint32 kernel dropped_add_ needs
+                _triton.ENABLED["dropout32"] = kernel32
+                assert torch.equal(D.dropped(x, seed, salt, p), ref), (shape, int(seed), salt, p, kernel32)
+            got = D.dropped_add_(acc.clone(), x, seed, salt, p, 0.5)
+            assert torch.equal(got, acc + 0.5 * ref), (shape, int(seed), salt, p)
+
+
+@interpreter
+def test_gemm_kernels_draw_the_twins_mask_in_the_interpreter(kernels_on_cpu):
+    """With an identity for the other factor, each GEMM returns drop(x) itself (fp32 sums of one product and
+    zeros are exact), so its mask is compared bit for bit: even and odd `in` (pairs straddle rows), split
+    reductions (520 columns, 300 rows)."""
+    D = kernels_on_cpu
+    g = torch.Generator().manual_seed(1)
+    draws = ((_SEEDS[0], 1, 0.1), (_SEEDS[1], 3, 0.5), (_SEEDS[2], 2**20, 0.05))
+    for i, (t, k) in enumerate(((40, 64), (37, 63), (5, 520), (300, 64), (9, 9))):
+        x = torch.randn(t, k, generator=g) + 3
+        seed, salt, p = draws[i % 3]
+        ref = D._dropped_torch(x, seed, salt, p)
+        assert torch.equal(D.dropped_mm(x, torch.eye(k), seed, salt, p), ref), (t, k, p)
+        assert torch.equal(D.dropped_t_mm(torch.eye(t), x, seed, salt, p), ref), (t, k, p)
+        assert torch.equal(D.dropped_addmm_(torch.zeros(t, k), torch.eye(t), x, seed, salt, p, 1.0), ref), (t, k, p)
 
 
 # ------------------------------------------------------------------ graphs (emulated) with dropout
@@ -266,3 +389,26 @@ def test_dropout_inside_the_lora_gemms_matches_its_twins():
                 acc = torch.randn(t, k, device="cuda", generator=g).to(dtype)
                 got = D.dropped_addmm_(acc.clone(), d, a, seed, salt, p, 0.7).float()
                 assert torch.allclose(got, acc.float() + term, rtol=1e-2, atol=1e-2), (t, k, r, dtype, p)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gemm_kernels_draw_the_twins_mask_bit_for_bit_on_gpu():
+    """As the interpreter test, on the GPU's compiled kernels: with an identity for the other factor each GEMM
+    returns drop(x) itself (bf16 products are exact in the fp32 sums), so the pair hash and its interleave
+    are checked bit for bit, for even and odd `in`."""
+    from loraforge.kernels import _triton
+    from loraforge.kernels import dropout as D
+
+    assert _triton.AVAILABLE and D._mm_enabled(torch.empty(1, device="cuda"))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for t, k in ((40, 64), (37, 63), (200, 130)):
+        x = (torch.randn(t, k, device="cuda", generator=g) + 3).to(torch.bfloat16)
+        eye_k = torch.eye(k, device="cuda", dtype=torch.bfloat16)
+        eye_t = torch.eye(t, device="cuda", dtype=torch.bfloat16)
+        for seed, salt, p in ((draw_seed("cuda"), 1, 0.05), (torch.tensor(2**62 - 1, device="cuda"), 3, 0.5)):
+            ref = D._dropped_torch(x, seed, salt, p)
+            assert torch.equal(D.dropped_mm(x, eye_k, seed, salt, p), ref), (t, k, p)
+            assert torch.equal(D.dropped_t_mm(eye_t, x, seed, salt, p), ref.float()), (t, k, p)
+            zero = torch.zeros(t, k, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(D.dropped_addmm_(zero, eye_t, x, seed, salt, p, 1.0), ref), (t, k, p)

@@ -2,20 +2,34 @@
 
 peft computes base(x) + B(A(dropout(x)))·s: the frozen path never sees the mask. Its `nn.Dropout` keeps a
 full-size mask (or the dropped copy of x) alive until backward, one per adapted projection. Here the mask
-is never stored: keep[i] = hash(seed, salt, i) >= p·2³², so backward regenerates it from the seed, an
-int64 scalar tensor saved per call (8 bytes instead of a [T, in] mask, and without bit-packing
-kernels). Counter-based, not a torch.Generator, for two reasons:
+is never stored: it is a hash of (seed, salt, i), so backward regenerates it from the seed, an int64
+scalar tensor saved per call (8 bytes instead of a [T, in] mask, and without bit-packing kernels).
+Counter-based, not a torch.Generator, for two reasons:
 - the seed is a *device tensor*, never read on the host: no sync, and a CUDA graph can replay the same
   mask in its forward and in its recompute by reading the seed from a buffer the caller fills
   (graphs.py does this through `seeds_from`); torch's generators hand each graph replay a new offset;
-- the Triton kernel and its PyTorch twin compute the very same bits, so the CPU tests check the mask
+- the Triton kernels and their PyTorch twin compute the very same bits, so the CPU tests check the mask
   that the GPU uses, and `patch.self_check` can demand bit equality.
 
-The hash is two rounds of a 32-bit integer mixer keyed by the seed's two halves and the salt. It is
-written in int64 with every product below 2⁶³ (32-bit values times constants < 2²⁷), so torch and Triton
-agree without relying on wrap-around. Flat indices wrap at 2³² (a [T, in] activation that large is
-16 GiB in bf16). The seeds come from torch's default generator of the activations' device
-(`draw_seed`): `torch.manual_seed` fixes them, and checkpointing's RNG restore replays them in the
+The mask, one definition for `keep_mask` and every kernel: one 32-bit hash per *pair* of elements. Flat
+index i reads h = hash(seed, salt, i // 2), its low 16 bits for even i and its high 16 bits for odd i, and
+is kept when those 16 bits are ≥ round(p·2¹⁶). So p is exact to 1/65536 (0.05 drops 3277/65536 = 0.050003
+of the elements; the scale stays 1/(1 − p), as peft's). hash(seed, salt, j) = lowbias32(j·mul + add mod
+2³²): one round of Chris Wellons' "lowbias32" finalizer, whose input is the pair counter through an affine
+map keyed per call (mul odd, add: 32-bit keys digested from both halves of the seed and the salt).
+One round suffices for a dropout mask: the inputs are distinct counters (the affine map is a bijection mod
+2³²), nobody chooses them adversarially, and a full-avalanche bijection (each input bit flips each output
+bit with probability ≈ 1/2) makes each 16-bit half uniform and unrelated to its neighbours' — the keep
+rate and neighbour-correlation tests check exactly that. Keys enter through mul and add, so two calls'
+streams are affinely reshuffled copies of one another: neighbours in one are far apart in the other. The
+old design's second round only re-keyed the stream; dropping it and sharing each hash by two elements cuts
+the integer work per element ~3.5× (bench/NOTES.md counts it).
+
+Everything is computed in int64 on the PyTorch side with every product below 2⁶³ (`_mul32` splits the
+large multiplier), so torch and Triton agree without relying on wrap-around; the Triton kernels hash in
+uint32, whose products wrap mod 2³² by definition. Pair indices wrap at 2³² (a [T, in] activation with
+2³³ elements is 16 GiB in bf16). The seeds come from torch's default generator of the activations'
+device (`draw_seed`): `torch.manual_seed` fixes them, and checkpointing's RNG restore replays them in the
 recompute, exactly as it does for peft's `nn.Dropout`.
 """
 
@@ -30,7 +44,7 @@ import torch
 from . import _triton
 
 _M = 0xFFFFFFFF
-_C = 0x45D9F3B  # Mueller's 32-bit mixer constant (< 2^27, so h * _C < 2^59)
+_LB1, _LB2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers (the first < 2^31, the second not)
 _SALT_A, _SALT_B = 0x9E3779B1, 0x7F4A7C15  # salts spread over 32 bits (golden-ratio style odd numbers)
 _state = threading.local()
 
@@ -39,23 +53,40 @@ def _salt_keys(salt: int) -> tuple[int, int]:
     return (salt * _SALT_A) & _M, (salt * _SALT_B + 1) & _M
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    h = (((h >> 16) ^ h) * _C) & _M
-    h = (((h >> 16) ^ h) * _C) & _M
-    return (h >> 16) ^ h
+def _mul32(h: torch.Tensor, c: torch.Tensor | int) -> torch.Tensor:
+    """(h·c) mod 2³² for 0 ≤ h, c < 2³², exact in int64: a multiplier below 2³¹ directly (product < 2⁶³),
+    any other by its two 16-bit halves (products < 2⁴⁸)."""
+    if isinstance(c, int) and c < 2**31:
+        return (h * c) & _M
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M
+
+
+def _lowbias32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, _LB1)
+    h = h ^ (h >> 15)
+    h = _mul32(h, _LB2)
+    return h ^ (h >> 16)
+
+
+def _keys(seed: torch.Tensor, salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mul, add) of one call: two 32-bit digests of the whole seed and the salt, mul odd."""
+    sa, sb = _salt_keys(salt)
+    lo, hi = seed & _M, (seed >> 32) & _M
+    return _lowbias32(_lowbias32(lo ^ sa) ^ hi) | 1, _lowbias32(_lowbias32(hi ^ sb) ^ lo)
 
 
 def _threshold(p: float) -> int:
-    return min(int(p * 2**32), 2**32)
+    return min(int(p * 2**16 + 0.5), 2**16)  # round(p·2¹⁶), halves up; 2¹⁶ (p ≈ 1) keeps nothing
 
 
 def keep_mask(seed: torch.Tensor, salt: int, n: int, p: float) -> torch.Tensor:
-    """The [n] boolean keep mask for (seed, salt): the PyTorch twin of the Triton kernel's test."""
-    sa, sb = _salt_keys(salt)
-    k1 = _mix32((seed & _M) ^ sa)
-    k2 = _mix32(((seed >> 32) & _M) ^ sb)
-    idx = torch.arange(n, device=seed.device, dtype=torch.int64) & _M
-    return _mix32(_mix32(idx ^ k1) ^ k2) >= _threshold(p)
+    """The [n] boolean keep mask for (seed, salt): the PyTorch twin of the Triton kernels' test."""
+    mul, add = _keys(seed, salt)
+    j = torch.arange((n + 1) // 2, device=seed.device, dtype=torch.int64) & _M  # pair counters
+    h = _lowbias32((_mul32(j, mul) + add) & _M)
+    bits = torch.stack((h & 0xFFFF, h >> 16), dim=-1).view(-1)[:n]  # element 2j: low half, 2j + 1: high
+    return bits >= _threshold(p)
 
 
 def _dropped_torch(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
@@ -68,10 +99,16 @@ def triton_enabled() -> bool:
     return _triton.AVAILABLE and _triton.ENABLED.get("dropout", True)
 
 
+def _triton_on(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels handle `t` (a CUDA tensor, dropout kernels on); the interpreter tests
+    replace it to run them on CPU tensors."""
+    return t.is_cuda and triton_enabled()
+
+
 def dropped(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
     """x ⊙ keep / (1 − p) with keep from (seed, salt) over x's row-major flat index; a new tensor."""
     x = x.contiguous()
-    if x.is_cuda and triton_enabled():
+    if _triton_on(x):
         return _dropped_triton(x, seed, salt, p)
     return _dropped_torch(x, seed, salt, p)
 
@@ -116,57 +153,92 @@ def seed_for_call(device: torch.device, n_salts: int) -> tuple[torch.Tensor, int
 if _triton.AVAILABLE:
     tl, triton = _triton.tl, _triton.triton
 
+    # ---- the hash in int64, the same ops as the PyTorch twin above (the scalar keys and the fallback kernel)
+
     @triton.jit
-    def _mix32_tl(h):
-        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-        return (h >> 16) ^ h
+    def _mul32_i64(h, c):
+        return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+    @triton.jit
+    def _lowbias32_i64(h):
+        h = h ^ (h >> 16)
+        h = (h * 0x7FEB352D) & 0xFFFFFFFF  # below 2^31: h·c < 2^63
+        h = h ^ (h >> 15)
+        h = _mul32_i64(h, 0x846CA68B)
+        return h ^ (h >> 16)
+
+    @triton.jit
+    def _keys_i64(seed_ptr, salt_a, salt_b):
+        seed = tl.load(seed_ptr).to(tl.int64)
+        lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF  # int64 ^ (i32 or i64) promotes to int64
+        mul = _lowbias32_i64(_lowbias32_i64(lo ^ salt_a) ^ hi) | 1
+        add = _lowbias32_i64(_lowbias32_i64(hi ^ salt_b) ^ lo)
+        return mul, add
 
     @triton.jit
     def _dropout_kernel(x_ptr, out_ptr, seed_ptr, n, salt_a, salt_b, thr, scale, BLOCK: tl.constexpr):
-        # The same int64 ops as keep_mask: the two must agree bit for bit (patch.self_check checks it).
+        # The fallback of the uint32 kernels below: keep_mask's int64 ops, one hash per element (its pair's).
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        seed = tl.load(seed_ptr).to(tl.int64)
-        k1 = _mix32_tl((seed & 0xFFFFFFFF) ^ salt_a)  # int64 ^ (i32 or i64) promotes to int64
-        k2 = _mix32_tl(((seed >> 32) & 0xFFFFFFFF) ^ salt_b)
-        h = _mix32_tl(_mix32_tl((offs & 0xFFFFFFFF) ^ k1) ^ k2)
+        mul, add = _keys_i64(seed_ptr, salt_a, salt_b)
+        h = _lowbias32_i64((_mul32_i64((offs >> 1) & 0xFFFFFFFF, mul) + add) & 0xFFFFFFFF)
+        bits = tl.where((offs & 1) == 1, h >> 16, h & 0xFFFF)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.where(h >= thr, x * scale, 0.0)
+        y = tl.where(bits >= thr, x * scale, 0.0)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    # ---- the hash in uint32: products wrap mod 2^32, the same bits as the int64 ones at a fraction of the
+    # integer work (a GPU has no native 64-bit multiply). Per pair of elements: one add (the counter's
+    # affine key, see _keep_pairs) and lowbias32's 8 ops; per element: one mask or shift, one compare.
+
     @triton.jit
-    def _mix32_u32(h):
-        # uint32 products wrap mod 2^32: the same bits as the int64 product & 0xFFFFFFFF, at a quarter
-        # of the integer work (a GPU has no native 64-bit multiply).
-        h = ((h >> 16) ^ h) * 0x45D9F3B
-        h = ((h >> 16) ^ h) * 0x45D9F3B
-        return (h >> 16) ^ h
+    def _lowbias32_u32(h):
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x846CA68B
+        return h ^ (h >> 16)
 
     @triton.jit
     def _keys32(seed_ptr, salt_a, salt_b):
-        seed = tl.load(seed_ptr).to(tl.int64)
-        k1 = _mix32_tl((seed & 0xFFFFFFFF) ^ salt_a).to(tl.uint32)  # per-call keys: scalars, in int64
-        k2 = _mix32_tl(((seed >> 32) & 0xFFFFFFFF) ^ salt_b).to(tl.uint32)
-        return k1, k2
+        mul, add = _keys_i64(seed_ptr, salt_a, salt_b)  # per-call scalars: in int64, then 32 bits
+        return mul.to(tl.uint32), add.to(tl.uint32)
 
     @triton.jit
-    def _keep_k32(offs, k1, k2, thr):
-        h = _mix32_u32(_mix32_u32(offs.to(tl.uint32) ^ k1) ^ k2)
-        return h.to(tl.int64) >= thr
+    def _keep_pairs(j0, mul, add, thr, HALF: tl.constexpr):
+        """Keep bits of the 2·HALF elements from flat index 2·j0 on (j0 a uint32 scalar, or a [B, 1] column
+        of them: then [B, 2·HALF]). HALF hashes, not 2·HALF: (j0 + jj)·mul + add as a per-row term plus a
+        per-column one, one add per pair; then each hash's low and high halves interleaved."""
+        x = (j0 * mul + add) + tl.arange(0, HALF).to(tl.uint32) * mul
+        h = _lowbias32_u32(x)
+        return tl.interleave(h & 0xFFFF, h >> 16) >= thr
 
     @triton.jit
-    def _keep32(offs, seed_ptr, salt_a, salt_b, thr):
-        k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
-        return _keep_k32(offs, k1, k2, thr)
+    def _keep_tile(rows, c0, k, mul, add, thr, BK: tl.constexpr, EVEN: tl.constexpr):
+        """Keep bits of the [rows, c0 : c0 + BK] tile of a row-major [T, k] tensor (c0 even). With k even
+        (EVEN) every row starts a pair: BK/2 hashes per row. With k odd, pairs straddle rows: one hash
+        per element, its pair's, and the half its parity picks (the same bits, twice the work)."""
+        if EVEN:
+            j0 = rows.to(tl.uint32) * (k // 2).to(tl.uint32) + (c0 // 2).to(tl.uint32)  # wraps mod 2^32
+            return _keep_pairs(j0[:, None], mul, add, thr, BK // 2)
+        else:
+            offs = rows.to(tl.int64)[:, None] * k + (c0 + tl.arange(0, BK))[None, :]
+            h = _lowbias32_u32((offs >> 1).to(tl.uint32) * mul + add)
+            return tl.where((offs & 1) == 1, h >> 16, h & 0xFFFF) >= thr
+
+    @triton.jit
+    def _keep_block(pid, seed_ptr, salt_a, salt_b, thr, BLOCK: tl.constexpr):
+        mul, add = _keys32(seed_ptr, salt_a, salt_b)
+        j0 = (pid.to(tl.int64) * (BLOCK // 2)).to(tl.uint32)  # BLOCK is even: the block starts a pair
+        return _keep_pairs(j0, mul, add, thr, BLOCK // 2)
 
     @triton.jit
     def _dropout32_kernel(x_ptr, out_ptr, seed_ptr, n, salt_a, salt_b, thr, scale, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        keep = _keep32(offs, seed_ptr, salt_a, salt_b, thr)
+        keep = _keep_block(pid, seed_ptr, salt_a, salt_b, thr, BLOCK)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, tl.where(keep, x * scale, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -177,7 +249,7 @@ if _triton.AVAILABLE:
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        keep = _keep32(offs, seed_ptr, salt_a, salt_b, thr)
+        keep = _keep_block(pid, seed_ptr, salt_a, salt_b, thr, BLOCK)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(keep, x * scale, 0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
         a = tl.load(acc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -204,7 +276,7 @@ def dropped_add_(acc: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: i
     """acc += alpha · dropped(x, seed, salt, p), in place, one pass on CUDA (backward's dX of the LoRA
     branch: no dropped copy of x written and read back)."""
     x = x.contiguous()
-    if acc.is_cuda and acc.is_contiguous() and triton_enabled() and _triton.ENABLED.get("dropout32", True):
+    if _triton_on(acc) and acc.is_contiguous() and _triton.ENABLED.get("dropout32", True):
         sa, sb = _salt_keys(salt)
         n = x.numel()
         _dropout_add32_kernel[(triton.cdiv(n, _BLOCK),)](acc, x, seed, n, sa, sb, _threshold(p), 1.0 / (1.0 - p),
@@ -228,8 +300,7 @@ def _rank_block(r: int) -> int:
 
 
 def _mm_enabled(x: torch.Tensor) -> bool:
-    return (x.is_cuda and triton_enabled() and _triton.ENABLED.get("dropout32", True)
-            and _triton.ENABLED.get("dropout_mm", True))
+    return _triton_on(x) and _triton.ENABLED.get("dropout32", True) and _triton.ENABLED.get("dropout_mm", True)
 
 
 def dropped_mm(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
@@ -247,7 +318,7 @@ def dropped_mm(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int, 
     part = torch.empty(splits, t, r, device=x.device, dtype=torch.float32)
     sa, sb = _salt_keys(salt)
     _dropped_mm_kernel[(n_m, splits)](x, a, part, seed, t, k, r, per, sa, sb, _threshold(p), 1.0 / (1.0 - p),
-                                      BM=bm, BK=bk, BR=_rank_block(r), num_warps=4)
+                                      BM=bm, BK=bk, BR=_rank_block(r), EVEN=k % 2 == 0, num_warps=4)
     return (part[0] if splits == 1 else part.sum(0)).to(x.dtype)
 
 
@@ -275,7 +346,7 @@ def dropped_t_mm(d: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, salt: int
     part = torch.empty(splits, r, k, device=x.device, dtype=torch.float32)
     sa, sb = _salt_keys(salt)
     _dropped_t_mm_kernel[(n_k, splits)](d, x, part, seed, t, k, r, per, sa, sb, _threshold(p), 1.0 / (1.0 - p),
-                                         BT=bt, BK=bk, BR=_rank_block(r), num_warps=4)
+                                         BT=bt, BK=bk, BR=_rank_block(r), EVEN=k % 2 == 0, num_warps=4)
     return part[0] if splits == 1 else part.sum(0)
 
 
@@ -292,7 +363,7 @@ def dropped_addmm_(acc: torch.Tensor, d: torch.Tensor, a: torch.Tensor, seed: to
     bm, bk = 64, 128
     _dropped_addmm_kernel[(triton.cdiv(t, bm), triton.cdiv(k, bk))](
         acc, d, a, seed, t, k, r, sa, sb, _threshold(p), 1.0 / (1.0 - p), float(alpha),
-        BM=bm, BK=bk, BR=_rank_block(r), num_warps=4)
+        BM=bm, BK=bk, BR=_rank_block(r), EVEN=k % 2 == 0, num_warps=4)
     return acc
 
 
@@ -308,27 +379,30 @@ def _sm_count(device: torch.device) -> int:
 if _triton.AVAILABLE:
 
     @triton.jit
-    def _dropped_tile(x_ptr, rows, cols, k, k_end, t_end, k1, k2, thr, scale):
-        # drop(x) on the tile [rows < t_end, cols < k_end] of a row-major [T, k] x, rounded to x's dtype
-        # as `dropped` rounds it; the flat index rows·k + cols is the one `dropped` hashes.
+    def _dropped_tile(x_ptr, rows, c0, k, k_end, t_end, mul, add, thr, scale, BK: tl.constexpr,
+                      EVEN: tl.constexpr):
+        # drop(x) on the tile [rows < t_end, c0 ≤ cols < k_end] of a row-major [T, k] x, rounded to x's
+        # dtype as `dropped` rounds it; the flat index rows·k + cols is the one `dropped` hashes.
+        cols = c0 + tl.arange(0, BK)
         offs = rows.to(tl.int64)[:, None] * k + cols[None, :]
         m = (rows[:, None] < t_end) & (cols[None, :] < k_end)
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        return tl.where(_keep_k32(offs, k1, k2, thr), x * scale, 0.0).to(x_ptr.dtype.element_ty)
+        keep = _keep_tile(rows, c0, k, mul, add, thr, BK, EVEN)
+        return tl.where(keep, x * scale, 0.0).to(x_ptr.dtype.element_ty)
 
     @triton.jit
     def _dropped_mm_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, t, k, r, per, salt_a, salt_b, thr, scale,
-                           BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                           BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EVEN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         split = tl.program_id(1)
         rr = tl.arange(0, BR)
-        k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
+        mul, add = _keys32(seed_ptr, salt_a, salt_b)
         k0 = split * per
         k_end = tl.minimum(k, k0 + per)
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for s in range(0, per, BK):
-            cols = k0 + s + tl.arange(0, BK)
-            xd = _dropped_tile(x_ptr, rows, cols, k, k_end, t, k1, k2, thr, scale)
+            cols = k0 + s + tl.arange(0, BK)  # per and BK are even: every tile starts a pair
+            xd = _dropped_tile(x_ptr, rows, k0 + s, k, k_end, t, mul, add, thr, scale, BK, EVEN)
             at = tl.load(a_ptr + rr[None, :].to(tl.int64) * k + cols[:, None],  # aᵀ tile [BK, BR]
                          mask=(rr[None, :] < r) & (cols[:, None] < k_end), other=0.0)
             acc = tl.dot(xd, at, acc)
@@ -337,37 +411,40 @@ if _triton.AVAILABLE:
 
     @triton.jit
     def _dropped_t_mm_kernel(d_ptr, x_ptr, part_ptr, seed_ptr, t, k, r, per, salt_a, salt_b, thr, scale,
-                             BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        cols = tl.program_id(0) * BK + tl.arange(0, BK)
+                             BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EVEN: tl.constexpr):
+        c0 = tl.program_id(0) * BK
         split = tl.program_id(1)
         rr = tl.arange(0, BR)
-        k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
+        mul, add = _keys32(seed_ptr, salt_a, salt_b)
         t0 = split * per
         t_end = tl.minimum(t, t0 + per)
         acc = tl.zeros((BR, BK), dtype=tl.float32)
         for s in range(0, per, BT):
             rows = t0 + s + tl.arange(0, BT)
-            xd = _dropped_tile(x_ptr, rows, cols, k, k, t_end, k1, k2, thr, scale)
+            xd = _dropped_tile(x_ptr, rows, c0, k, k, t_end, mul, add, thr, scale, BK, EVEN)
             dv = tl.load(d_ptr + rows.to(tl.int64)[:, None] * r + rr[None, :],
                          mask=(rows[:, None] < t_end) & (rr[None, :] < r), other=0.0)
             acc = tl.dot(tl.trans(dv), xd, acc)
+        cols = c0 + tl.arange(0, BK)
         out = part_ptr + split.to(tl.int64) * r * k + rr[:, None].to(tl.int64) * k + cols[None, :]
         tl.store(out, acc, mask=(rr[:, None] < r) & (cols[None, :] < k))
 
     @triton.jit
     def _dropped_addmm_kernel(acc_ptr, d_ptr, a_ptr, seed_ptr, t, k, r, salt_a, salt_b, thr, scale, alpha,
-                              BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                              BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EVEN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        c0 = tl.program_id(1) * BK
+        cols = c0 + tl.arange(0, BK)
         rr = tl.arange(0, BR)
         dv = tl.load(d_ptr + rows.to(tl.int64)[:, None] * r + rr[None, :],
                      mask=(rows[:, None] < t) & (rr[None, :] < r), other=0.0)
         av = tl.load(a_ptr + rr[:, None].to(tl.int64) * k + cols[None, :],
                      mask=(rr[:, None] < r) & (cols[None, :] < k), other=0.0)
         prod = tl.dot(dv, av).to(acc_ptr.dtype.element_ty).to(tl.float32)  # d @ a, rounded as the twin's
-        k1, k2 = _keys32(seed_ptr, salt_a, salt_b)
+        mul, add = _keys32(seed_ptr, salt_a, salt_b)
+        keep = _keep_tile(rows, c0, k, mul, add, thr, BK, EVEN)
         offs = rows.to(tl.int64)[:, None] * k + cols[None, :]
         m = (rows[:, None] < t) & (cols[None, :] < k)
-        dd = tl.where(_keep_k32(offs, k1, k2, thr), prod * scale, 0.0).to(acc_ptr.dtype.element_ty)
+        dd = tl.where(keep, prod * scale, 0.0).to(acc_ptr.dtype.element_ty)
         cur = tl.load(acc_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(acc_ptr + offs, (cur + alpha * dd.to(tl.float32)).to(acc_ptr.dtype.element_ty), mask=m)
