@@ -22,8 +22,9 @@ One round suffices for a dropout mask: the inputs are distinct counters (the aff
 bit with probability ≈ 1/2) makes each 16-bit half uniform and unrelated to its neighbours' — the keep
 rate and neighbour-correlation tests check exactly that. Keys enter through mul and add, so two calls'
 streams are affinely reshuffled copies of one another: neighbours in one are far apart in the other. The
-old design's second round only re-keyed the stream; dropping it and sharing each hash by two elements cuts
-the integer work per element ~3.5× (bench/NOTES.md counts it).
+previous definition ran a mixer twice per element, the second time to fold in a second key; keying through
+mul and add instead, and sharing each hash by two elements, cuts the integer work per element from 20 ops
+to 6.5 (bench/NOTES.md counts them).
 
 Everything is computed in int64 on the PyTorch side with every product below 2⁶³ (`_mul32` splits the
 large multiplier), so torch and Triton agree without relying on wrap-around; the Triton kernels hash in
