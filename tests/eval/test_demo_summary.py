@@ -1,4 +1,5 @@
-"""`loraforge demo`'s figures end to end on a tiny random model: the table, the intervals and demo-<date>.json."""
+"""`loraforge demo`'s figures end to end on a tiny random model: both tasks' tables, the intervals and
+demo-<date>.json."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ def test_demo_writes_its_summary_with_intervals(tmp_path: Path, tiny_model_dir: 
                                                 monkeypatch: pytest.MonkeyPatch):
     import loraforge.demo as demo
 
-    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    # Conversations with a 2-line message holding one question give the question task its examples.
+    questions = [{"messages": [{"role": "user", "content": "Hello"},
+                               {"role": "assistant", "content": f"Day {i} was fine\nWhat did you do on day {i}?"}]}
+                 for i in range(16)]
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40) + questions)
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "QUESTION_HELD_OUT", 4)
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"model_name": str(tiny_model_dir), "use_4bit": False, "device": "cpu"},
@@ -30,12 +37,18 @@ def test_demo_writes_its_summary_with_intervals(tmp_path: Path, tiny_model_dir: 
     results = demo.run_demo(tmp_path / "run")
 
     summary = json.loads(Path(results["summary"]).read_text())
-    assert summary["n_replies"] == 6 and summary["n_conversations"] == 10 and summary["wall_s"] > 0
+    chitchat = summary["chitchat"]
+    assert chitchat["n_replies"] == 6 and chitchat["n_conversations"] == 14 and summary["wall_s"] > 0
+    assert summary["n_replies"] == 4 and summary["n_conversations"] == 4  # the question task's held-out examples
     for name, ppl in (("base", results["base_perplexity"]), ("fine_tuned", results["finetuned_perplexity"])):
-        part = summary[name]
-        assert part["perplexity"] == pytest.approx(ppl)
-        assert set(part["intervals"]) == {"perplexity", "bleu", "rouge1", "rouge2", "rougeL"}
-        low, high = part["intervals"]["perplexity"]
-        assert low <= ppl <= high and math.isfinite(high)
-    assert set(summary["fine_tuned_minus_base"]) == {"bleu", "rouge1", "rouge2", "rougeL"}
-    assert "95% bootstrap interval" in (tmp_path / "run" / "report.md").read_text()
+        assert chitchat[name]["perplexity"] == pytest.approx(ppl)
+        for part in (chitchat[name], summary[name]):
+            assert set(part["intervals"]) == {"perplexity", "bleu", "rouge1", "rouge2", "rougeL"}
+            low, high = part["intervals"]["perplexity"]
+            assert low <= part["perplexity"] <= high and math.isfinite(high)
+    for part in (summary, chitchat):
+        assert set(part["fine_tuned_minus_base"]) == {"bleu", "rouge1", "rouge2", "rougeL"}
+    for report in (tmp_path / "run" / "report.md", tmp_path / "run" / "question-task" / "report.md"):
+        text = report.read_text()
+        assert "95% bootstrap interval" in text and "## What this measures" in text
+    assert demo.QUESTION_PROMPT in (tmp_path / "run" / "question-task" / "report.md").read_text()

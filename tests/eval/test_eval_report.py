@@ -110,3 +110,15 @@ def test_intervals_are_shown_beside_the_means(tmp_path):
         assert "0.100 [0.050, 0.150]" in text and "0.300 [0.200, 0.400]" in text
         assert "95% bootstrap interval (1,000 resamples of the 64 held-out replies)" in text
     assert json.loads(paths["json"].read_text())["finetuned"]["intervals"]["bleu"] == [0.2, 0.4]
+
+
+def test_what_the_task_is_comes_before_the_metrics_and_not_among_the_facts(tmp_path):
+    about = "Each prompt asks for the one question of a <chat> message; the reference is that line."
+    results = {"base": {"bleu": 0.1}, "finetuned": {"bleu": 0.6}, "meta": {"model": "m", "about": about}}
+    paths = write_report(tmp_path, results, None, [])
+    markdown = paths["markdown"].read_text()
+    assert "## What this measures" in markdown and "**About:**" not in markdown
+    assert markdown.index("&lt;chat&gt; message") < markdown.index("## Metrics")
+    page = paths["html"].read_text()
+    assert page.index("What this measures") < page.index("<h2>Metrics") and "&lt;chat&gt;" in page
+    assert json.loads(paths["json"].read_text())["meta"]["about"] == about

@@ -280,13 +280,16 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], metrics_jsonl:
     """Write `report.md`, `report.html`, `eval_results.json` (and `loss_curve.png`) into `out_dir`.
 
     `results` holds `base` and `finetuned` metric dicts and an optional `meta` dict (model, adapter,
-    dataset, date, device, ...). `samples` are dicts with `prompt`, `reference`, `base`, `finetuned`.
+    dataset, date, device, ...); `meta['about']`, when given, is a paragraph in plain words on what the task
+    is and why the numbers move as they do, printed above the metrics.
+    `samples` are dicts with `prompt`, `reference`, `base`, `finetuned`.
     Returns the written paths keyed `markdown`, `html`, `json` and, when plotted, `loss_curve`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(results.get("meta") or {})
     meta.setdefault("date", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    about = str(meta.pop("about", "") or "")
     rows = metric_rows(results)
     records = read_metrics_log(metrics_jsonl) if metrics_jsonl else []
     training = training_summary(records)
@@ -294,9 +297,10 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], metrics_jsonl:
 
     paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "eval_results.json"}
     note = _interval_note(results, rows)
-    paths["markdown"].write_text(_markdown(meta, rows, training, curve, samples, note), encoding="utf-8")
-    paths["html"].write_text(_html(meta, rows, training, curve, samples, note), encoding="utf-8")
-    paths["json"].write_text(json.dumps(_json_results(results, meta, rows, training, samples), indent=2,
+    paths["markdown"].write_text(_markdown(meta, rows, training, curve, samples, note, about), encoding="utf-8")
+    paths["html"].write_text(_html(meta, rows, training, curve, samples, note, about), encoding="utf-8")
+    json_meta = {**meta, "about": about} if about else meta
+    paths["json"].write_text(json.dumps(_json_results(results, json_meta, rows, training, samples), indent=2,
                                         allow_nan=False, default=str), encoding="utf-8")
     if curve is not None:
         paths["loss_curve"] = curve
@@ -353,9 +357,11 @@ def _md_cell(text: str) -> str:
 
 
 def _markdown(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str, float | int], curve: Path | None,
-              samples: Sequence[Mapping[str, Any]], note: str = "") -> str:
+              samples: Sequence[Mapping[str, Any]], note: str = "", about: str = "") -> str:
     lines = [f"# {_title(meta)}", ""]
     lines += [f"- **{label}:** {_md_cell(value)}" for label, value in _facts(meta, training)]
+    if about:
+        lines += ["", "## What this measures", "", _md_cell(about)]
     lines += ["", "## Metrics", ""]
     if rows:
         marks = {"better": " ✅", "worse": " ⚠️", "same": "", "neutral": ""}
@@ -441,7 +447,7 @@ def _html_text(text: str) -> str:
 
 
 def _html(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str, float | int], curve: Path | None,
-          samples: Sequence[Mapping[str, Any]], note: str = "") -> str:
+          samples: Sequence[Mapping[str, Any]], note: str = "", about: str = "") -> str:
     facts = "".join(f"<div><dt>{_esc(label)}</dt><dd>{_esc(value)}</dd></div>"
                     for label, value in _facts(meta, training))
     parts = [(f'<header><div class="kicker">loraforge · base vs fine-tuned</div><h1>{_esc(_title(meta))}</h1>'
@@ -460,6 +466,8 @@ def _html(meta: Mapping[str, Any], rows: list[MetricRow], training: Mapping[str,
         parts.append(f'<div class="cards">{"".join(cards)}</div>')
     parts.append("</header>")
 
+    if about:
+        parts.append(f'<section><h2>What this measures</h2><p>{_esc(about)}</p></section>')
     parts.append("<section><h2>Metrics</h2>")
     if rows:
         body = []
