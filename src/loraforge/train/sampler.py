@@ -111,7 +111,11 @@ class StepFeed:
             micro = [b for b, _ in micro]
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         seen = sum(tokens_in(b, self.pad) for b in micro)
-        on_device = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        # From pinned memory the copy is queued behind the running step; from pageable memory the driver
+        # may first wait for the stream, and the host with it.
+        pin = self.device.type == "cuda"
+        on_device = [{k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in b.items()}
+                     for b in micro]
         return StepInputs(on_device, labelled, seen, position)
 
 

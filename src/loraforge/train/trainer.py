@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,27 @@ class _LogWindow:
     seen: int = 0
     t0: float = field(default_factory=time.perf_counter)
     extra: dict[str, float] = field(default_factory=dict)  # preference metrics, summed (mean per pair when logged)
+
+
+class _Deferred:
+    """Host work the GPU need not wait for: a step's progress bar, metrics record and console line.
+
+    Reading the step's grad norm and printing through rich take milliseconds; done between two steps, the GPU
+    waits for them (bench/NOTES.md: ~28 ms a step on Llama-2-7B when logging every step). The trainer queues
+    them here and runs them while the next step's backward is on the GPU, or at once before anything that
+    must see them written: a checkpoint, an evaluation, the end, an error.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], Any]] = []
+
+    def add(self, call: Callable[[], Any]) -> None:
+        self.calls.append(call)
+
+    def run(self) -> None:
+        calls, self.calls = self.calls, []
+        for call in calls:
+            call()
 
 
 def environment_info(device: torch.device, world_size: int = 1) -> dict[str, Any]:
@@ -285,18 +307,26 @@ class LLAMATrainer:
             prime_graphs(run.model, self.fast_path.graphs,
                          lambda: self._micro_step_loss(run.model, first.batches[0], n_first), log=self.log)
         run.t0 = time.perf_counter() - state.elapsed_seconds
+        later = _Deferred()  # a step's report, made while the next step's backward runs on the GPU
+
+        def while_backward_runs() -> None:  # the next step's inputs, then the last step's report
+            if state.step + 1 < total_steps:
+                feed.prefetch()
+            later.run()
+
         try:
             while state.step < total_steps:
                 inputs = feed.take()
                 state.micro_batch += accum
                 if inputs.position is not None:
                     state.stream_record, state.stream_row = inputs.position.record, inputs.position.row
-                ahead = feed.prefetch if state.step + 1 < total_steps else None
-                out = self._optimizer_step(run, inputs, ahead)
+                out = self._optimizer_step(run, inputs, while_backward_runs)
+                later.run()  # a preference step does not call `ahead` (after an SFT step nothing is left)
                 state.step += 1
                 state.tokens_seen += out.seen
                 window.seen += out.seen
                 if not math.isfinite(out.nll):
+                    later.run()
                     self._count_nonfinite(run)
                     self._stop_if_signalled(run, out.stop_requested)
                     continue
@@ -305,25 +335,20 @@ class LLAMATrainer:
                 window.tokens += out.tokens
                 preference.add_to_window(window.extra, out)
                 last_loss = out.nll / max(1, out.tokens)
-                run.progress.update(state.step, last_loss, out.lr)
+                later.add(partial(run.progress.update, state.step, last_loss, out.lr))
                 is_last = state.step == total_steps
 
                 if state.step % tcfg.logging_steps == 0 or is_last:
-                    elapsed = time.perf_counter() - window.t0
                     epoch = round(state.micro_batch / stream.per_epoch, 4) if stream else None
-                    record = {"step": state.step, "epoch": epoch,
-                              "loss": window.nll / max(1, window.tokens), "lr": out.lr,
-                              "grad_norm": float(out.grad_norm) if out.grad_norm is not None else None,
-                              "tokens_per_s": window.seen / max(elapsed, 1e-9),
-                              "elapsed_s": round(time.perf_counter() - run.t0, 2),
-                              **{k: v / max(1, window.tokens) for k, v in window.extra.items()}}
-                    if state.nonfinite_total:
-                        record["nonfinite_steps"] = state.nonfinite_total
-                    self._emit(run, record)
+                    later.add(partial(self._emit, run, self._step_record(run, window, out, epoch)))
                     window = _LogWindow()
+                due_eval = bool(tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or is_last
+                if due_eval or (tcfg.save_steps and state.step % tcfg.save_steps == 0) or is_last \
+                        or out.stop_requested or self._signal is not None:
+                    later.run()  # every record up to a checkpoint is written before it
 
                 improved = False
-                if (tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or is_last:
+                if due_eval:
                     last_eval = self._evaluate_during_training(run.model, collate)
                     if last_eval:
                         improved = state.best_eval_loss is None or last_eval["eval_loss"] < state.best_eval_loss
@@ -361,6 +386,7 @@ class LLAMATrainer:
                 "effective batch), set training.gradient_checkpointing=true, lower data.max_length, "
                 "or load the model in 4-bit (model.use_4bit=true).") from e
         finally:
+            later.run()
             run.progress.stop()
             self._restore_signal_handlers()
             if run.trackers:
@@ -442,8 +468,9 @@ class LLAMATrainer:
 
     def _optimizer_step(self, run: _Run, inputs: StepInputs, ahead: Callable[[], None] | None) -> _StepOutcome:
         """One optimizer step over `inputs`, this process's micro-batches of the step; a step whose loss is not
-        finite is dropped (no update) but still advances the schedule. `ahead` loads the next step's inputs
-        while this step's backward runs.
+        finite is dropped (no update) but still advances the schedule. `ahead` is the host's work that need
+        not wait for the device (the next step's inputs, the last step's report): it runs while this step's
+        backward does.
 
         The step's labelled tokens are counted first, summed over all processes, so every micro-batch's loss
         is its summed NLL over that one count: the mean over all labelled tokens of the step, not a mean of
@@ -513,8 +540,22 @@ class LLAMATrainer:
             path = run.ckpt_root / f"step-{run.state.step}" if run.saved_step == run.state.step else self._save(run)
             raise Preempted(self._signal or signal.SIGTERM, path)
 
+    def _step_record(self, run: _Run, window: _LogWindow, out: _StepOutcome, epoch: float | None) -> dict[str, Any]:
+        """The metrics record of a logged step, from its window. `grad_norm` stays a tensor: reading it here
+        would wait for the optimizer step, so `_emit` reads it later, when it is long done."""
+        record = {"step": run.state.step, "epoch": epoch, "loss": window.nll / max(1, window.tokens),
+                  "lr": out.lr, "grad_norm": out.grad_norm,
+                  "tokens_per_s": window.seen / max(time.perf_counter() - window.t0, 1e-9),
+                  "elapsed_s": round(time.perf_counter() - run.t0, 2),
+                  **{k: v / max(1, window.tokens) for k, v in window.extra.items()}}
+        if run.state.nonfinite_total:
+            record["nonfinite_steps"] = run.state.nonfinite_total
+        return record
+
     def _emit(self, run: _Run, record: dict[str, Any]) -> None:
         """A metrics record to metrics.jsonl, the trackers and the console (the main process writes)."""
+        if isinstance(record.get("grad_norm"), torch.Tensor):
+            record["grad_norm"] = float(record["grad_norm"])
         if self.accelerator.is_main_process:
             run.metrics.write(record)
             run.trackers.log(record, record["step"])
