@@ -79,7 +79,8 @@ def run_demo(out: Path = Path("runs/demo"), steps: int | None = None) -> dict:
     console.rule("[bold]evaluation: base vs fine-tuned, same held-out data")
     model = trainer.accelerator.unwrap_model(trainer.model)
     loaded = Loaded(model, trainer.tokenizer, cfg, result.adapter_dir, trainer.data.kind, trainer.data.formatter)
-    meta = {"model": cfg.model.model_name, "adapter": str(result.adapter_dir), "dataset": cfg.data.dataset,
+    # "data" is filled in per task below (the key keeps its place among the report's facts).
+    meta = {"model": cfg.model.model_name, "adapter": str(result.adapter_dir), "data": "",
             "device": str(trainer.accelerator.device), "train_seconds": round(result.train_seconds, 1),
             "fast_path": trainer.fast_path.line}
     chat_cfg = source_config(cfg.data, 0)
@@ -88,7 +89,8 @@ def run_demo(out: Path = Path("runs/demo"), steps: int | None = None) -> dict:
     for name, data_cfg, folder in (("question", question_cfg, out / "question-task"), ("chitchat", chat_cfg, out)):
         say(f"{name}: {TASK_TITLES[name]}")
         reports[name] = compare(loaded, data_cfg, cfg.eval, out_dir=folder, metrics_jsonl=out / "metrics.jsonl",
-                                meta={**meta, "task": TASK_TITLES[name],
+                                meta={**meta, "data": TASK_DATA[name].format(dataset=cfg.data.dataset),
+                                      "task": TASK_TITLES[name],
                                       "about": f"{TASK_NOTES[name]} {REPORT_LINKS[name]}"},
                                 log=say)
     base, ft = reports["chitchat"]["base"], reports["chitchat"]["finetuned"]
@@ -135,6 +137,9 @@ MAX_LINE_WORDS = 15
 QUESTION_RECIPE = 2  # bump when the way examples are built changes (the cache key includes it)
 TASK_TITLES = {"question": "quote the question of a held-out chat message (its answer follows from the prompt)",
                "chitchat": "reply to a held-out chitchat conversation (one human reply as the reference)"}
+# What each report's data is: the question task's examples come from its own conversations, not the held-out ones.
+TASK_DATA = {"question": "the question task, built from {dataset} conversations used nowhere else in the demo",
+             "chitchat": "{dataset} conversations held out from training"}
 TASK_NOTES = {
     "question": "Each prompt asks the model to quote, word for word, the one question among the 2-4 lines of a "
                 "chat message from a conversation that training never saw; the reference is that line. The base "

@@ -51,4 +51,8 @@ def test_demo_writes_its_summary_with_intervals(tmp_path: Path, tiny_model_dir: 
     for report in (tmp_path / "run" / "report.md", tmp_path / "run" / "question-task" / "report.md"):
         text = report.read_text()
         assert "95% bootstrap interval" in text and "## What this measures" in text
-    assert demo.QUESTION_PROMPT in (tmp_path / "run" / "question-task" / "report.md").read_text()
+    question_report = (tmp_path / "run" / "question-task" / "report.md").read_text()
+    assert demo.QUESTION_PROMPT in question_report
+    # The facts say what each report's data is, not the training source ("Dataset: <the chitchat file>").
+    assert "- **Data:** the question task, built from " in question_report and "**Dataset:**" not in question_report
+    assert "conversations held out from training" in (tmp_path / "run" / "report.md").read_text()
