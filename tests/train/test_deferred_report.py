@@ -11,9 +11,9 @@ from trainhelpers import read_metrics
 from loraforge.train.trainer import LLAMATrainer
 
 
-def test_a_step_is_reported_during_the_next_step_and_before_each_checkpoint(make_config, monkeypatch):
-    cfg = make_config(max_steps=5, save_steps=2, eval_steps=0)
-    inside: list[int] = []  # steps whose record was written while an optimizer step was running
+def _watch(monkeypatch, run_dir: Path) -> tuple[list[int], dict[int, list[int]]]:
+    """(steps whose record was written while an optimizer step ran, {saved step: records written by then})."""
+    inside: list[int] = []
     written_at_save: dict[int, list[int]] = {}
     where = {"in_step": False}
     orig_step, orig_emit, orig_save = (LLAMATrainer._optimizer_step, LLAMATrainer._emit, LLAMATrainer._save)
@@ -37,16 +37,29 @@ def test_a_step_is_reported_during_the_next_step_and_before_each_checkpoint(make
     monkeypatch.setattr(LLAMATrainer, "_optimizer_step", step)
     monkeypatch.setattr(LLAMATrainer, "_emit", emit)
     monkeypatch.setattr(LLAMATrainer, "_save", save)
-    run_dir = Path(cfg.training.output_dir)
-    LLAMATrainer.from_config(cfg, log=lambda m: None).train()
+    return inside, written_at_save
 
+
+def test_a_step_is_reported_while_the_next_step_runs(make_config, monkeypatch):
+    cfg = make_config(max_steps=3, save_steps=0, eval_steps=0)
+    inside, _ = _watch(monkeypatch, Path(cfg.training.output_dir))
+    LLAMATrainer.from_config(cfg, log=lambda m: None).train()
+    assert inside == [1, 2]  # the last step's record is written at once, after it
+    records = [r for r in read_metrics(Path(cfg.training.output_dir)) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in records)
+
+
+# Long: five steps with three checkpoints and an evaluation (~10 s on 2 shared cores).
+@pytest.mark.long
+def test_every_record_is_written_before_a_checkpoint(make_config, monkeypatch):
+    cfg = make_config(max_steps=5, save_steps=2, eval_steps=0)
+    inside, written_at_save = _watch(monkeypatch, Path(cfg.training.output_dir))
+    LLAMATrainer.from_config(cfg, log=lambda m: None).train()
     # Steps 1 and 3 are neither saved nor last: their records are written inside steps 2 and 4.
     assert inside == [1, 3]
     # Steps 2, 4 (save_steps) and 5 (the last) are checkpointed with their own record already written.
     assert written_at_save == {2: [1, 2], 4: [1, 2, 3, 4], 5: [1, 2, 3, 4, 5]}
-    records = [r for r in read_metrics(run_dir) if "loss" in r]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    assert all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in records)
 
 
 def test_the_last_record_is_written_when_training_fails(make_config, monkeypatch):
