@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,3 +91,20 @@ def test_comparisons_show_the_step0_gap_the_base_models_alone_make():
     (c,) = conv.compare_arms(records)
     assert c["step0_relative_difference"] == pytest.approx(0.1) and not c["within"]
     assert "at step 0 33.0000 vs 30.0000, +10.00%" in c["line"]
+
+
+def test_the_results_are_written_after_every_arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A run cut short (a device call's time limit) keeps the arms it finished, marked incomplete."""
+    def child(arm, steps, workdir, log, threads=None):
+        if arm.name == "cpu-nf4-qlora":
+            raise KeyboardInterrupt  # the call's limit kills the run during the second arm
+        return {"arm": arm.name, "held_out_ppl": 33.5, "step0_held_out_ppl": 76.7, "device": "cpu", "loss_curve": []}
+
+    monkeypatch.setattr(conv, "_run_child", child)
+    with pytest.raises(KeyboardInterrupt):
+        conv.run_convergence("cpu", ["cpu-fp32-lora", "cpu-nf4-qlora"], 2, tmp_path, tmp_path / "work",
+                             log=lambda m: None)
+    [path] = tmp_path.glob("convergence-cpu-*.json")
+    written = json.loads(path.read_text())
+    assert [r["arm"] for r in written["arms"]] == ["cpu-fp32-lora"]
+    assert written["complete"] is False

@@ -258,20 +258,14 @@ def run_convergence(device: Device, arm_names: Sequence[str], steps: int, out_di
                             "run. The CPU arms run with --device cpu.")
     arms = arms_for(device, arm_names)
     workdir.mkdir(parents=True, exist_ok=True)
-    records = []
+    records: list[dict[str, Any]] = []
     for arm in arms:
         log(f"── arm {arm.name} ({arm.note}), {steps} steps")
         records.append(_run_child(arm, steps, workdir, log, threads))
-    date = datetime.date.today().isoformat()
-    tag = records[0].get("device", device) if records else device
-    from loraforge.bench.device import device_tag
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"convergence-{device_tag(tag) if device == 'cuda' else 'cpu'}-{date}"
-    summary = {"device": tag, "date": date, "steps": steps, "config": "configs/demo.yaml + common_overrides",
-               "comparisons": compare_arms(records), "arms": records}
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    plot_curves(records, stem.with_suffix(".png"), title=f"convergence on {tag}, {steps} steps, same data and seed")
+        # Written after every arm: a run cut short (a device call's time limit) keeps the arms it finished.
+        stem, summary = _write_results(device, records, steps, out_dir, complete=len(records) == len(arms))
+    plot_curves(records, stem.with_suffix(".png"),
+                title=f"convergence on {summary['device']}, {steps} steps, same data and seed")
     for c in summary["comparisons"]:
         log(c["line"])
     failed = [r for r in records if "error" in r]
@@ -280,6 +274,21 @@ def run_convergence(device: Device, arm_names: Sequence[str], steps: int, out_di
                                                                              for r in failed)
                                + f" (results so far: {stem.with_suffix('.json')})")
     return stem.with_suffix(".json"), records
+
+
+def _write_results(device: Device, records: list[dict[str, Any]], steps: int, out_dir: Path,
+                   complete: bool) -> tuple[Path, dict[str, Any]]:
+    """convergence-<device>-<date>.json with the arms run so far and the criteria they allow."""
+    from loraforge.bench.device import device_tag
+
+    date = datetime.date.today().isoformat()
+    tag = records[0].get("device", device) if records else device
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"convergence-{device_tag(tag) if device == 'cuda' else 'cpu'}-{date}"
+    summary = {"device": tag, "date": date, "steps": steps, "config": "configs/demo.yaml + common_overrides",
+               "complete": complete, "comparisons": compare_arms(records), "arms": records}
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    return stem, summary
 
 
 def _run_child(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None],
