@@ -35,6 +35,13 @@ def test_on_names_what_runs():
     assert "CUDA graphs off: capture of layer 0 failed: boom" in fast_path_summary(m)
 
 
+def test_dora_without_dropout_is_on_and_says_so():
+    m = _model(use_dora=True, lora_dropout=0.0)
+    s = patch_model(m, allow_cpu=True)
+    assert s["patched"] and s["dora"] and not s["skipped"]
+    assert fast_path_summary(m) == "fast path: on (fused DoRA, no CUDA graphs, chunked loss)"
+
+
 def test_on_from_a_report():
     report = {"patched": True, "lora_dropout": 0.0, "cross_entropy": False, "skipped": [],
               "triton": {"swiglu": "on (err 1e-3)", "rope": "off (err 3e-1)", "dequant": "on (err 0)"}}
@@ -46,7 +53,8 @@ def test_on_from_a_report():
 
 
 @pytest.mark.parametrize("lora,reason,hint", [
-    (dict(use_dora=True), "DoRA adapters are not supported", "set lora.use_dora: false"),
+    (dict(use_dora=True), "DoRA with lora_dropout > 0 is not supported",
+     "set lora.lora_dropout: 0 (DoRA runs on the fast path without dropout)"),
     (dict(bias="all"), "bias='all' trains biases", "set lora.bias: none"),
 ])
 def test_off_says_which_setting_turns_it_on(lora, reason, hint):

@@ -149,3 +149,33 @@ def test_dpo_steps_replay_the_graphs_and_the_reference_pass_bypasses_them(ckpt):
         _assert_same(_grads(ref), _grads(graphed))
     assert runner.stats.captured == n and not runner.stats.disabled and runner.stats.fallbacks == 0
     assert runner.stats.replays == 4 * n  # the policy pass only: forward + backward per layer per step
+
+
+def test_dora_layers_are_graphed_with_their_magnitudes(ckpt):
+    """DoRA's magnitudes are parameters of the graphed layers like A and B: same loss and gradients as
+    ordinary checkpointing, the 4-bit weights' norms included."""
+    from dataclasses import replace
+
+    from loraforge.bench.models import bench_run, load_loraforge
+
+    def build():
+        run = bench_run(ckpt, 4, "all", device="cpu")
+        m = load_loraforge(replace(run, lora=replace(run.lora, use_dora=True)))
+        assert patch_model(m, allow_cpu=True)["dora"]
+        return m
+
+    ref, graphed = build(), build()
+    sync_lora(ref, graphed)
+    runner = enable_graphed_layers(graphed, emulate=True, min_repeats=1)
+    batch = _batch(ref.config.vocab_size, 1)
+    losses = []
+    for m in (ref, graphed):  # twice: the second pass replays the layers the first one captured
+        for _ in range(2):
+            loss = m(**batch).loss
+            loss.backward()
+        losses.append(float(loss.detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    _assert_same(_grads(ref), _grads(graphed))
+    assert runner.stats.captured == len(runner.params) and not runner.stats.disabled
+    assert runner.stats.replays > 0 and runner.stats.fallbacks == 0
+    assert all(len(p) == 21 for p in runner.params)  # 7 projections x (A, B, magnitude) per layer

@@ -72,7 +72,7 @@ def _nonzero_norms(model):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def _build(path, arch, dropout, targets=None):
+def _build(path, arch, dropout, targets=None, **lora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -83,13 +83,13 @@ def _build(path, arch, dropout, targets=None):
         _nonzero_norms(m)
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
-                                     task_type="CAUSAL_LM"))
+                                     task_type="CAUSAL_LM", **lora))
     m.train()
     return m
 
 
-def _pair(tiny, arch, dropout, targets=None):
-    stock, fast = _build(tiny[arch], arch, dropout, targets), _build(tiny[arch], arch, dropout, targets)
+def _pair(tiny, arch, dropout, targets=None, **lora):
+    stock, fast = _build(tiny[arch], arch, dropout, targets, **lora), _build(tiny[arch], arch, dropout, targets, **lora)
     s = patch_mod.patch_model(fast, allow_cpu=True)
     assert s["patched"] and s["attention"] == 2 and s["mlp"] == 2 and not s["skipped"], s
     sync_lora(stock, fast)
@@ -152,6 +152,33 @@ def test_patched_matches_stock_peft(tiny, fp32_fast_path, monkeypatch, arch, dro
     assert ls == pytest.approx(lr, rel=1e-5)
     for n in gr:
         torch.testing.assert_close(gs[n], gr[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "llama_bias", "phi3"])
+def test_dora_matches_stock_peft(tiny, fp32_fast_path, arch):
+    """DoRA (no dropout) on the fast path: the fused node's output times m / ‖W + s·B A‖ (kernels/dora.py)
+    against peft's DoRA, with frozen biases (Qwen2, Llama with attention_bias) and Phi-3's fused
+    projections; the magnitudes drawn away from ‖W‖ so that the scale is not 1."""
+    stock, fast = _pair(tiny, arch, 0.0, use_dora=True)
+    assert fast._loraforge_patch_summary["dora"]
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for (n, p), q in zip(lora_params(stock).items(), lora_params(fast).values(), strict=True):
+            if "magnitude" in n:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+                q.copy_(p)
+        fast_params = dict(fast.named_parameters())
+        for n, p in stock.named_parameters():  # HF initialises biases to 0: draw them, so they count
+            if n.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                fast_params[n].copy_(p)
+    batch = lm_batch(stock.config.vocab_size, 2, 24, pad_from=18, unlabeled_prefix=3)
+    lr, gr = _one_step(stock, batch)
+    ls, gs = _one_step(fast, batch)
+    assert any("magnitude" in n for n in gs)
+    assert ls == pytest.approx(lr, rel=1e-5)
+    for n in gr:
+        torch.testing.assert_close(gs[n], gr[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def _one_step(model, batch):

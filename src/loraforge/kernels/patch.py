@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import types
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
@@ -105,8 +106,9 @@ def _refusal(model, allow_cpu: bool) -> tuple[str, str] | None:
         for name, pc in peft_model.peft_config.items():
             if getattr(pc, "peft_type", None) is not None and str(pc.peft_type.value) != "LORA":
                 return f"adapter {name!r} is {pc.peft_type.value}, not LoRA", "use a LoRA adapter"
-            if getattr(pc, "use_dora", False):
-                return "DoRA adapters are not supported", "set lora.use_dora: false"
+            if getattr(pc, "use_dora", False) and getattr(pc, "lora_dropout", 0.0) > 0:
+                return ("DoRA with lora_dropout > 0 is not supported",
+                        "set lora.lora_dropout: 0 (DoRA runs on the fast path without dropout)")
             if getattr(pc, "bias", "none") != "none":
                 return f"bias={pc.bias!r} trains biases", "set lora.bias: none"
             if getattr(pc, "lora_bias", False):
@@ -147,6 +149,7 @@ class _Proj(NamedTuple):
     lora_b: torch.nn.Module | None
     scale: float
     dropout: torch.nn.Module | None  # peft's nn.Dropout (None: Identity or no LoRA)
+    magnitude: torch.nn.Module | None = None  # DoRA's trained magnitude m (peft's lora_magnitude_vector)
 
     def p(self) -> float:
         """The dropout probability for this call: 0 in eval mode, as nn.Dropout."""
@@ -172,9 +175,11 @@ def _lora_parts(mod) -> _Proj | None:
         adapter = active[0]
         if getattr(mod, "merged", False) or getattr(mod, "disable_adapters", False):
             return None
-        if mod.use_dora.get(adapter, False) or adapter in getattr(mod, "lora_magnitude_vector", {}) \
-                or adapter in getattr(mod, "lora_variant", {}):
-            return None
+        dora = bool(mod.use_dora.get(adapter, False))
+        magnitude = getattr(mod, "lora_magnitude_vector", {})
+        variant = getattr(mod, "lora_variant", {}).get(adapter)
+        if dora != (adapter in magnitude) or (variant is not None and not (dora and "Dora" in type(variant).__name__)):
+            return None  # a LoRA variant other than DoRA, or a DoRA layer without its magnitude
         base = mod.get_base_layer()
         if not _frozen_bias(base) or not _dense_or_4bit(base):
             return None
@@ -186,8 +191,10 @@ def _lora_parts(mod) -> _Proj | None:
         la, lb = mod.lora_A[adapter], mod.lora_B[adapter]
         if getattr(la, "bias", None) is not None or getattr(lb, "bias", None) is not None:
             return None
-        return _Proj(base, la, lb, float(mod.scaling[adapter]),
-                     drop if isinstance(drop, torch.nn.Dropout) and drop.p > 0 else None)
+        drop = drop if isinstance(drop, torch.nn.Dropout) and drop.p > 0 else None
+        if dora and drop is not None:
+            return None  # peft's DoRA runs the base GEMM again on the dropped input (dora.py)
+        return _Proj(base, la, lb, float(mod.scaling[adapter]), drop, magnitude[adapter] if dora else None)
     if isinstance(mod, torch.nn.Linear) and _frozen_bias(mod) and _dense_or_4bit(mod):
         return _Proj(mod, None, None, 0.0, None)
     return None
@@ -231,7 +238,8 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
         kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        qkv = lora_linears(hidden_states, w_qkv, s_qkv, _weights(ab_qkv), [p.p() for p in parts_qkv])
+        qkv = _with_dora(lora_linears(hidden_states, w_qkv, s_qkv, _weights(ab_qkv), [p.p() for p in parts_qkv]),
+                         parts_qkv, w_qkv)
         if arch.fused:  # Phi-3: one projection, [q | k | v] along its output
             nq, nkv = self.config.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
             qkv = qkv[0].split((nq, nkv, nkv), dim=-1)
@@ -258,7 +266,8 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
-        (out,) = lora_linears(out, w_o, (parts_o.scale,), _weights(ab_o), (parts_o.p(),))
+        (out,) = _with_dora(lora_linears(out, w_o, (parts_o.scale,), _weights(ab_o), (parts_o.p(),)),
+                            (parts_o,), w_o)
         return out, weights
 
     return forward
@@ -271,6 +280,8 @@ def _mlp_forward_factory(orig_forward, parts, dtype, arch: _Arch):
     ss = tuple(p.scale for p in parts)
     ab = [m for p in parts for m in (p.lora_a, p.lora_b)]
     fn = lora_fused_mlp if arch.fused else lora_mlp
+    if any(p.magnitude is not None for p in parts):
+        fn = partial(_dora_mlp, parts=parts, fused=arch.fused)
 
     def forward(self, x):
         if x.dtype != dtype:
@@ -278,6 +289,29 @@ def _mlp_forward_factory(orig_forward, parts, dtype, arch: _Arch):
         return fn(x, ws, ss, _weights(ab), [p.p() for p in parts], arch.act)
 
     return forward
+
+
+def _with_dora(outs, parts, frozen) -> tuple:
+    """The fused node's outputs, each projection that has a DoRA magnitude scaled as peft's DoRA (dora.py)."""
+    from .dora import dora_output
+
+    return tuple(o if p.magnitude is None else
+                 dora_output(o, fw, p.lora_a.weight, p.lora_b.weight, p.scale, p.magnitude.weight)
+                 for o, p, fw in zip(outs, parts, frozen, strict=True))
+
+
+def _dora_mlp(x, ws, ss, ab, ps, act, *, parts, fused: bool):
+    """The gated MLP with DoRA projections: gate and up (or Phi-3's gate_up) in one LoRA node, each output
+    scaled by its DoRA magnitude before the gate, then down. DoRA needs each projection's own output, which
+    the fused `LoRAMLP` node keeps inside."""
+    from .lora import GatedAct, lora_linears
+
+    n_in = 1 if fused else 2
+    gates = _with_dora(lora_linears(x, ws[:n_in], ss[:n_in], ab[:2 * n_in], ps[:n_in]), parts[:n_in], ws[:n_in])
+    e, g = gates[0].chunk(2, dim=-1) if fused else gates
+    h = GatedAct.apply(e.contiguous(), g.contiguous(), act)
+    (y,) = _with_dora(lora_linears(h, ws[n_in:], ss[n_in:], ab[2 * n_in:], ps[n_in:]), parts[n_in:], ws[n_in:])
+    return y
 
 
 def _norm_forward_factory(orig_forward, dtype, plus_one: bool):
@@ -485,6 +519,7 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
 
     def note_dropout(parts):
         summary["lora_dropout"] = max([summary["lora_dropout"]] + [p.dropout.p for p in parts if p.dropout])
+        summary["dora"] = summary.get("dora", False) or any(p.magnitude is not None for p in parts)
 
     for i, layer in enumerate(base.model.layers):
         summary["layers"] += 1
@@ -496,14 +531,15 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
             summary["attention"] += 1
             note_dropout(parts)
         else:
-            summary["skipped"].append(f"layers.{i}.self_attn: unsupported projection (DoRA/trained bias/8-bit?)")
+            summary["skipped"].append(
+                f"layers.{i}.self_attn: unsupported projection (DoRA with dropout/trained bias/8-bit?)")
         parts = [_lora_parts(getattr(mlp, n, None)) for n in _mlp_names(arch)]
         if all(p is not None for p in parts):
             mlp.forward = types.MethodType(_mlp_forward_factory(mlp.forward, parts, dtype, arch), mlp)
             summary["mlp"] += 1
             note_dropout(parts)
         else:
-            summary["skipped"].append(f"layers.{i}.mlp: unsupported projection (DoRA/trained bias/8-bit?)")
+            summary["skipped"].append(f"layers.{i}.mlp: unsupported projection (DoRA with dropout/trained bias/8-bit?)")
         # every norm of the layer: Llama's two, Gemma's four, the q/k norms of Qwen3 and Gemma 3
         norms = [(f"layers.{i}.{n}", m) for n, m in layer.named_children() if n.endswith("layernorm")]
         norms += [(f"layers.{i}.self_attn.{n}", getattr(attn, n)) for n in ("q_norm", "k_norm") if arch.qk_norm]
@@ -527,7 +563,7 @@ def fast_path_summary(model_or_report) -> str:
     """One line for a run's start-up: whether it runs the fast path, and if not, why and what to set.
 
     "fast path: on (fused LoRA with dropout 0.05, CUDA graphs, chunked loss)" or "fast path: off for
-    this run because DoRA adapters are not supported — set lora.use_dora: false". Takes the model
+    this run because DoRA with lora_dropout > 0 is not supported — set lora.lora_dropout: 0 …". Takes the model
     (after `patch_model` and `enable_graphed_layers`, or one never patched: then `is_supported` says
     why) or a `patch_model` report; a caller that chose not to patch passes its own
     {"patched": False, "reason": ..., "hint": ...}.
@@ -549,7 +585,7 @@ def fast_path_summary(model_or_report) -> str:
             reason, hint = f"no layer could be patched ({skipped[0]})", hint or "see the skipped list"
         return f"fast path: off for this run because {reason}" + (f" — {hint}" if hint else "")
     p = report.get("lora_dropout", 0.0)
-    parts = ["fused LoRA" + (f" with dropout {p:g}" if p else "")]
+    parts = [("fused DoRA" if report.get("dora") else "fused LoRA") + (f" with dropout {p:g}" if p else "")]
     runner = getattr(model, "_loraforge_graphs", None) if model is not None else None
     if runner is not None:
         parts.append(f"CUDA graphs off: {runner.stats.disabled}" if runner.stats.disabled else "CUDA graphs")
