@@ -1,11 +1,12 @@
 """`loraforge train` as users run it, beside the benchmark's fast path and the stock stack, in one call.
 
     python bench/train_e2e.py --out DIR --tokenizer TOK --data ALPACA.jsonl \
-        [--cases llama2-7b:0.05,mistral-7b:0.05] [--arms train,bench,stock] [--old-src DIR] [--steps 40]
+        [--cases llama2-7b:0.05,mistral-7b:0.05,llama2-7b:0:dora] [--arms train,bench,stock] [--old-src DIR]
     python bench/train_e2e.py --gradcheck qwen3-8b,gemma2-9b --out DIR --tokenizer TOK
 
-Each case is a model shape (loraforge.bench.models.SHAPES, random bf16 weights, written once) and a LoRA
-dropout: QLoRA NF4 double quant, r=16 alpha 32 on all linear layers, batch 4 x 512, paged AdamW 32-bit.
+Each case is a model shape (loraforge.bench.models.SHAPES, random bf16 weights, written once), a LoRA
+dropout and, with a third field `dora`, DoRA instead of LoRA: QLoRA NF4 double quant, r=16 alpha 32 on all
+linear layers, batch 4 x 512, paged AdamW 32-bit.
 Arms, each in its own process so none inherits another's memory or compiled state:
 - `loraforge-train`: the CLI (`python -m loraforge.cli train CONFIG`) on packed Alpaca-style records
   (max_length 512, logging every step), wall time from process start to the saved adapter; tokens/s over
@@ -40,20 +41,23 @@ import torch  # noqa: E402
 STEPS, BATCH, SEQ = 40, 4, 512
 
 
-def _case(spec: str) -> tuple[str, float]:
-    shape, _, p = spec.partition(":")
-    return shape, float(p or 0.05)
+def _case(spec: str) -> tuple[str, float, bool]:
+    """"shape[:dropout[:dora]]" -> (shape, dropout, DoRA)."""
+    shape, _, rest = spec.partition(":")
+    p, _, variant = rest.partition(":")
+    return shape, float(p or 0.05), variant == "dora"
 
 
-def _name(shape: str, p: float) -> str:
-    return f"train-e2e-{shape}-dropout{p:g}"
+def _name(shape: str, p: float, dora: bool = False) -> str:
+    return f"train-e2e-{shape}-dropout{p:g}" + ("-dora" if dora else "")
 
 
-def _config(path: str, data: str, run_dir: Path, p: float, steps: int, training: dict | None = None) -> Path:
+def _config(path: str, data: str, run_dir: Path, p: float, steps: int, training: dict | None = None,
+            dora: bool = False) -> Path:
     cfg = {
         "model": {"model_name": path, "use_4bit": True, "bnb_4bit_compute_dtype": "bfloat16", "dtype": "bfloat16",
                   "attn_implementation": "sdpa", "device": os.environ.get("E2E_DEVICE", "cuda")},
-        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": p, "target_modules": "all-linear"},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": p, "target_modules": "all-linear", "use_dora": dora},
         "data": {"dataset": data, "format": "alpaca", "template": "alpaca", "max_length": SEQ, "packing": True,
                  "validation_split": 0.01, "cache": False},
         "training": {"output_dir": str(run_dir), "max_steps": steps, "per_device_train_batch_size": BATCH,
@@ -69,9 +73,9 @@ def _config(path: str, data: str, run_dir: Path, p: float, steps: int, training:
 
 
 def _train_arm(path: str, data: str, out: Path, p: float, steps: int, src: Path, arm: str,
-               training: dict | None = None) -> dict:
-    run_dir = out / f"run-{Path(path).name}-{p:g}-{arm}"
-    cfg = _config(path, data, run_dir, p, steps, training)
+               training: dict | None = None, dora: bool = False) -> dict:
+    run_dir = out / f"run-{Path(path).name}-{p:g}{'-dora' if dora else ''}-{arm}"
+    cfg = _config(path, data, run_dir, p, steps, training, dora)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "loraforge.cli", "train", str(cfg)], env=env,
@@ -113,7 +117,7 @@ def _random_batches(vocab: int, n: int = 4) -> list[dict]:
     return out
 
 
-def _inproc_arm(arm: str, path: str, p: float, vocab: int) -> dict:
+def _inproc_arm(arm: str, path: str, p: float, vocab: int, dora: bool = False) -> dict:
     import bitsandbytes as bnb
 
     from loraforge.bench.models import bench_run, build_loraforge, build_stock, lora_params
@@ -123,11 +127,11 @@ def _inproc_arm(arm: str, path: str, p: float, vocab: int) -> dict:
 
     t = time.perf_counter()
     if arm == "stock":
-        model = build_stock(path, 16, "all", lora_dropout=p)
+        model = build_stock(path, 16, "all", lora_dropout=p, use_dora=dora)
         opt = bnb.optim.PagedAdamW32bit(list(lora_params(model).values()), lr=2e-4)
         line, warm, steps = "stock (transformers + peft + bitsandbytes)", 2, int(os.environ.get("E2E_STOCK_STEPS", 6))
     else:
-        model, _ = build_loraforge(bench_run(path, 16, "all", lora_dropout=p), log=lambda _: None)
+        model, _ = build_loraforge(bench_run(path, 16, "all", lora_dropout=p, use_dora=dora), log=lambda _: None)
         opt = fused_paged_adamw_32bit(list(lora_params(model).values()), lr=2e-4)
         line, warm, steps = fast_path_summary(model), 3, 12
     load_s = time.perf_counter() - t
@@ -154,14 +158,14 @@ def _gradcheck(shape: str, tokenizer: str) -> dict:
 
 def _child(args) -> None:
     """One arm in this process: prints its record as the last line."""
-    shape, p = _case(args.child_case)
+    shape, p, dora = _case(args.child_case)
     if args.child_arm == "gradcheck":
         rec = _gradcheck(shape, args.tokenizer)
     else:
         from loraforge.bench.models import make_checkpoint
 
         path = make_checkpoint(shape, tokenizer=args.tokenizer)
-        rec = _inproc_arm(args.child_arm, path, p, 49152)
+        rec = _inproc_arm(args.child_arm, path, p, 49152, dora)
     print("RECORD " + json.dumps(rec), flush=True)
 
 
@@ -205,7 +209,7 @@ def main() -> None:
         print(json.dumps(rec), flush=True)
         records.append(rec)
     for case in filter(None, args.cases.split(",")):
-        shape, p = _case(case)
+        shape, p, dora = _case(case)
         t = time.perf_counter()
         path = make_checkpoint(shape, tokenizer=args.tokenizer)
         print(json.dumps({"checkpoint": path, "s": round(time.perf_counter() - t, 1)}), flush=True)
@@ -213,7 +217,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         for arm in args.arms.split(","):
             if arm == "train":
-                rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "loraforge-train")
+                rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "loraforge-train", dora=dora)
             elif arm == "train-noamp":  # the same run without Accelerate's bf16 autocast around the forward
                 rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", arm, {"mixed_precision": "no"})
             elif arm == "before":
@@ -222,7 +226,7 @@ def main() -> None:
                 rec = _train_arm(path, args.data, out, p, args.steps, Path(args.old_src), "loraforge-train-before")
             else:
                 rec = _spawn(args, case, arm, out)
-            rec.update(case=_name(shape, p), shape=shape, lora_dropout=p)
+            rec.update(case=_name(shape, p, dora), shape=shape, lora_dropout=p, use_dora=dora)
             print(json.dumps(rec), flush=True)
             records.append(rec)
     gpu = torch.cuda.get_device_name(0)

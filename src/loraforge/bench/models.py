@@ -106,19 +106,20 @@ def make_checkpoint(shape: str, root: str = ROOT, device: str = "cuda", *, layer
 
 
 def bench_run(path: str, r: int, targets: str, *, device: str = "cuda", quant: bool = True,
-              long_context: bool = False, cuda_graphs: bool = True, lora_dropout: float = 0.0) -> RunConfig:
+              long_context: bool = False, cuda_graphs: bool = True, lora_dropout: float = 0.0,
+              use_dora: bool = False) -> RunConfig:
     """The run a benchmark case stands for: bf16 compute, NF4 double-quant (`quant`), LoRA r with alpha 2r
     and `lora_dropout` on q,v (`targets="qv"`) or all linears, batch 1, paged AdamW 32-bit."""
     return RunConfig(
         model=ModelConfig(model_name=path, use_4bit=quant, bnb_4bit_compute_dtype="bfloat16", dtype="bfloat16",
                           attn_implementation="sdpa", device=device, cuda_graphs=cuda_graphs),
-        lora=LoRAConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
+        lora=LoRAConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, use_dora=use_dora,
                         target_modules="qv" if targets == "qv" else "all-linear"),
         training=TrainingConfig(per_device_train_batch_size=1, optim="paged_adamw_32bit", long_context=long_context))
 
 
 def build_stock(path: str, r: int, targets: str, *, device: str = "cuda", quant: bool = True,
-                lora_dropout: float = 0.0) -> Any:
+                lora_dropout: float = 0.0, use_dora: bool = False) -> Any:
     """The stock QLoRA stack, as the baseline builds it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -136,7 +137,7 @@ def build_stock(path: str, r: int, targets: str, *, device: str = "cuda", quant:
                                                 gradient_checkpointing_kwargs=ck)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ck)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, use_dora=use_dora,
                                              target_modules=QV if targets == "qv" else _all_linear(model),
                                              task_type="CAUSAL_LM"))
     model.train()  # from_pretrained returns eval mode, where HF skips gradient checkpointing
