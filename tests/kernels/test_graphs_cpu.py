@@ -179,3 +179,34 @@ def test_dora_layers_are_graphed_with_their_magnitudes(ckpt):
     assert runner.stats.captured == len(runner.params) and not runner.stats.disabled
     assert runner.stats.replays > 0 and runner.stats.fallbacks == 0
     assert all(len(p) == 21 for p in runner.params)  # 7 projections x (A, B, magnitude) per layer
+
+
+@pytest.mark.parametrize("offload_first", [True, False])
+def test_graphed_layers_under_the_activation_offloader(ckpt, offload_first):
+    """Graphs go beneath the offloader, whichever is enabled first: the graphed layers' saved inputs go to
+    host memory (on the CPU a forced copy) and come back for their backward; same loss and gradients."""
+    from loraforge.kernels.offload import OffloadedCheckpoint, enable_offloaded_checkpointing
+
+    ref = build_model(ckpt, 4, "all", stock=False, device="cpu")
+    both = build_model(ckpt, 4, "all", stock=False, device="cpu")
+    for m in (ref, both):
+        assert patch_model(m, allow_cpu=True)["patched"]
+    sync_lora(ref, both)
+    if offload_first:
+        off = enable_offloaded_checkpointing(both, force_copy=True, min_bytes=0)
+        runner = enable_graphed_layers(both, emulate=True, min_repeats=1)
+    else:
+        runner = enable_graphed_layers(both, emulate=True, min_repeats=1)
+        off = enable_offloaded_checkpointing(both, force_copy=True, min_bytes=0)
+    layers = both.base_model.model.model.layers
+    assert all(isinstance(layer._gradient_checkpointing_func, OffloadedCheckpoint) for layer in layers)
+    batches = [_batch(ref.config.vocab_size, 1), _batch(ref.config.vocab_size, 2)]
+    for m in (ref, both):  # the second batch replays what the first one captured
+        for b in batches:
+            m(**b).loss.backward()
+    _assert_same(_grads(ref), _grads(both))
+    assert runner.stats.replays > 0 and runner.stats.fallbacks == 0
+    # every layer but the last sends its input to the host in each forward, and gets it back
+    assert off.stats.offloaded == (len(layers) - 1) * 2 and off.stats.restored == len(layers) * 2
+    disable_graphed_layers(both)
+    assert all(type(layer._gradient_checkpointing_func.inner).__name__ != "GraphedCheckpoint" for layer in layers)

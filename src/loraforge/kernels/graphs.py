@@ -372,9 +372,10 @@ def enable_graphed_layers(model, *, max_signatures: int = 3, min_repeats: int = 
                           log=None) -> LayerGraphRunner:
     """Wrap each checkpointed decoder layer so it runs as CUDA graphs; idempotent.
 
-    Gradient checkpointing must be on (`model.gradient_checkpointing_enable`); layers whose checkpoint
-    function is already wrapped by the activation offloader are left alone (offloading and graphs
-    serve different lengths: graphs fixed short shapes, offloading very long ones).
+    Gradient checkpointing must be on (`model.gradient_checkpointing_enable`). With the activation
+    offloader (offload.py) the graphs go beneath it, whichever was enabled first: the offloader's hooks
+    then see the one tensor a graphed layer saves, its input, and keep it in host memory until the
+    layer's backward, as they do for an ordinary checkpoint.
     """
     from .offload import OffloadedCheckpoint, checkpointed_layers
 
@@ -387,10 +388,15 @@ def enable_graphed_layers(model, *, max_signatures: int = 3, min_repeats: int = 
     runner = LayerGraphRunner(slots, max_signatures=max_signatures, min_repeats=min_repeats, emulate=emulate,
                               log=log)
     for i, layer in enumerate(layers):
-        inner = layer._gradient_checkpointing_func
-        if isinstance(inner, (GraphedCheckpoint, OffloadedCheckpoint)):
+        outer = layer._gradient_checkpointing_func
+        holder = outer if isinstance(outer, OffloadedCheckpoint) else None
+        inner = holder.inner if holder is not None else outer
+        if isinstance(inner, GraphedCheckpoint):
             continue
-        layer._gradient_checkpointing_func = GraphedCheckpoint(inner, runner, i)
+        if holder is not None:
+            holder.inner = GraphedCheckpoint(inner, runner, i)
+        else:
+            layer._gradient_checkpointing_func = GraphedCheckpoint(inner, runner, i)
     model._loraforge_graphs = runner
     return runner
 

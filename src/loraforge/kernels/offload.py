@@ -354,14 +354,21 @@ def checkpointed_layers(model, what: str):
 
 
 def unwrap_checkpoint_funcs(model, wrapper_cls, attr: str) -> list:
-    """Give each decoder layer back the checkpoint function a `wrapper_cls` wrapped; drop `model.<attr>`.
-    Returns the wrappers that were removed (their owners may have resources to release)."""
+    """Give each decoder layer back the checkpoint function a `wrapper_cls` wrapped, wherever it sits in the
+    layer's chain of wrappers (graphs go beneath the offloader); drop `model.<attr>`. Returns the wrappers
+    that were removed (their owners may have resources to release)."""
     removed = []
     for layer in decoder_layers(model):
-        f = getattr(layer, "_gradient_checkpointing_func", None)
-        if isinstance(f, wrapper_cls):
+        owner, f = None, getattr(layer, "_gradient_checkpointing_func", None)
+        while f is not None and not isinstance(f, wrapper_cls):
+            owner, f = f, getattr(f, "inner", None)
+        if f is None:
+            continue
+        if owner is None:
             layer._gradient_checkpointing_func = f.inner
-            removed.append(f)
+        else:
+            owner.inner = f.inner
+        removed.append(f)
     if hasattr(model, attr):
         delattr(model, attr)
     return removed

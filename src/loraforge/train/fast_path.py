@@ -60,8 +60,9 @@ def _graphs(model: Any, run: RunConfig, report: dict[str, Any], *, cuda: bool, p
         return None
     if not run.training.gradient_checkpointing:
         log("CUDA graphs: off (they replay checkpointed layers; training.gradient_checkpointing is false)")
-    elif run.training.long_context_switches()["offload_activations"]:
-        log("CUDA graphs: off (long-context offloading runs its own checkpoint)")
+    elif run.training.long_context:
+        log("CUDA graphs: off (training.long_context: lengths this long are not replayed; "
+            "offload_activations alone keeps them)")
     elif processes > 1:
         log("CUDA graphs: off under several processes (not yet measured with DDP's gradient hooks)")
     else:
