@@ -16,7 +16,8 @@ Cases, as the records name them:
 - step: `llama2-7b-r16-all-4x512`, `llama3-8b-r16-all-4x512`. QLoRA (NF4, double quant, bf16 compute), LoRA r=16
   alpha 32 on all seven projections, batch 4 x 512, 3 warm-up and 20 timed steps of the stock baseline's loop
   (forward with labels, backward, clip 0.3, paged AdamW step) on the same four random batches. Arms `stock`,
-  `unsloth`, `loraforge` (peers_arms.py, peers_unsloth.py): `tokens_per_s` (median step), `peak_gib`.
+  `unsloth`, `loraforge`, `loraforge-offload` (the checkpoints in host memory; peers_arms.py, peers_unsloth.py):
+  `tokens_per_s` (median step), `peak_gib`.
 - context: `llama3-8b-max-context-80gib`. Batch 1, every probe process capped at 80 GiB
   (`torch.cuda.set_per_process_memory_fraction`); the longest length that trains one step, by doubling from
   --context-start and then bisection to --context-resolution (loraforge.bench.max_context.Search), every probe
@@ -71,7 +72,7 @@ from loraforge.data.templates import alpaca_prompt  # noqa: E402
 from loraforge.errors import ConfigError, DataError, LoraforgeError  # noqa: E402
 
 # In the order they run: the two the issue compares first, so that a call cut short loses stock (measured often).
-ARMS = {"step": ("unsloth", "loraforge", "stock"), "context": ("unsloth", "loraforge", "stock"),
+ARMS = {"step": ("unsloth", "loraforge", "loraforge-offload", "stock"), "context": ("unsloth", "loraforge", "stock"),
         "e2e": ("loraforge-train", "bench", "unsloth-sft")}
 DEFAULT_ARMS = {"step": ARMS["step"], "context": ("unsloth", "loraforge"), "e2e": ARMS["e2e"]}
 UNSLOTH_PACKAGES = ("unsloth", "unsloth_zoo", "trl")  # stamped from metadata; the arm's process reports its own too
@@ -398,6 +399,9 @@ STACKS = {
     "loraforge": "as `loraforge train` builds it (loraforge.bench.models.build_loraforge): bf16 frozen weights, fused "
                  "LoRA, CUDA graphs, chunked loss. peak_gib_with_graph_pool adds the CUDA-graph pool's free bytes "
                  "to peak_gib: what bench/speed.py reports as loraforge_peak_gib (an upper bound)",
+    "loraforge-offload": "the loraforge arm with training.offload_activations: each checkpointed layer's input in "
+                         "pinned host memory from its forward to its backward (Unsloth's default), the layers "
+                         "still replayed as CUDA graphs",
 }
 
 

@@ -78,14 +78,19 @@ def step(a: argparse.Namespace) -> dict:
         opt = bnb.optim.PagedAdamW32bit(trainable(model), lr=2e-4)
         optimizer = "bitsandbytes PagedAdamW32bit"
     else:
-        model, _ = build_loraforge(bench_run(a.path, R, "all"), log=lambda _: None)
+        # loraforge-offload: training.offload_activations, the checkpoints in host memory beneath the graphs
+        offload = a.side == "loraforge-offload" or None
+        model, _ = build_loraforge(bench_run(a.path, R, "all", offload_activations=offload), log=lambda _: None)
         opt = fused_paged_adamw_32bit(trainable(model), lr=2e-4)
         optimizer = "loraforge fused_paged_adamw_32bit (paged fp32 states, torch's fused update)"
     load_s = time.perf_counter() - t
     out = time_steps(model, opt, random_batches(model.config.vocab_size, a.batch, a.seq), a.warmup, a.steps)
     out.update(load_s=round(load_s, 1), optimizer=optimizer, attn=getattr(model.config, "_attn_implementation", None))
-    if a.side == "loraforge":
+    if a.side != "stock":
         out["fast_path"] = fast_path_summary(model)
+        off = getattr(model, "_loraforge_offloader", None)
+        if off is not None:
+            out["offload"] = off.stats.as_dict()
         runner = getattr(model, "_loraforge_graphs", None)
         if runner is not None:
             out["graphs"] = runner.summary()
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--word-tokenizer", action="store_true")
     p.add_argument("--tokenizer", default=None)
     p = step_arguments(sub.add_parser("step"))
-    p.add_argument("--side", choices=("stock", "loraforge"), required=True)
+    p.add_argument("--side", choices=("stock", "loraforge", "loraforge-offload"), required=True)
     p = sub.add_parser("fits")
     p.add_argument("--side", choices=("stock", "loraforge"), required=True)
     p.add_argument("--shape", default="llama3-8b")

@@ -107,7 +107,7 @@ def make_checkpoint(shape: str, root: str = ROOT, device: str = "cuda", *, layer
 
 def bench_run(path: str, r: int, targets: str, *, device: str = "cuda", quant: bool = True,
               long_context: bool = False, cuda_graphs: bool = True, lora_dropout: float = 0.0,
-              use_dora: bool = False) -> RunConfig:
+              use_dora: bool = False, offload_activations: bool | None = None) -> RunConfig:
     """The run a benchmark case stands for: bf16 compute, NF4 double-quant (`quant`), LoRA r with alpha 2r
     and `lora_dropout` on q,v (`targets="qv"`) or all linears, batch 1, paged AdamW 32-bit."""
     return RunConfig(
@@ -115,7 +115,8 @@ def bench_run(path: str, r: int, targets: str, *, device: str = "cuda", quant: b
                           attn_implementation="sdpa", device=device, cuda_graphs=cuda_graphs),
         lora=LoRAConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, use_dora=use_dora,
                         target_modules="qv" if targets == "qv" else "all-linear"),
-        training=TrainingConfig(per_device_train_batch_size=1, optim="paged_adamw_32bit", long_context=long_context))
+        training=TrainingConfig(per_device_train_batch_size=1, optim="paged_adamw_32bit", long_context=long_context,
+                                offload_activations=offload_activations))
 
 
 def build_stock(path: str, r: int, targets: str, *, device: str = "cuda", quant: bool = True,
