@@ -32,12 +32,14 @@ def _row_sq_norms(fw: FrozenWeight, w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def row_norms(fw: FrozenWeight, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """‖W + s·B A‖ per output row, fp32 [out], without forming W + s·B A."""
+    """‖W + s·B A‖ per output row, fp32 [out], without forming W + s·B A. Outside autocast: under a bf16
+    autocast the small fp32 products (A Aᵀ, B·(A Aᵀ)) would be rounded to bf16."""
     w = fw.dense()
-    af, bf = a.float(), b.float()
-    cross = (bf * (w @ a.to(w.dtype).t()).float()).sum(dim=1)  # ⟨W_i, (B A)_i⟩
-    lora_sq = ((bf @ (af @ af.t())) * bf).sum(dim=1)  # ‖(B A)_i‖²
-    sq = _row_sq_norms(fw, w) + 2 * scale * cross + scale * scale * lora_sq
+    with torch.autocast(device_type=w.device.type, enabled=False):
+        af, bf = a.float(), b.float()
+        cross = (bf * (w @ a.to(w.dtype).t()).float()).sum(dim=1)  # ⟨W_i, (B A)_i⟩
+        lora_sq = ((bf @ (af @ af.t())) * bf).sum(dim=1)  # ‖(B A)_i‖²
+        sq = _row_sq_norms(fw, w) + 2 * scale * cross + scale * scale * lora_sq
     return sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
 
