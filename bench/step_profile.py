@@ -88,26 +88,20 @@ def profile_bench(path: str, p: float) -> dict:
     from train_e2e import BATCH, SEQ, _random_batches
 
     from loraforge.bench.models import bench_run, build_loraforge, lora_params
+    from loraforge.bench.speed import bench_step
     from loraforge.train.optim import fused_paged_adamw_32bit
 
     model, _ = build_loraforge(bench_run(path, 16, "all", lora_dropout=p), log=lambda _: None)
     params = list(lora_params(model).values())
     opt = fused_paged_adamw_32bit(params, lr=2e-4)
     batches = _random_batches(49152)
-
-    def one(x):
-        model(**x).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     for i in range(5):
-        one(batches[i % len(batches)])
+        bench_step(model, opt, params, batches[i % len(batches)])
     torch.cuda.synchronize()
     with _profiler() as prof:
         t = time.perf_counter()
         for i in range(STEPS):
-            one(batches[i % len(batches)])
+            bench_step(model, opt, params, batches[i % len(batches)])
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
     return {"arm": "bench", "tokens_per_step": BATCH * SEQ, **_summary(prof, wall)}

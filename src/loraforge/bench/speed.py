@@ -47,6 +47,17 @@ H100_BF16_PEAK = 989e12
 TOP_KERNELS = 40
 
 
+def bench_step(model, opt, params, batch) -> torch.Tensor:
+    """One step of the stock baseline's loop: forward with labels, backward, clip 0.3, optimizer step,
+    zero_grad. Returns the loss (not synchronized)."""
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def _time_steps(model, opt, batches, warm: int, steps: int, other_bytes: int, profile: bool):
     params = list(lora_params(model).values())
     torch.cuda.synchronize()
@@ -60,11 +71,7 @@ def _time_steps(model, opt, batches, warm: int, steps: int, other_bytes: int, pr
         torch.cuda.synchronize()
         t = time.perf_counter()
         start.record()
-        loss = model(**x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = bench_step(model, opt, params, x)
         end.record()
         torch.cuda.synchronize()
         if i >= warm:
@@ -87,10 +94,7 @@ def _time_steps(model, opt, batches, warm: int, steps: int, other_bytes: int, pr
 
         with prof(activities=[ProfilerActivity.CUDA]) as p:
             for x in batches[:2]:
-                model(**x).loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 0.3)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                bench_step(model, opt, params, x)
             torch.cuda.synchronize()
         kern = sum(e.self_device_time_total for e in p.key_averages()) / 2 / 1e6
         out["kernel_s"] = kern
