@@ -335,13 +335,8 @@ class LLAMATrainer:
                 window.tokens += out.tokens
                 preference.add_to_window(window.extra, out)
                 last_loss = out.nll / max(1, out.tokens)
-                later.add(partial(run.progress.update, state.step, last_loss, out.lr))
                 is_last = state.step == total_steps
-
-                if state.step % tcfg.logging_steps == 0 or is_last:
-                    epoch = round(state.micro_batch / stream.per_epoch, 4) if stream else None
-                    later.add(partial(self._emit, run, self._step_record(run, window, out, epoch)))
-                    window = _LogWindow()
+                window = self._queue_report(run, later, window, out, stream, is_last)
                 due_eval = bool(tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or is_last
                 if due_eval or (tcfg.save_steps and state.step % tcfg.save_steps == 0) or is_last \
                         or out.stop_requested or self._signal is not None:
@@ -539,6 +534,18 @@ class LLAMATrainer:
             # The step's regular checkpoint may just have been written (the signal landed during it).
             path = run.ckpt_root / f"step-{run.state.step}" if run.saved_step == run.state.step else self._save(run)
             raise Preempted(self._signal or signal.SIGTERM, path)
+
+    def _queue_report(self, run: _Run, later: _Deferred, window: _LogWindow, out: _StepOutcome,
+                      stream: MicroBatchStream | None, is_last: bool) -> _LogWindow:
+        """Queue the step's progress-bar update and, on a logging step, its metrics record (they run while the
+        next step's backward does); returns the window the next steps add to."""
+        state = run.state
+        later.add(partial(run.progress.update, state.step, out.nll / max(1, out.tokens), out.lr))
+        if state.step % self.config.training.logging_steps and not is_last:
+            return window
+        epoch = round(state.micro_batch / stream.per_epoch, 4) if stream else None
+        later.add(partial(self._emit, run, self._step_record(run, window, out, epoch)))
+        return _LogWindow()
 
     def _step_record(self, run: _Run, window: _LogWindow, out: _StepOutcome, epoch: float | None) -> dict[str, Any]:
         """The metrics record of a logged step, from its window. `grad_norm` stays a tensor: reading it here
