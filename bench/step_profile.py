@@ -8,7 +8,8 @@ profiled (the trainer's own loop; the profiler starts and stops between steps, a
 `bench`: bench/train_e2e.py's `bench` arm (random rows, no mask), three steps after five warm-up steps.
 Writes step-profile-<shape>-dropout<p>.json: per arm the wall time and the summed GPU kernel time per step
 (their difference is time the GPU waits for the host), and the kernels by GPU time per step; then the
-kernels whose time differs most between the arms.
+kernels whose time differs most between the arms. For `train`, also every operation of the three steps before
+those that made the host wait for the GPU (`host_syncs`, by call site, from torch's sync debug mode).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +68,13 @@ def profile_train(path: str, data: str, out: Path, p: float) -> dict:
     trainer = LLAMATrainer.from_config(load_config(cfg_path))
     orig, state = LLAMATrainer._optimizer_step, {"n": 0, "prof": None, "t": 0.0}
 
+    syncs: dict[str, int] = {}
+
     def step(self, *args, **kwargs):
+        if state["n"] == 20 - STEPS:  # the sync watch slows the host: on the steps before the profiled ones
+            state["watch"] = _watch_syncs(syncs)
         if state["n"] == 20:
+            state["watch"]()
             torch.cuda.synchronize()
             state["prof"] = _profiler().__enter__()
             state["t"] = time.perf_counter()
@@ -80,7 +88,33 @@ def profile_train(path: str, data: str, out: Path, p: float) -> dict:
 
     LLAMATrainer._optimizer_step = step
     trainer.train()
-    return {"arm": "loraforge-train", **_summary(state["prof"], state["wall"])}
+    sites = [{"where": k, "per_step": round(n / STEPS, 2)} for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])]
+    return {"arm": "loraforge-train", **_summary(state["prof"], state["wall"]), "host_syncs": sites}
+
+
+def _watch_syncs(sites: dict[str, int]):
+    """Count the operations that make the host wait for the GPU (torch's sync debug mode), by call site, until
+    the returned function is called: in a steady step, each is GPU idle time while the host catches up."""
+    import torch
+
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-6:]))
+        sites[where] = sites.get(where, 0) + 1
+
+    warnings.simplefilter("always")
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+
+    def stop() -> None:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = shown
+
+    return stop
 
 
 def profile_bench(path: str, p: float) -> dict:

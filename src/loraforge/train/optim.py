@@ -218,17 +218,37 @@ def _paged_cuda_zeros(shape, device) -> torch.Tensor:
     return t
 
 
-def finish_step(acc: Any, run: Any, model: torch.nn.Module, max_grad_norm: float, outcome: Any) -> Any:
-    """The end of every optimizer step, SFT or preference: a non-finite loss (`outcome.nll`) drops the update
-    but still advances the schedule, to stay aligned with the data position; otherwise clip (the norm before
-    clipping goes to `outcome.grad_norm`), step the optimizer and the schedule, and clear the gradients."""
-    if not math.isfinite(outcome.nll):
+def drops_steps_on_device(optimizer: Any) -> bool:
+    """Whether the optimizer can drop a step without the host looking at the loss first: torch's fused
+    Adam/AdamW skip their update (moments, weights and step count untouched) when `found_inf` is 1."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
+
+
+def finish_step(acc: Any, run: Any, model: torch.nn.Module, max_grad_norm: float, outcome: Any,
+                loss_on_device: torch.Tensor | None = None) -> Any:
+    """The end of every optimizer step, SFT or preference: a non-finite loss drops the update but still
+    advances the schedule, to stay aligned with the data position; otherwise clip (the norm before clipping
+    goes to `outcome.grad_norm`), step the optimizer and the schedule, and clear the gradients.
+
+    The host decides from `outcome.nll`, which it had to wait for. With `loss_on_device` (an optimizer for
+    which `drops_steps_on_device`), the optimizer decides on the device instead and the host never waits:
+    a dropped step then still clips (its norm is not finite and goes unused) and launches the update, which
+    does nothing."""
+    if loss_on_device is None and not math.isfinite(outcome.nll):
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         return outcome
     if max_grad_norm > 0:
         outcome.grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm)
-    run.optimizer.step()
+    inner = getattr(run.optimizer, "optimizer", run.optimizer)
+    if loss_on_device is not None:
+        inner.found_inf = (~torch.isfinite(loss_on_device)).to(torch.float32)
+    try:
+        run.optimizer.step()
+    finally:
+        if loss_on_device is not None:
+            inner.found_inf = None
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return outcome

@@ -44,7 +44,7 @@ from loraforge.train.distributed import (
     sum_over_processes,
 )
 from loraforge.train.fast_path import FastPath, apply_fast_path, prime_graphs
-from loraforge.train.optim import build_optimizer, build_scheduler, finish_step
+from loraforge.train.optim import build_optimizer, build_scheduler, drops_steps_on_device, finish_step
 from loraforge.train.progress import TrainProgress
 from loraforge.train.resume_check import check_resume_config
 from loraforge.train.runfolder import claim
@@ -93,6 +93,8 @@ class _Run:
     progress: TrainProgress
     t0: float = 0.0  # perf_counter at which the run (including earlier sessions it resumes) started
     saved_step: int | None = None  # the step of the last checkpoint this session wrote
+    window: _LogWindow | None = None  # sums since the last logged step
+    last_loss: float | None = None  # the last finite step's mean loss
 
 
 @dataclass
@@ -105,6 +107,40 @@ class _StepOutcome:
     lr: float  # the lr this step used
     grad_norm: torch.Tensor | None  # before clipping; None when clipping is off or the step was dropped
     stop_requested: bool  # SIGTERM/SIGINT arrived on some process before the step
+    pending: _LossCopy | None = None  # set: `nll` is still on its way from the device (`_settled` reads it)
+
+
+def _settled(out: Any) -> Any:
+    """The step's outcome with `nll` read from its device copy, if it was still pending (a preference step,
+    `preference.PreferenceStep`, never is)."""
+    if getattr(out, "pending", None) is not None:
+        out.nll, out.pending = out.pending.read(), None
+    return out
+
+
+class _LossCopy:
+    """A step's summed loss on its way to the host: queued right after the backward, read a step later.
+
+    Reading a device value waits for everything queued before it. Read at once, the step's loss makes the
+    host wait for the backward and leaves the GPU idle while the host then prepares the next forward (the
+    gap between `loraforge train` and the bench, bench/NOTES.md). Copied to pinned memory behind an event,
+    it is read during the next step's backward, when the copy is long done.
+    """
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.event = None
+        if value.is_cuda:
+            self.host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            self.host.copy_(value, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = value
+
+    def read(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
 
 
 @dataclass
@@ -134,9 +170,10 @@ class _Deferred:
         self.calls.append(call)
 
     def run(self) -> None:
-        calls, self.calls = self.calls, []
-        for call in calls:
-            call()
+        while self.calls:  # a call may queue more (a step's accounting queues its report)
+            calls, self.calls = self.calls, []
+            for call in calls:
+                call()
 
 
 def environment_info(device: torch.device, world_size: int = 1) -> dict[str, Any]:
@@ -196,6 +233,7 @@ class LLAMATrainer:
         self._signals = 0  # how many of them
         self._saving = False  # a checkpoint is being written (a second signal then waits for it)
         self._previous_handlers: dict[int, Any] = {}
+        self._lagged = False  # a step's loss is read a step later (train() decides; see _LossCopy)
 
     @classmethod
     def from_config(cls, config: RunConfig, **kwargs: Any) -> LLAMATrainer:
@@ -296,8 +334,10 @@ class LLAMATrainer:
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
-        window = _LogWindow()
-        last_loss: float | None = None
+        run.window = _LogWindow()
+        # One device decides a non-finite step alone, so the host need not wait for the step's loss.
+        self._lagged = (self.accelerator.num_processes == 1 and tcfg.objective == "sft" and run.scaler is None
+                        and drops_steps_on_device(run.optimizer))
         last_eval: dict[str, float] | None = None
         stopped_early = False
         run.model.train()
@@ -324,19 +364,19 @@ class LLAMATrainer:
                 later.run()  # a preference step does not call `ahead` (after an SFT step nothing is left)
                 state.step += 1
                 state.tokens_seen += out.seen
-                window.seen += out.seen
-                if not math.isfinite(out.nll):
-                    later.run()
-                    self._count_nonfinite(run)
-                    self._stop_if_signalled(run, out.stop_requested)
-                    continue
-                state.nonfinite_in_a_row = 0
-                window.nll += out.nll
-                window.tokens += out.tokens
-                preference.add_to_window(window.extra, out)
-                last_loss = out.nll / max(1, out.tokens)
+                run.window.seen += out.seen
                 is_last = state.step == total_steps
-                window = self._queue_report(run, later, window, out, stream, is_last)
+                epoch = round(state.micro_batch / stream.per_epoch, 4) if stream else None
+                account = partial(self._account, run, later, out, (state.step, epoch, time.perf_counter()), is_last)
+                if getattr(out, "pending", None) is not None:
+                    later.add(account)  # the loss is read during the next step's backward
+                else:
+                    account()
+                    if not math.isfinite(out.nll):  # a dropped step is neither evaluated nor saved
+                        self._stop_if_diverged(run, later)
+                        self._stop_if_signalled(run, out.stop_requested)
+                        continue
+                self._stop_if_diverged(run, later)
                 due_eval = bool(tcfg.eval_steps and state.step % tcfg.eval_steps == 0) or is_last
                 if due_eval or (tcfg.save_steps and state.step % tcfg.save_steps == 0) or is_last \
                         or out.stop_requested or self._signal is not None:
@@ -386,7 +426,7 @@ class LLAMATrainer:
             self._restore_signal_handlers()
             if run.trackers:
                 run.trackers.close()
-        return self._finish(run, run_dir, last_loss, last_eval, stopped_early)
+        return self._finish(run, run_dir, run.last_loss, last_eval, stopped_early)
 
     def _write_run_record(self, run_dir: Path) -> None:
         """config.yaml, environment.json and data_stats.json: what the run was, beside its results."""
@@ -479,7 +519,8 @@ class LLAMATrainer:
             return preference.optimizer_step(acc, run, micro, tcfg, self._signal is not None)
         if acc.num_processes == 1:
             labelled, seen, stop_requested = inputs.labelled, inputs.seen, self._signal is not None
-            n_tokens = torch.tensor(labelled, device=acc.device)
+            # A fill, not torch.tensor: copying a host value to the GPU waits for the stream to drain.
+            n_tokens = torch.full((), labelled, dtype=torch.int64, device=acc.device)
         else:
             counts = sum_over_processes(acc, torch.tensor(
                 [inputs.labelled, inputs.seen, int(self._signal is not None)], device=acc.device))
@@ -494,6 +535,12 @@ class LLAMATrainer:
                 # A non-finite loss still goes through backward (as 0) so the ranks' gradient
                 # all-reduces stay matched; the whole step is dropped below.
                 acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * scale)
+        if self._lagged:  # the optimizer drops a non-finite step itself; the loss is read a step later
+            outcome = _StepOutcome(nll=math.nan, tokens=labelled, seen=seen, lr=run.scheduler.get_last_lr()[0],
+                                   grad_norm=None, stop_requested=stop_requested, pending=_LossCopy(step_nll))
+            if ahead is not None:
+                ahead()
+            return finish_step(acc, run, model, tcfg.max_grad_norm, outcome, loss_on_device=step_nll)
         if ahead is not None:
             ahead()
         nll = float(sum_over_processes(acc, step_nll))  # the step's one host sync
@@ -510,19 +557,37 @@ class LLAMATrainer:
         out = model(**batch, num_items_in_batch=n_tokens, use_cache=False)
         return out.loss
 
-    def _count_nonfinite(self, run: _Run) -> None:
-        """Count a dropped step; after training.max_nonfinite_steps in a row, save and stop."""
+    def _account(self, run: _Run, later: _Deferred, out: _StepOutcome, when: tuple[int, float | None, float],
+                 is_last: bool) -> None:
+        """A finished step's loss into the log window and its report into `later`; a dropped step is counted.
+        Runs at once, or (lagged) during the next step's backward, when its loss has reached the host.
+        `when`: the step, its epoch and the perf_counter at which it finished (the window ends there)."""
+        state, step = run.state, when[0]
+        if not math.isfinite(_settled(out).nll):
+            state.nonfinite_in_a_row += 1
+            state.nonfinite_total += 1
+            self.log(f"step {step}: non-finite loss, step skipped "
+                     f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in total)")
+            return
+        state.nonfinite_in_a_row = 0
+        run.window.nll += out.nll
+        run.window.tokens += out.tokens
+        preference.add_to_window(run.window.extra, out)
+        run.last_loss = out.nll / max(1, out.tokens)
+        self._queue_report(run, later, out, when, is_last)
+
+    def _stop_if_diverged(self, run: _Run, later: _Deferred) -> None:
+        """After training.max_nonfinite_steps dropped steps in a row, save and stop. Lagged, the steps counted
+        so far end one step back; the check comes a step later and the checkpoint holds the step after."""
         state = run.state
-        state.nonfinite_in_a_row += 1
-        state.nonfinite_total += 1
-        self.log(f"step {state.step}: non-finite loss, step skipped "
-                 f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in total)")
-        if state.nonfinite_in_a_row >= self.config.training.max_nonfinite_steps:
-            path = self._save(run)
-            raise TrainingError(
-                f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step}; stopped "
-                f"(checkpoint {path}). Lower training.learning_rate, check the data, or use bf16 "
-                "instead of fp16.")
+        if state.nonfinite_in_a_row < self.config.training.max_nonfinite_steps:
+            return
+        later.run()  # every step's accounting and record, up to this one
+        path = self._save(run)
+        raise TrainingError(
+            f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step}; stopped "
+            f"(checkpoint {path}). Lower training.learning_rate, check the data, or use bf16 "
+            "instead of fp16.")
 
     def _stop_if_signalled(self, run: _Run, requested: bool) -> None:
         """After a step: if SIGTERM/SIGINT arrived, save a checkpoint and raise Preempted.
@@ -535,25 +600,26 @@ class LLAMATrainer:
             path = run.ckpt_root / f"step-{run.state.step}" if run.saved_step == run.state.step else self._save(run)
             raise Preempted(self._signal or signal.SIGTERM, path)
 
-    def _queue_report(self, run: _Run, later: _Deferred, window: _LogWindow, out: _StepOutcome,
-                      stream: MicroBatchStream | None, is_last: bool) -> _LogWindow:
+    def _queue_report(self, run: _Run, later: _Deferred, out: _StepOutcome, when: tuple[int, float | None, float],
+                      is_last: bool) -> None:
         """Queue the step's progress-bar update and, on a logging step, its metrics record (they run while the
-        next step's backward does); returns the window the next steps add to."""
-        state = run.state
-        later.add(partial(run.progress.update, state.step, out.nll / max(1, out.tokens), out.lr))
-        if state.step % self.config.training.logging_steps and not is_last:
-            return window
-        epoch = round(state.micro_batch / stream.per_epoch, 4) if stream else None
-        later.add(partial(self._emit, run, self._step_record(run, window, out, epoch)))
-        return _LogWindow()
+        next step's backward does); a logged step starts a new window."""
+        step, _, done = when
+        later.add(partial(run.progress.update, step, out.nll / max(1, out.tokens), out.lr))
+        if step % self.config.training.logging_steps and not is_last:
+            return
+        later.add(partial(self._emit, run, self._step_record(run, run.window, out, when)))
+        run.window = _LogWindow(t0=done)
 
-    def _step_record(self, run: _Run, window: _LogWindow, out: _StepOutcome, epoch: float | None) -> dict[str, Any]:
+    def _step_record(self, run: _Run, window: _LogWindow, out: _StepOutcome,
+                     when: tuple[int, float | None, float]) -> dict[str, Any]:
         """The metrics record of a logged step, from its window. `grad_norm` stays a tensor: reading it here
         would wait for the optimizer step, so `_emit` reads it later, when it is long done."""
-        record = {"step": run.state.step, "epoch": epoch, "loss": window.nll / max(1, window.tokens),
+        step, epoch, done = when
+        record = {"step": step, "epoch": epoch, "loss": window.nll / max(1, window.tokens),
                   "lr": out.lr, "grad_norm": out.grad_norm,
-                  "tokens_per_s": window.seen / max(time.perf_counter() - window.t0, 1e-9),
-                  "elapsed_s": round(time.perf_counter() - run.t0, 2),
+                  "tokens_per_s": window.seen / max(done - window.t0, 1e-9),
+                  "elapsed_s": round(done - run.t0, 2),
                   **{k: v / max(1, window.tokens) for k, v in window.extra.items()}}
         if run.state.nonfinite_total:
             record["nonfinite_steps"] = run.state.nonfinite_total
