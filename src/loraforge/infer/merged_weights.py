@@ -62,6 +62,10 @@ def _check(proj: torch.nn.Module) -> list[str]:
     base = _base(proj)
     if getattr(base, "fan_in_fan_out", False) or not hasattr(base, "in_features"):
         raise Unmergeable(f"{type(base).__name__} is not a [out, in] linear layer")
+    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+        # bitsandbytes (0.50 here) repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first forward;
+        # dequantize_4bit does not read that layout (a GPU never repacks)
+        raise Unmergeable("bitsandbytes repacked the 4-bit weights for its CPU kernel")
     if not isinstance(proj, BaseTunerLayer):
         return []
     if not isinstance(proj, LoraLayer):
