@@ -3,7 +3,9 @@
 On a CPU the decoder runs its step pieces eagerly (no CUDA graph to record), through the same code that the
 GPU captures: prefill by `generate`, the static cache filled from it, per-layer pieces, attention over
 `cache[:, :, :t]` with the padding mask, tokens read back `lag` steps late. bench/serve_speed.py checks the
-graphed path against stock on an H100.
+graphed path against stock on an H100. Batched steps here run from merged weights (a CPU always merges); in
+fp32 on these tiny models their greedy tokens are still stock's (test_merged_decode.py compares the merged
+step with the modules' own).
 """
 
 from __future__ import annotations

@@ -24,9 +24,13 @@ keys right-aligned at the current column, so every row writes the same column ea
 than that column shifts the others right; `leave()` frees a row; the cache is compacted (columns no row
 needs any more are dropped) or grown only when a new row would not fit. `stream()` is the one-batch form.
 
-Greedy decoding is therefore bit-identical to stock `generate` for the rows and masks it handles (tested
-on CPU against `generate`; measured on the GPU by bench/serve_speed.py). On a CPU, or with `graphs=False`,
-the same pieces run eagerly, which is how the tests exercise this module without a GPU.
+Greedy decoding of one row is therefore bit-identical to stock `generate` (tested on CPU against
+`generate`; measured on the GPU by bench/serve_speed.py). Steps of more than one row run their projections
+from merged weights instead (`merged_batches`, infer/merged_weights.py): per layer one q/k/v GEMM, o, one
+gate/up GEMM and down, from a 16-bit copy of base + the active adapter — the merged model's numbers, where
+the model's own QLoRA modules spend ~7 kernels per projection. Stock batched `generate` does not reproduce
+itself (bench/results/generate-server-*.json), so batches had no bit-exact reference to keep. On a CPU, or
+with `graphs=False`, the same pieces run eagerly, which is how the tests exercise this module without a GPU.
 """
 
 from __future__ import annotations
@@ -34,11 +38,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+
+from loraforge.infer import merged_weights
+from loraforge.infer.merged_weights import MergedWeights, Unmergeable
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +113,7 @@ class _Step:
     graphs: list | None = None
     pool: object = None
     q_layout: tuple = ()  # (shape, strides) of eager RoPE's query output, which the fused kernel writes
+    merged: MergedWeights | None = None  # the projections' merged weights (batches), or None: the modules'
 
 
 @dataclass
@@ -135,11 +145,16 @@ class FastDecoder:
     exists. "no-plans" keeps stock's choice for one row without a mask, the case where greedy output is
     stock's bit for bit, and gives batches FlashAttention / memory-efficient attention, which need no plan:
     a server whose batch and length change every step would otherwise pay the plan on almost every step
-    (bench/results/generate-server-*-continuous*.json)."""
+    (bench/results/generate-server-*-continuous*.json).
+
+    `merged_batches`: steps of more than one row take their projections from a merged 16-bit copy of the
+    weights, built on the first such step of an adapter key and kept for the two most recent keys. None:
+    when the copy takes at most 1/3 of the free device memory (always on a CPU); False: never (every step
+    runs the model's own modules); True: whatever the memory."""
 
     def __init__(self, model, *, max_rows: int = 16, graphs: bool | None = None, max_graph_sets: int = 24,
                  fused_kernels: bool = True, min_cache: int = 256, lag: int = 2, bucket_rows: bool = False,
-                 attention: str = "stock"):
+                 attention: str = "stock", merged_batches: bool | None = None):
         ok, why = supported(model)
         if not ok:
             raise ValueError(f"fast decoding is not available for this model: {why}")
@@ -186,8 +201,14 @@ class FastDecoder:
         self._host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=pinned) for _ in range(lag + 2)]
         self._launched = 0
         self._pending: deque = deque()  # (event, host buffer, owners) of steps launched, not yet read
-        self._sets: OrderedDict[tuple, _Step] = OrderedDict()
+        self._sets: OrderedDict[tuple, _Step] = OrderedDict()  # (key, rows, sample, merged) -> step set
         self.captures = 0
+        self.merged_batches = merged_batches
+        # Keys whose merged copy is kept: two lets a server alternate between two adapters without rebuilding
+        # (a 7B copy is ~13 GB), and the memory rule still applies to the second.
+        self.max_merged_keys = 2
+        self._merged: OrderedDict[object, MergedWeights] = OrderedDict()  # adapter key -> its merged copy
+        self._unmerged: dict[object, str] = {}  # keys whose batches run the modules, and why (logged once)
         # Which exact fused kernels (infer/decode.py) this GPU may use; None: the model's eager ops.
         self.fused: dict[str, int | None] = {"norm": None, "rope": None, "silu_mul": None}
         if self.device.type == "cuda" and fused_kernels:
@@ -251,10 +272,8 @@ class FastDecoder:
 
     def _pre_attention(self, st: _Step, i: int, h: torch.Tensor, delta: torch.Tensor | None) -> None:
         """Residual add (the previous layer's MLP output), input norm, q/k/v, RoPE, cache write."""
-        layer = self.layers[i]
-        attn = layer.self_attn
-        st.h, x = self._norm(layer.input_layernorm, h, delta)
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        st.h, x = self._norm(self.layers[i].input_layernorm, h, delta)
+        q, k, v = self._qkv(st, i, x)
         if self.fused["rope"] is not None:
             out = torch.empty_strided(*st.q_layout, dtype=q.dtype, device=q.device)
             st.q[i] = self._decode.rope_cache(q, k, v, st.cos, st.sin, out, self.k[i], self.v[i], self.slot)
@@ -266,13 +285,31 @@ class FastDecoder:
         self.v[i][: st.rows].index_copy_(2, self.slot, v)
         st.q[i] = q
 
+    def _qkv(self, st: _Step, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query, key and value projections [rows, 1, heads·D]: the modules', or one merged GEMM split."""
+        if st.merged is None:
+            attn = self.layers[i].self_attn
+            return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        w = st.merged.layers[i]
+        q, k, v = F.linear(x, w.qkv, w.qkv_bias).split(w.qkv_split, dim=-1)
+        if self.fused["rope"] is not None:  # the kernel reads each as a contiguous [rows, heads·D]; a split
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # view's rows are q+k+v wide
+        return q, k, v
+
     def _post_attention(self, st: _Step, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """o_proj, residual add, post-attention norm, MLP. Returns (residual, MLP output): the second
         residual add is left to the next norm, which fuses it."""
         layer = self.layers[i]
         a = st.a[i].reshape(st.rows, 1, -1).contiguous()
-        h, x = self._norm(layer.post_attention_layernorm, h, layer.self_attn.o_proj(a))
         mlp = layer.mlp
+        if st.merged is not None:
+            w = st.merged.layers[i]
+            h, x = self._norm(layer.post_attention_layernorm, h, F.linear(a, w.o, w.o_bias))
+            gate, up = F.linear(x, w.gate_up, w.gate_up_bias).split(w.intermediate, dim=-1)
+            # Eager act·up takes the split views as they are (2 kernels); the fused silu_mul would need both
+            # made contiguous first (3).
+            return h, F.linear(mlp.act_fn(gate) * up, w.down, w.down_bias)
+        h, x = self._norm(layer.post_attention_layernorm, h, layer.self_attn.o_proj(a))
         if self.fused["silu_mul"] is not None:
             act = self._decode.silu_mul(mlp.gate_proj(x), mlp.up_proj(x), self.fused["silu_mul"])
             return h, mlp.down_proj(act)
@@ -373,9 +410,9 @@ class FastDecoder:
         if width > self.t:
             self._shift(width - self.t)
 
-    def _new_step(self, rows: int) -> _Step:
+    def _new_step(self, rows: int, merged: MergedWeights | None) -> _Step:
         n = len(self.layers)
-        st = _Step(rows, q=[None] * n)
+        st = _Step(rows, q=[None] * n, merged=merged)
         # The layout eager RoPE gives the query (TensorIterator's choice for a transposed view): the fused
         # kernel writes the same strides, so attention sees the same tensor (on a CPU twin of the shapes).
         hd, heads = self.head_dim, self.heads
@@ -394,12 +431,17 @@ class FastDecoder:
             self._attention(st, i, t, mask)
             self._piece(st, i + 1, sample)
 
-    def _step_set(self, key: tuple, rows: int, sample: bool) -> _Step:
+    def _set_for(self, rows: int, sample: bool) -> _Step:
+        """The step set of this many rows for the current key: merged weights for a batch where allowed."""
+        merged = self._merged_for(self.key) if rows > 1 else None
+        return self._step_set((self.key, rows, sample, merged is not None), rows, sample, merged)
+
+    def _step_set(self, key: tuple, rows: int, sample: bool, merged: MergedWeights | None) -> _Step:
         st = self._sets.get(key)
         if st is not None:
             self._sets.move_to_end(key)
             return st
-        st = self._new_step(rows)
+        st = self._new_step(rows, merged)
         if self.graphs:
             try:
                 self._capture(st, sample)
@@ -409,7 +451,7 @@ class FastDecoder:
                             type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
                 torch.cuda.synchronize()
                 self.graphs = False
-                st = self._new_step(rows)
+                st = self._new_step(rows, merged)
         self._sets[key] = st
         if len(self._sets) > self.max_graph_sets:
             self._sets.popitem(last=False)
@@ -465,7 +507,7 @@ class FastDecoder:
         self._resize(length or self.min_cache, keep=False)
         self.key = key
         for r in sorted({self._rows_for(n) for n in range(1, self.max_rows + 1)}):
-            self._step_set((key, r, False), r, False)
+            self._set_for(r, False)
 
     def _rows_for(self, top: int) -> int:
         """The rows a step computes when row `top - 1` is the last in use (rows that left below it compute,
@@ -480,6 +522,55 @@ class FastDecoder:
         for i in range(len(self.layers)):
             self._attention(st, i, t, mask)
             st.graphs[i + 1].replay()
+
+    # ---------------------------------------------------------------------------------------------------
+    # Merged weights for batched steps (per adapter key, a small LRU)
+
+    def _merged_for(self, key: object) -> MergedWeights | None:
+        """The merged copy of the key's weights, built on its first batched step (the model's active adapter
+        is the key's, as for the graphs); None where batches run the model's own modules."""
+        w = self._merged.get(key)
+        if w is not None:
+            self._merged.move_to_end(key)
+            return w
+        if self.merged_batches is False or key in self._unmerged:
+            return None
+        try:
+            size = merged_weights.merged_size(self.layers, self.dtype)
+        except Unmergeable as e:
+            return self._refuse(key, str(e))
+        while len(self._merged) >= max(self.max_merged_keys, 1):
+            self._drop_merged(next(iter(self._merged)))
+        if self.merged_batches is None:
+            ok, why = merged_weights.fits(size, self.device)
+            if not ok and self._merged:  # the other keys' copies are what takes the room: measure without them
+                self.release_merged()
+                ok, why = merged_weights.fits(size, self.device)
+            if not ok:
+                return self._refuse(key, why)
+        start = time.perf_counter()
+        w = merged_weights.build(self.layers, self.dtype)
+        self._merged[key] = w
+        log.info("fast decode: merged %s weights for batches of %r: %.2f GiB in %.2f s", self.dtype, key,
+                 w.nbytes / 2**30, time.perf_counter() - start)
+        return w
+
+    def _refuse(self, key: object, why: str) -> None:
+        self._unmerged[key] = why
+        log.warning("fast decode: batches of %r run the model's own modules, not merged weights: %s", key, why)
+
+    def _drop_merged(self, key: object) -> None:
+        """Drops a key's merged weights and the step sets whose graphs hold their addresses."""
+        del self._merged[key]
+        for s in [s for s in self._sets if s[0] == key and s[3]]:
+            del self._sets[s]
+        if self.device.type == "cuda":  # so that the next memory check sees the room as free
+            torch.cuda.empty_cache()
+
+    def release_merged(self) -> None:
+        """Drops every key's merged weights (and their step sets); a later batched step builds them again."""
+        for key in list(self._merged):
+            self._drop_merged(key)
 
     # ---------------------------------------------------------------------------------------------------
     # Rows: join, step, leave
@@ -571,7 +662,7 @@ class FastDecoder:
         if self.t >= self.cache_len:  # a row kept past the end it joined with
             self._make_room(0, 1)
             self._refresh_clean()
-        st = self._step_set((self.key, rows, sample), rows, sample)
+        st = self._set_for(rows, sample)
         mask = None if all(self.clean[:rows]) else self._mask(self.valid[:rows], self.t + 1)
         with self._backends(rows, mask):
             self._replay_step(st, self.t + 1, mask, sample)

@@ -253,8 +253,12 @@ class Engine:
         if self.fast_decode:
             ok, why = supported(self.model)
             if ok:
-                self.decoder = FastDecoder(self.model, max_rows=max_batch, bucket_rows=True, attention="no-plans")
+                # merged_batches=None: batches decode from merged weights where they fit (FastDecoder's rule)
+                self.decoder = FastDecoder(self.model, max_rows=max_batch, bucket_rows=True, attention="no-plans",
+                                           merged_batches=None)
                 self.decoder.warm_up(key=next(iter(self.adapters)))
+                log.info("fast decoding: graphs %s, batches from merged weights: %s", self.decoder.graphs,
+                         {True: "always", False: "never", None: "where they fit"}[self.decoder.merged_batches])
             else:
                 log.warning("fast decoding off (%s): batches run through generate()", why)
                 self.fast_decode = False
