@@ -53,7 +53,7 @@ def test_graphed_greedy_equals_stock_generate(lora, lengths):
     with torch.no_grad():
         ref = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new,
                              do_sample=False, pad_token_id=0)[:, width:].tolist()
-    dec = FastDecoder(model, max_rows=4)
+    dec = FastDecoder(model, max_rows=4, merged_batches=False)  # batches through the model's own modules
     assert dec.graphs and dec.fused["norm"] is not None and dec.fused["silu_mul"] is not None, dec.fused
     for _ in range(2):  # the first call captures, the second replays the captured graphs
         steps = list(dec.stream(ids, mask, new, key="k"))
@@ -95,9 +95,16 @@ def test_graphed_greedy_equals_stock_generate_on_a_4bit_base(tmp_path):
         with torch.no_grad():
             ref = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=32,
                                  do_sample=False, pad_token_id=0)[:, width:].tolist()
-        dec = FastDecoder(model, max_rows=4)
+        dec = FastDecoder(model, max_rows=4, merged_batches=False)
         got = [list(c) for c in zip(*dec.stream(ids, mask, 32), strict=True)]
         assert got == ref, (lengths, dec.graphs)
+    # Batches from merged weights (the default): the captured graphs compute what the same pieces do eagerly.
+    merged = {}
+    for graphs in (True, False):
+        dec = FastDecoder(model, max_rows=4, graphs=graphs)
+        merged[graphs] = [list(c) for c in zip(*dec.stream(ids, mask, 32, key="k"), strict=True)]
+        assert dec._merged, "the batch did not decode from merged weights"
+    assert merged[True] == merged[False]
 
 
 @pytest.mark.parametrize("attention", ["stock", "no-plans"])
