@@ -60,6 +60,30 @@ def speed_h100() -> str:
     return _table(["case", "stock tokens/s", "loraforge tokens/s", "speed-up", "peak GiB stock → loraforge"], rows)
 
 
+TRAIN_H200 = [  # (record file, shape label) of `loraforge train` against stock in one call, dropout 0.05
+    ("train-e2e-2026-12-03-h200-s9-mistral-7b.json", "Mistral-7B"),
+    ("train-e2e-2026-12-03-h200-call3-qwen2.5-7b.json", "Qwen2.5-7B"),
+    ("train-e2e-2026-12-03-h200-s9-qwen3-8b.json", "Qwen3-8B"),
+    ("train-e2e-2026-12-03-h200-s7-gemma2.json", "Gemma-2-9B"),
+    ("train-e2e-2026-12-03-h200-s9-gemma3-12b.json", "Gemma-3-12B"),
+    ("train-e2e-2026-12-03-h200-s9-phi3-mini.json", "Phi-3-mini"),
+]
+
+
+def train_h200() -> str:
+    """README: `loraforge train` as users run it on each architecture, against stock in the same call."""
+    rows = []
+    for name, label in TRAIN_H200:
+        arms = {r["arm"]: r for r in _load(name)}
+        ours, stock = arms["loraforge-train"]["tokens_per_s"], arms["stock"]["tokens_per_s"]
+        rows.append([f"{label}, LoRA dropout 0.05", f"{stock:,}", f"{ours:,}", f"{ours / stock:.2f}×"])
+    dora = {r["arm"]: r for r in _load("train-e2e-2026-12-03-h200-s9-call1-dora.json")}
+    ours, stock = dora["loraforge-train"]["tokens_per_s"], dora["stock"]["tokens_per_s"]
+    rows.append(["Llama-2-7B, DoRA (dropout 0)", f"{stock:,}", f"{ours:,}", f"{ours / stock:.2f}×"])
+    return _table(["`loraforge train`, QLoRA NF4 r=16 all-linear, 4×512", "stock tokens/s", "loraforge tokens/s",
+                   "speed-up"], rows)
+
+
 SERVE_CASES = {  # case in the record -> the row's label, and what follows the equality count
     "server-1-stream-vs-stock-batch-1": ("1 stream through the HTTP server", ""),
     "server-16-streams-vs-stock-batch-16": ("16 concurrent streams through the HTTP server (one admission)",
@@ -137,7 +161,7 @@ def ddp_phases_h200() -> str:
 
 
 FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100, "ddp-h200": ddp_h200,
-                                         "ddp-phases-h200": ddp_phases_h200}
+                                         "ddp-phases-h200": ddp_phases_h200, "train-h200": train_h200}
 
 
 def render(text: str, where: Path, seen: set[str]) -> str:

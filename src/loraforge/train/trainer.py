@@ -4,8 +4,9 @@
 load data (bad data fails before the model loads); load the model and attach LoRA; write the run
 record; build optimizer and schedule; resume if asked; then the loop — one optimizer step
 (`_optimizer_step`: count the step's labelled tokens, forward/backward each micro-batch with the loss
-normalized by that count, clip, step), log, evaluate, checkpoint — and finally save the adapter. What
-several processes need (Accelerate's state, FSDP/DeepSpeed, the collectives) is in distributed.py.
+normalized by that count, clip, step), log, evaluate, checkpoint — and finally save the adapter. On one
+GPU with a fused AdamW the host never waits for a step: its loss is read, and the step logged, a step later
+(`_LossCopy`). What several processes need (Accelerate's state, FSDP/DeepSpeed, the collectives) is in distributed.py.
 """
 
 from __future__ import annotations
