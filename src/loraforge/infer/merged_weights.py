@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraforge.model.memory import free_bytes
+
 
 class Unmergeable(Exception):
     """A projection whose output is not W·x + b for one merged W (DoRA, another peft tuner, a layout)."""
@@ -145,11 +147,9 @@ def build(layers: list[torch.nn.Module], dtype: torch.dtype) -> MergedWeights:
     return MergedWeights(out, nbytes)
 
 
-def free_memory(device: torch.device) -> int | None:
+def free_memory(device: torch.device) -> float | None:
     """Free bytes on a CUDA device; None elsewhere (a CPU has no device memory to guard)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.mem_get_info(device)[0]
+    return free_bytes(device) if device.type == "cuda" else None
 
 
 # A merged copy may take at most this share of the free device memory: the rest is for the KV cache as it
