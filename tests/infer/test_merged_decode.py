@@ -72,19 +72,26 @@ def _stock(model, ids, mask, new: int) -> list[list[int]]:
     return out[:, ids.shape[1]:].tolist()
 
 
+def _merged_and_modules(model, ids, mask, new: int) -> tuple[dict[bool, list], dict[bool, list]]:
+    """(tokens, per-step logits) of the batch decoded from merged weights (True) and through the model's own
+    modules (False); checks each decoder used the weights it was asked to."""
+    traces, tokens = {}, {}
+    for merged in (True, False):
+        dec = FastDecoder(model, max_rows=4, merged_batches=merged)
+        dec.keep_logits = True
+        tokens[merged] = _decode(dec, ids, mask, new)
+        traces[merged] = dec.trace
+        assert bool(dec._merged) == merged
+    return tokens, traces
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_merged_batch_logits_match_the_modules_step(bias: bool) -> None:
     """Every step's logits of a padded 3-row batch, merged against the model's own LoRA modules (with biases:
     q/k/v/o and MLP biases and peft's lora_bias, which the adapter's forward scales)."""
     model = _tiny(bias=bias)
     ids, mask = _batch([9, 4, 7])
-    traces, tokens = {}, {}
-    for merged in (True, False):
-        dec = FastDecoder(model, max_rows=4, merged_batches=merged)
-        dec.keep_logits = True
-        tokens[merged] = _decode(dec, ids, mask, 12)
-        traces[merged] = dec.trace
-        assert bool(dec._merged) == merged
+    tokens, traces = _merged_and_modules(model, ids, mask, 12)
     assert tokens[True] == tokens[False]
     assert len(traces[True]) == 12
     for got, ref in zip(traces[True][1:], traces[False][1:], strict=True):  # [0] is the prefill, shared
@@ -212,19 +219,13 @@ def test_merged_batch_from_an_nf4_base_matches_the_qlora_modules() -> None:
     model.eval()
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     ids, mask = _batch([8, 5, 8], seed=6)
-    traces, tokens = {}, {}
-    for merged in (True, False):
-        dec = FastDecoder(model, max_rows=4, merged_batches=merged)
-        dec.keep_logits = True
-        tokens[merged] = _decode(dec, ids, mask, 8)
-        traces[merged] = dec.trace
-        assert bool(dec._merged) == merged
+    tokens, traces = _merged_and_modules(model, ids, mask, 8)
     assert tokens[True] == tokens[False]
     for got, ref in zip(traces[True][1:], traces[False][1:], strict=True):
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert dec._merged == {}
-    weight = dec.layers[0].self_attn.q_proj.get_base_layer().weight
+    layers = list(model.base_model.model.model.layers)
+    weight = layers[0].self_attn.q_proj.get_base_layer().weight
     weight.quant_state.packing_format_for_cpu = True  # as bitsandbytes marks a repacked weight
     with pytest.raises(merged_weights.Unmergeable, match="repacked"):
-        merged_weights.merged_size(dec.layers, torch.float32)
+        merged_weights.merged_size(layers, torch.float32)
     weight.quant_state.packing_format_for_cpu = False

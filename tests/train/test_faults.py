@@ -8,29 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainhelpers import losses, read_metrics
+from trainhelpers import losses, nan_losses, read_metrics
 
 from loraforge.errors import ResourceError, TrainingError
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.trainer import LLAMATrainer
 
-_real_loss = LLAMATrainer._micro_step_loss
-
-
-def _nan_at(steps: set[int], accum: int):
-    calls = {"n": 0}
-
-    def loss(self, model, batch, n_tokens):
-        step = calls["n"] // accum + 1
-        calls["n"] += 1
-        out = _real_loss(self, model, batch, n_tokens)
-        return out * float("nan") if step in steps else out
-
-    return loss
-
 
 def test_nonfinite_step_is_skipped_and_counted(make_config, monkeypatch):
-    monkeypatch.setattr(LLAMATrainer, "_micro_step_loss", _nan_at({2}, accum=2))
+    monkeypatch.setattr(LLAMATrainer, "_micro_step_loss", nan_losses({2}, accum=2))
     cfg = make_config(max_steps=4)
     result = LLAMATrainer.from_config(cfg, log=lambda m: None).train()
     logged = losses(cfg.training.output_dir)
@@ -43,7 +29,7 @@ def test_nonfinite_step_is_skipped_and_counted(make_config, monkeypatch):
 
 
 def test_too_many_nonfinite_steps_stop_with_a_checkpoint(make_config, monkeypatch):
-    monkeypatch.setattr(LLAMATrainer, "_micro_step_loss", _nan_at({2, 3, 4, 5, 6}, accum=2))
+    monkeypatch.setattr(LLAMATrainer, "_micro_step_loss", nan_losses({2, 3, 4, 5, 6}, accum=2))
     cfg = make_config(max_steps=8, max_nonfinite_steps=3)
     with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 4"):
         LLAMATrainer.from_config(cfg, log=lambda m: None).train()

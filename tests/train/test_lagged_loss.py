@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainhelpers import losses, read_metrics
+from trainhelpers import losses, nan_losses, read_metrics
 
 from loraforge.errors import TrainingError
 from loraforge.train import checkpoint as ckpt
 from loraforge.train import trainer as trainer_mod
 from loraforge.train.optim import drops_steps_on_device, param_groups
 from loraforge.train.trainer import LLAMATrainer
-
-_real_loss = LLAMATrainer._micro_step_loss
 
 
 def _fused_adamw(monkeypatch, lagged: bool) -> None:
@@ -27,18 +25,6 @@ def _fused_adamw(monkeypatch, lagged: bool) -> None:
     monkeypatch.setattr(trainer_mod, "build_optimizer", build)
     if not lagged:
         monkeypatch.setattr(trainer_mod, "drops_steps_on_device", lambda optimizer: False)
-
-
-def _nan_at(monkeypatch, steps: set[int], accum: int = 2) -> None:
-    calls = {"n": 0}
-
-    def loss(self, model, batch, n_tokens):
-        step = calls["n"] // accum + 1
-        calls["n"] += 1
-        out = _real_loss(self, model, batch, n_tokens)
-        return out * float("nan") if step in steps else out
-
-    monkeypatch.setattr(LLAMATrainer, "_micro_step_loss", loss)
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +63,7 @@ def _run(make_config, monkeypatch, lagged: bool) -> tuple[Path, object, list[boo
 
     with monkeypatch.context() as m:
         _fused_adamw(m, lagged)
-        _nan_at(m, {2})
+        m.setattr(LLAMATrainer, "_micro_step_loss", nan_losses({2}, accum=2))
         m.setattr(LLAMATrainer, "_optimizer_step", step)
         m.setattr(trainer_mod._LossCopy, "read", read)
         cfg = make_config(f"lagged-{lagged}", max_steps=3, save_steps=0, eval_steps=0)
@@ -106,7 +92,7 @@ def test_a_lagged_run_is_the_same_run(make_config, monkeypatch):
 def test_a_lagged_run_stops_after_too_many_dropped_steps(make_config, monkeypatch):
     """The count ends a step back, so the stop comes a step later, with every step counted and saved."""
     _fused_adamw(monkeypatch, lagged=True)
-    _nan_at(monkeypatch, {2, 3, 4, 5, 6})
+    monkeypatch.setattr(LLAMATrainer, "_micro_step_loss", nan_losses({2, 3, 4, 5, 6}, accum=2))
     cfg = make_config(max_steps=8, max_nonfinite_steps=3)
     with pytest.raises(TrainingError, match="4 non-finite losses in a row at step 5"):
         LLAMATrainer.from_config(cfg, log=lambda m: None).train()

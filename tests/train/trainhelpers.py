@@ -1,4 +1,4 @@
-"""Configs and readers shared by tests/train and tests/distributed."""
+"""Configs, readers and fault injectors shared by tests/train and tests/distributed."""
 
 from __future__ import annotations
 
@@ -41,3 +41,19 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def nan_losses(steps: set[int], accum: int):
+    """A `LLAMATrainer._micro_step_loss` whose loss is NaN on the given optimizer steps (1-based)."""
+    from loraforge.train.trainer import LLAMATrainer  # the trainer loads torch and transformers: only when used
+
+    real = LLAMATrainer._micro_step_loss
+    calls = {"n": 0}
+
+    def loss(self, model, batch, n_tokens):
+        step = calls["n"] // accum + 1
+        calls["n"] += 1
+        out = real(self, model, batch, n_tokens)
+        return out * float("nan") if step in steps else out
+
+    return loss
