@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from loraforge.model.memory import LOGITS_CHUNK_BYTES as CHUNK_BYTES
+
 IGNORE = -100
-CHUNK_BYTES = 256 * 2**20
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -84,7 +84,9 @@ LOGIT_BYTES = 12  # per token per vocabulary entry; calibration above
 ATTN_MATH_COPIES = 3.6  # fp32 tokens² copies per head in SDPA's math kernel; calibration above
 USABLE_SHARE = 0.97  # allocator fragmentation and cache
 RESERVE_BYTES = 0.5 * GIB  # CUDA/cuBLAS workspaces and what the allocator rounds up
-CE_CHUNK_BYTES = 256 * 2**20  # kernels/cross_entropy.CHUNK_BYTES (model/ may not import kernels/)
+# fp32 logits per chunk of the chunked losses (kernels/cross_entropy.py, train/preference.py): defined here,
+# where the memory model counts it, and imported by both
+LOGITS_CHUNK_BYTES = 256 * 2**20
 ROUND = 1024
 
 Stack = Literal["stock", "loraforge"]
@@ -371,7 +373,7 @@ def memory_model(config: Any, run: RunConfig, *, stack: Stack = "loraforge") -> 
     weights = weight_bytes(g, run, act, stream)
     lora = lora_param_count(g, run.lora) * 16
     workspace = dequant_workspace_bytes(g, run, act)
-    ce_fixed = (CE_CHUNK_BYTES * 2) if chunked else 0  # fp32 chunk + its compute-dtype copies
+    ce_fixed = (LOGITS_CHUNK_BYTES * 2) if chunked else 0  # fp32 chunk + its compute-dtype copies
     fixed = weights + lora + workspace + ce_fixed
 
     checkpoints = (3 * g.h * act) if offload else g.L * g.h * stream
