@@ -120,3 +120,15 @@ def test_max_length_is_monotone_and_long_context_is_longer():
     assert mm["checkpoints"] == 3 * 4096 * 2 and mm["quadratic"] == 0
     for s in (1024, 65536, 200000):
         assert peak_bytes(cfg, _bs1_run(True), s) < peak_bytes(cfg, _bs1_run(True), s + 1024)
+
+
+def test_logits_chunks_fit_the_budget_in_whole_tiles() -> None:
+    from loraforge.model.memory import LOGITS_CHUNK_BYTES, logits_chunk_rows
+
+    for vocab in (32000, 49152, 128256):
+        rows = logits_chunk_rows(vocab)
+        assert rows % 64 == 0 and 4 * vocab * rows <= LOGITS_CHUNK_BYTES < 4 * vocab * (rows + 64)
+    assert logits_chunk_rows(32000) == 512 and logits_chunk_rows(128256) == 128
+    assert logits_chunk_rows(256000, copies=2) == 128  # Gemma 2's soft-capped loss: the row floor, not 32 rows
+    assert logits_chunk_rows(11, budget=4 * 11 * 5, min_rows=1) == 5  # below one tile: as many as fit
+    assert logits_chunk_rows(10**9, min_rows=1) == 1

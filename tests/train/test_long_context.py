@@ -64,6 +64,7 @@ def test_long_context_mode_equals_plain_training_on_cpu(tiny_model_dir, monkeypa
     assert out == {"offload_activations": True, "chunked_cross_entropy": True, "drop_full_attention_mask": True}
     # 8 rows per chunk: several chunks for 40 tokens
     monkeypatch.setitem(ce.causal_lm_loss.__kwdefaults__, "chunk_bytes", 8 * m.config.vocab_size * 4)
+    monkeypatch.setitem(ce.causal_lm_loss.__kwdefaults__, "min_rows", 1)
     seen = {}
     orig = ce.LinearCrossEntropy.apply
     monkeypatch.setattr(ce.LinearCrossEntropy, "apply", lambda *a: seen.setdefault("rows", a[4]) and orig(*a))

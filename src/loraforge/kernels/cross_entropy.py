@@ -1,11 +1,11 @@
 """Causal-LM loss fused with the (frozen) lm_head: the [tokens, vocab] logits never exist at once.
 
-The tokens are cut into chunks whose fp32 logits fit a fixed budget (256 MiB by default: 2,048
-tokens of a 32K vocabulary, 512 of Llama-3's 128K). For each chunk the forward computes the logits
-in the activation dtype, the fp32 log-sum-exp, the loss, and at once the gradient with respect to
-the hidden states, (softmax − onehot)·W / n_valid. Backward only scales that stored gradient.
-Since lm_head is frozen there is no dW. Same semantics as transformers' ForCausalLMLoss: labels
-shifted left by one, -100 ignored, mean over labelled tokens (or sum / num_items_in_batch).
+The tokens are cut into chunks whose fp32 logits fit a fixed budget (64 MiB by default, model/memory.py:
+512 tokens of a 32K vocabulary, 128 of Llama-3's 128K; never fewer than 128 rows by default). For each
+chunk the forward computes the logits in the activation dtype, the fp32 log-sum-exp, the loss, and at once
+the gradient with respect to the hidden states, (softmax − onehot)·W / n_valid. Backward only scales that
+stored gradient. Since lm_head is frozen there is no dW. Same semantics as transformers' ForCausalLMLoss:
+labels shifted left by one, -100 ignored, mean over labelled tokens (or sum / num_items_in_batch).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from loraforge.model.memory import LOGITS_CHUNK_BYTES as CHUNK_BYTES
+from loraforge.model.memory import LOGITS_CHUNK_MIN_ROWS, logits_chunk_rows
 
 IGNORE = -100
 
@@ -61,7 +62,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
                    *, shift_labels: torch.Tensor | None = None, num_items_in_batch=None,
-                   chunk_bytes: int = CHUNK_BYTES, softcap: float | None = None) -> torch.Tensor:
+                   chunk_bytes: int = CHUNK_BYTES, min_rows: int = LOGITS_CHUNK_MIN_ROWS,
+                   softcap: float | None = None) -> torch.Tensor:
     """Loss of hidden [B, S, d] through lm_head weight [V, d] against labels [B, S]; `softcap`: Gemma 2's
     final logit soft-capping (a second fp32 chunk is live then, so chunks are half as long)."""
     if shift_labels is None:
@@ -74,5 +76,5 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         denom = num_items_in_batch.to(hidden.device)
     else:
         denom = torch.tensor(float(num_items_in_batch), device=hidden.device)
-    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0] * (2 if softcap else 1)))
+    chunk_rows = logits_chunk_rows(weight.shape[0], chunk_bytes, copies=2 if softcap else 1, min_rows=min_rows)
     return LinearCrossEntropy.apply(h, weight, targets, denom, chunk_rows, softcap)

@@ -85,8 +85,21 @@ ATTN_MATH_COPIES = 3.6  # fp32 tokens² copies per head in SDPA's math kernel; c
 USABLE_SHARE = 0.97  # allocator fragmentation and cache
 RESERVE_BYTES = 0.5 * GIB  # CUDA/cuBLAS workspaces and what the allocator rounds up
 # fp32 logits per chunk of the chunked losses (kernels/cross_entropy.py, train/preference.py): defined here,
-# where the memory model counts it, and imported by both
-LOGITS_CHUNK_BYTES = 256 * 2**20
+# where the memory model counts it, and imported by both. 64 MiB (was 256): at 4x512 the loss is the step's
+# peak, where the chunk and its 16-bit copies came to ~0.4 GiB of the 0.6-0.8 GiB loraforge needed beyond
+# Unsloth (bench/NOTES.md, issue 26): 512 rows of a 32K vocabulary, 128 of Llama-3's 128K.
+LOGITS_CHUNK_BYTES = 64 * 2**20
+# Every chunk reads the whole lm_head weight (1 GiB for Llama-3, 1.7 GiB for Gemma 2): below ~128 rows its two
+# GEMMs are bound by that read, and more chunks cost time without saving much more memory.
+LOGITS_CHUNK_MIN_ROWS = 128
+
+
+def logits_chunk_rows(vocab: int, budget: int = LOGITS_CHUNK_BYTES, copies: int = 1,
+                      min_rows: int = LOGITS_CHUNK_MIN_ROWS) -> int:
+    """Tokens per chunk whose `copies` fp32 logits rows fit `budget`, but at least `min_rows`; a multiple of 64
+    (whole tensor-core tiles for the lm_head GEMMs) once there are that many."""
+    rows = max(budget // (4 * vocab * copies), min_rows, 1)
+    return rows - rows % 64 if rows >= 64 else rows
 ROUND = 1024
 
 Stack = Literal["stock", "loraforge"]

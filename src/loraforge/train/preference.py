@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.config import TrainingConfig
-from loraforge.model.memory import LOGITS_CHUNK_BYTES
+from loraforge.model.memory import logits_chunk_rows
 from loraforge.train.distributed import gradient_sync, loss_scale, sum_over_processes
 from loraforge.train.optim import finish_step
 
@@ -102,7 +102,7 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     head = lm.get_output_embeddings()
     h, t = hidden[mask], targets[mask]
     if isinstance(head, torch.nn.Linear) and head.bias is None:
-        chunk_rows = max(1, LOGITS_CHUNK_BYTES // (4 * head.weight.shape[0]))
+        chunk_rows = logits_chunk_rows(head.weight.shape[0])
         logp = LinearLogProbs.apply(h, head.weight, t, chunk_rows)
     else:  # a wrapped or biased head (e.g. lm_head in modules_to_save): the labelled rows' logits at once
         logp = torch.log_softmax(head(h).float(), dim=-1).gather(1, t[:, None]).squeeze(1)
