@@ -386,7 +386,8 @@ def memory_model(config: Any, run: RunConfig, *, stack: Stack = "loraforge") -> 
     weights = weight_bytes(g, run, act, stream)
     lora = lora_param_count(g, run.lora) * 16
     workspace = dequant_workspace_bytes(g, run, act)
-    ce_fixed = (LOGITS_CHUNK_BYTES * 2) if chunked else 0  # fp32 chunk + its compute-dtype copies
+    # the fp32 chunk (the budget, or the row floor's for a large vocabulary) + its compute-dtype copies
+    ce_fixed = (logits_chunk_rows(g.V) * g.V * 4 * 2) if chunked else 0
     fixed = weights + lora + workspace + ce_fixed
 
     checkpoints = (3 * g.h * act) if offload else g.L * g.h * stream
