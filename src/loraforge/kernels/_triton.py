@@ -183,8 +183,11 @@ def nf4_dequant(weight: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
         args = (qs.absmax, table, table, qs.absmax, table)
         qb2 = 1
     grid = (triton.cdiv(n_bytes, _DQ_BLOCK),)
+    # No fused multiply-adds: bitsandbytes rounds code2[q] * absmax2 before it adds the offset (two
+    # kernels), and a contracted FMA differs from that by one bf16 step in ~1 matrix of 12
+    # (bench/results/nf4-dequant-exactness-2026-12-03-h200.json).
     _nf4_dequant_kernel[grid](q, *args, table, out, n_bytes, BLOCK=_DQ_BLOCK, QBLOCK=qs.blocksize,
-                              QBLOCK2=qb2, NESTED=bool(qs.nested), num_warps=4)
+                              QBLOCK2=qb2, NESTED=bool(qs.nested), num_warps=4, enable_fp_fusion=False)
     return out
 
 
