@@ -118,3 +118,38 @@ def test_triton_rope_matches_torch_twin():
         for c, s in ((cos, sin), (cos[:1].contiguous(), sin[:1].contiguous())):
             a, b = _triton.rope(x, c, s, inv), _rope_torch(x, c, s, inv)
             assert (a.float() - b.float()).abs().max() <= 1e-2, (inv, c.shape)
+
+
+def test_packed_rows_take_varlen_attention_under_graphs(ckpt):
+    """Packed rows with their offsets (kernels/packed.py): flash varlen attention, captured in the layer
+    graphs, computes what transformers' block-diagonal mask computes, and no mask is built."""
+    from loraforge.bench.models import build_model, one_step_grads, sync_lora
+    from loraforge.data.collate import PadCollator
+    from loraforge.data.packing import boundaries, pack_examples
+    from loraforge.kernels import patch_model
+    from loraforge.kernels.graphs import enable_graphed_layers
+    from loraforge.kernels.packed import BOUNDARIES_KEY
+
+    masked = build_model(ckpt, 16, "all", stock=False)
+    graphed = build_model(ckpt, 16, "all", stock=False)
+    for m in (masked, graphed):
+        s = patch_model(m)
+        assert s["packed_attention"].startswith("on"), s["packed_attention"]
+    runner = enable_graphed_layers(graphed)
+    sync_lora(masked, graphed)
+    g = torch.Generator().manual_seed(3)
+
+    def example(n):
+        ids = torch.randint(0, masked.config.vocab_size, (n,), generator=g).tolist()
+        return {"input_ids": ids, "labels": ids}
+
+    rows = [pack_examples([example(n) for n in row]) for row in ([30, 50, 16], [90, 6], [40] * 3)]
+    batch = {k: v.cuda() for k, v in PadCollator(0, 128)(rows).items()}
+    with_cu = batch | {BOUNDARIES_KEY: boundaries(batch["position_ids"].cpu()).cuda()}
+    loss, grads = one_step_grads(masked, batch)
+    for _ in range(3):  # eager, capture, replay
+        loss2, grads2 = one_step_grads(graphed, with_cu)
+    assert runner.summary()["replays"] >= 2 and not runner.summary()["disabled"], runner.summary()
+    assert abs(loss2 - loss) < 1e-2 * abs(loss)
+    for name, gm in grads.items():
+        assert (grads2[name] - gm).norm() <= 5e-2 * gm.norm(), name

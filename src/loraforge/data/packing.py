@@ -19,6 +19,8 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from loraforge.data.tokenize import IGNORE_INDEX
 
 
@@ -84,3 +86,23 @@ def pack_dataset(examples: Sequence[dict[str, Any]], max_length: int, lengths: S
     if isinstance(examples, list):
         return [pack_examples([examples[j] for j in g]) for g in groups]
     return PackedView(examples, groups)
+
+
+def boundaries(position_ids: torch.Tensor, *, min_capacity: int = 16) -> torch.Tensor:
+    """Where each example of a packed batch starts, its rows laid end to end: int32 offsets, then the
+    total, as variable-length attention takes them (cu_seqlens).
+
+    An example starts wherever the position ids do not step by one, as transformers reads them
+    (`find_packed_sequence_indices`), and at every row's first token. The list is padded with the total
+    (empty examples) to a power-of-two capacity, so that CUDA graphs see a handful of shapes, not one
+    per example count. On the host, from the host copy: the device never has to report a count.
+    """
+    rows, length = position_ids.shape
+    prev = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=1)
+    starts = position_ids - prev != 1
+    starts[:, 0] = True
+    at = starts.reshape(-1).nonzero().flatten()
+    capacity = max(min_capacity, 1 << (len(at) - 1).bit_length())
+    out = torch.full((capacity + 1,), rows * length, dtype=torch.int32)
+    out[:len(at)] = at
+    return out

@@ -30,6 +30,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from . import _triton
+from .packed import BOUNDARIES_KEY
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ def _frozen(parts, dtype):
 
 def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
     from .lora import lora_linears
+    from .packed import attend
     from .rope import apply_rope, rope_supported
 
     ml = _arch_module(model_type)
@@ -259,12 +261,16 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
             kwargs["sliding_window"] = self.sliding_window
         if arch.softcap:
             kwargs["softcap"] = self.attn_logit_softcapping
-        attention_interface = ml.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, ml.eager_attention_forward)
-        out, weights = attention_interface(
-            self, q, k, v, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling, **kwargs)
+        cu = kwargs.pop(BOUNDARIES_KEY, None)
+        if cu is not None:  # packed rows, and the model's forward passed no mask (see _lm_forward_factory)
+            out, weights = attend(q, k, v, cu, self.scaling), None
+        else:
+            attention_interface = ml.ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, ml.eager_attention_forward)
+            out, weights = attention_interface(
+                self, q, k, v, attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0,
+                scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         (out,) = _with_dora(lora_linears(out, w_o, (parts_o.scale,), _weights(ab_o), (parts_o.p(),)),
                             (parts_o,), w_o)
@@ -340,12 +346,22 @@ def _lm_forward_factory(orig_forward):
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         if labels is None or not torch.is_grad_enabled() or self.lm_head.weight.requires_grad \
                 or not isinstance(self.lm_head, torch.nn.Linear) or self.lm_head.bias is not None:
+            kwargs.pop(BOUNDARIES_KEY, None)  # the stock forward builds the packed rows' mask itself
             return orig_forward(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids, past_key_values=past_key_values,
                                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                 logits_to_keep=logits_to_keep, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
+        if kwargs.get(BOUNDARIES_KEY) is not None and getattr(self, "_loraforge_packed", False) \
+                and attention_mask is None and past_key_values is None:
+            # A 4D mask is taken as already built (transformers' `_preprocess_mask_arguments`), so none is
+            # built and the host does not wait for the GPU to say whether the rows are packed. It is empty:
+            # any attention that did read it would fail on its shape, not attend across examples.
+            attention_mask = input_ids.new_empty((1, 1, 0, 0), dtype=torch.bool) if input_ids is not None \
+                else inputs_embeds.new_empty((1, 1, 0, 0), dtype=torch.bool)
+        else:
+            kwargs.pop(BOUNDARIES_KEY, None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
@@ -554,9 +570,30 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
         else:
             summary["skipped"].append("lm_head: not a plain Linear, stock loss kept")
     summary["patched"] = summary["attention"] + summary["mlp"] > 0
+    summary["packed_attention"] = _packed_attention(base, arch, summary, device)
+    base._loraforge_packed = summary["packed_attention"].startswith("on")
     model._loraforge_patched = True
     model._loraforge_patch_summary = dict(summary)
     return summary
+
+
+def _packed_attention(base, arch: _Arch, summary: dict, device: torch.device) -> str:
+    """Whether packed batches may skip their mask and run variable-length attention (packed.py): every
+    layer's attention is ours, plainly causal (no window, no soft-capping, no attention dropout)."""
+    from .packed import check
+
+    layers = base.model.layers
+    if summary["attention"] != len(layers) or not summary["cross_entropy"]:
+        return "off (not every layer's attention is patched)"
+    cfg = base.config
+    windows = [getattr(cfg, "sliding_window", None)] if arch.window == "config" else \
+        [getattr(layer.self_attn, "sliding_window", None) for layer in layers] if arch.window == "module" else []
+    if arch.softcap or any(w is not None for w in windows):
+        return "off (sliding-window or soft-capped attention)"
+    if getattr(cfg, "attention_dropout", 0.0):
+        return "off (attention dropout)"
+    scaling_ok = all(abs(layer.self_attn.scaling - layer.self_attn.head_dim ** -0.5) < 1e-9 for layer in layers)
+    return check(device, scaling_ok)
 
 
 def fast_path_summary(model_or_report) -> str:

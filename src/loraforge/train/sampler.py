@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from loraforge.data.packing import boundaries
+from loraforge.kernels.packed import BOUNDARIES_KEY
+
 
 class MicroBatchStream:
     def __init__(self, lengths: list[int], batch_size: int, *, seed: int, world_size: int = 1, rank: int = 0,
@@ -86,8 +89,11 @@ class StepFeed:
     """
 
     def __init__(self, batches: Iterator[Any], accumulation: int, device: torch.device,
-                 pad_token_id: int | None):
+                 pad_token_id: int | None, *, boundaries: bool = False):
         self.batches, self.accumulation, self.device, self.pad = batches, accumulation, device, pad_token_id
+        # Packed batches also carry their examples' offsets, for a model whose attention takes them
+        # instead of a mask (kernels/packed.py): counted here, on the host copy, like the tokens.
+        self.boundaries = boundaries
         self._next: StepInputs | None = None
 
     def prefetch(self) -> None:
@@ -109,6 +115,9 @@ class StepFeed:
         if isinstance(micro[0], tuple):  # a stream's (micro-batch, position after it)
             position = micro[-1][1]
             micro = [b for b, _ in micro]
+        if self.boundaries:
+            micro = [b | {BOUNDARIES_KEY: boundaries(b["position_ids"])}
+                     if "position_ids" in b and "attention_mask" not in b else b for b in micro]
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         seen = sum(tokens_in(b, self.pad) for b in micro)
         # From pinned memory the copy is queued behind the running step; from pageable memory the driver

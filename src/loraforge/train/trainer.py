@@ -282,7 +282,7 @@ class LLAMATrainer:
         self.fast_path = apply_fast_path(self.model, cfg, processes=acc.num_processes, sharded=fsdp, log=self.log)
         from loraforge.train.long_context import apply_long_context
 
-        apply_long_context(self.model, cfg.training, log=self.log)  # no-op unless long_context / its switches
+        apply_long_context(self.model, cfg.training, log=self.log, processes=acc.num_processes)
         trainable, total = parameter_counts(model.config, cfg.lora)  # the memory report's count too
         weights = ("4-bit " + cfg.model.bnb_4bit_quant_type if cfg.model.use_4bit else "8-bit" if cfg.model.use_8bit
                    else str(placement.dtype).replace("torch.", ""))
@@ -331,7 +331,8 @@ class LLAMATrainer:
         # Workers (dataloader_num_workers > 0) start here, before the signal handlers they must not inherit.
         batches = self._streamed_batches(collate, state) if streamed else \
             self._train_batches(stream, collate, start=state.micro_batch)
-        feed = StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id)
+        feed = StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id,
+                        boundaries=self.fast_path.report.get("packed_attention", "").startswith("on"))
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
