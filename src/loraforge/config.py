@@ -182,7 +182,8 @@ class TrainingConfig(_Section):
     long_context: bool = opt(False, "Long sequences: offload_activations + chunked_cross_entropy, and attention "
                              "without a materialized mask (batch 1 / unpadded runs SDPA's flash kernel).")
     offload_activations: bool | None = opt(None, "Keep the checkpointed layer inputs in pinned host memory "
-                                           "(copied asynchronously); null = follow long_context.")
+                                           "(copied asynchronously, no slower at 4x512 on an H200); null = on "
+                                           "for a run on one CUDA GPU and with long_context, off otherwise.")
     chunked_cross_entropy: bool | None = opt(None, "Loss through lm_head in chunks, never the full [tokens, vocab] "
                                              "logits (the GPU fast path always does); null = follow long_context.")
     logging_steps: int = opt(10, "Log every N optimizer steps.", ge=1)
@@ -213,13 +214,15 @@ class TrainingConfig(_Section):
         "auto", "Several processes: auto = what `accelerate launch --config_file` set, else DDP; fsdp = full "
         "shard (QLoRA-compatible); deepspeed_zero2/3 through Accelerate's DeepSpeed plugin.")
 
-    def long_context_switches(self) -> dict[str, bool]:
+    def long_context_switches(self, *, one_gpu: bool = False) -> dict[str, bool]:
         """The long-context switches as the run resolves them: each individual one, if set, wins over
-        `long_context`. The one rule train/long_context.py applies and model/memory.py predicts from."""
-        def pick(v: bool | None) -> bool:
-            return self.long_context if v is None else bool(v)
+        `long_context`. The one rule train/long_context.py applies and model/memory.py predicts from.
+        `one_gpu`: the run trains on a single CUDA GPU, where offloading is on unless set off (it costs
+        no speed there: bench/results/peers-2026-12-03-h200-s10-step.json)."""
+        def pick(v: bool | None, default: bool = False) -> bool:
+            return self.long_context or default if v is None else bool(v)
 
-        return {"offload_activations": pick(self.offload_activations),
+        return {"offload_activations": pick(self.offload_activations, one_gpu),
                 "chunked_cross_entropy": pick(self.chunked_cross_entropy),
                 "drop_full_attention_mask": self.long_context}
 

@@ -17,6 +17,11 @@ def test_switches_and_config(tmp_path):
     sw = run.training.long_context_switches()
     assert sw["chunked_cross_entropy"] and not sw["offload_activations"]
     assert not any(RunConfig().training.long_context_switches().values())
+    # a run on one GPU offloads its checkpoints unless told not to; nothing else of long context turns on
+    assert RunConfig().training.long_context_switches(one_gpu=True) == {
+        "offload_activations": True, "chunked_cross_entropy": False, "drop_full_attention_mask": False}
+    run = load_config(None, ["training.offload_activations=false"])
+    assert not run.training.long_context_switches(one_gpu=True)["offload_activations"]
 
 
 def _peft(model_dir, dtype=torch.float64):

@@ -359,7 +359,7 @@ def check_fits(run: RunConfig, placement: Any, log=print) -> MemoryEstimate | No
 def _long_context_parts(t: TrainingConfig) -> tuple[bool, bool]:
     """(offloaded checkpoints, chunked loss) as the run gets them; offloading needs checkpointing (it
     offloads the checkpoints: train/long_context.py declines it otherwise)."""
-    sw = t.long_context_switches()
+    sw = t.long_context_switches(one_gpu=True)  # the GPU's memory, for a run on one GPU
     return sw["offload_activations"] and t.gradient_checkpointing, sw["chunked_cross_entropy"]
 
 

@@ -67,13 +67,22 @@ def drop_full_attention_mask(model: Any) -> bool:
 
 
 def apply_long_context(model: Any, training: TrainingConfig, log: Callable[[str], None] = print,
-                       **offload_kwargs: Any) -> dict[str, Any]:
-    """Turn on what `training.long_context` and the individual switches ask for; idempotent.
+                       processes: int = 1, **offload_kwargs: Any) -> dict[str, Any]:
+    """Turn on what `training.long_context` and the individual switches ask for; idempotent. A run on one
+    CUDA GPU offloads its checkpoints unless `training.offload_activations` is false (one line says so).
 
     `offload_kwargs` go to `enable_offloaded_checkpointing` (e.g. `host_limit_bytes`)."""
-    sw = training.long_context_switches()
+    one_gpu = processes == 1 and next(model.parameters()).device.type == "cuda"
+    sw = training.long_context_switches(one_gpu=one_gpu)
     out: dict[str, Any] = {}
     if not any(sw.values()):
+        return out
+    if not (training.long_context or training.chunked_cross_entropy or training.offload_activations):
+        if training.gradient_checkpointing:  # only the default offloading: no long-context advice
+            enable_offloaded_checkpointing(model, **offload_kwargs)
+            log("activations: checkpoints offloaded to pinned host memory "
+                "(training.offload_activations: false keeps them on the GPU)")
+            out["offload_activations"] = True
         return out
     if sw["offload_activations"]:
         if not training.gradient_checkpointing:
