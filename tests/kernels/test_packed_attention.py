@@ -38,12 +38,12 @@ def test_boundaries_are_where_transformers_sees_examples_start():
     cu = boundaries(batch["position_ids"])
     # row 0: 0, 5, 14, 15, then its padding (18); row 1 from 24: 24, 31, then its padding (35)
     assert cu.dtype == torch.int32 and cu[:9].tolist() == [0, 5, 14, 15, 18, 24, 31, 35, 48]
-    assert cu.shape == (17,) and (cu[8:] == 48).all()  # capacity 16, padded with the total
+    assert cu.shape == (65,) and (cu[8:] == 48).all()  # capacity 64, padded with the total
     seq = find_packed_sequence_indices(batch["position_ids"])
     flat_starts = torch.cat([torch.ones(2, 1, dtype=torch.bool), seq.diff(dim=1) != 0], 1).reshape(-1)
     assert flat_starts.nonzero().flatten().tolist() == cu[:8].tolist()
-    many = torch.arange(4).repeat(2, 9)  # 18 examples of 4 tokens: the next capacity
-    assert boundaries(many).shape == (33,)
+    many = torch.arange(4).repeat(2, 40)  # 80 examples of 4 tokens: the next capacity
+    assert boundaries(many).shape == (129,) and boundaries(many)[79] == 316
 
 
 def test_reference_attention_equals_the_block_diagonal_mask():
@@ -51,7 +51,7 @@ def test_reference_attention_equals_the_block_diagonal_mask():
     q, k, v = (torch.randn(2, h, 24, 16, generator=g) for h in (4, 2, 2))
     position_ids = _packed_batch(100, [[5, 9, 1, 3], [7, 4]], 24)["position_ids"]
     cu = boundaries(position_ids)
-    doc = torch.repeat_interleave(torch.arange(16), cu.diff().long())[:48].view(2, 24)
+    doc = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff().long())[:48].view(2, 24)
     mask = (doc[:, :, None] == doc[:, None, :]) & torch.ones(24, 24, dtype=torch.bool).tril()
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask[:, None], scale=0.3,
                                                             enable_gqa=True).transpose(1, 2)
@@ -99,7 +99,7 @@ def test_patched_model_with_offsets_builds_no_mask_and_trains_the_same(ckpt, mon
     for name, g in grads.items():
         assert (grads2[name] - g).norm() <= 2e-2 * g.norm() + 1e-8, name
     # the offsets matter: one example per row attends across the boundaries, and the loss moves
-    whole = torch.tensor([0, 24, 48] + [48] * 14, dtype=torch.int32)
+    whole = torch.tensor([0, 24, 48] + [48] * 62, dtype=torch.int32)
     assert abs(one_step_grads(fast, batch | {BOUNDARIES_KEY: whole})[0] - loss) > 1e-3 * abs(loss)
 
 

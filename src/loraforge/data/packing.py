@@ -88,14 +88,17 @@ def pack_dataset(examples: Sequence[dict[str, Any]], max_length: int, lengths: S
     return PackedView(examples, groups)
 
 
-def boundaries(position_ids: torch.Tensor, *, min_capacity: int = 16) -> torch.Tensor:
+def boundaries(position_ids: torch.Tensor, *, min_capacity: int = 64) -> torch.Tensor:
     """Where each example of a packed batch starts, its rows laid end to end: int32 offsets, then the
     total, as variable-length attention takes them (cu_seqlens).
 
     An example starts wherever the position ids do not step by one, as transformers reads them
     (`find_packed_sequence_indices`), and at every row's first token. The list is padded with the total
-    (empty examples) to a power-of-two capacity, so that CUDA graphs see a handful of shapes, not one
-    per example count. On the host, from the host copy: the device never has to report a count.
+    (empty examples) to a power-of-two capacity of at least 64, so that CUDA graphs see one shape for
+    ordinary batches: with 16, 4x512 Alpaca batches came in two shapes and the second one's capture
+    (a step on the ordinary checkpoint, then the capture) made the first 10 steps 2x slower
+    (train-e2e-2026-12-03-h200-s10-call3.json). An empty example costs the kernel next to nothing.
+    On the host, from the host copy: the device never has to report a count.
     """
     rows, length = position_ids.shape
     prev = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=1)
