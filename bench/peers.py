@@ -397,11 +397,12 @@ STACKS = {
                "lora_alpha=32, lora_dropout=0, bias='none', all seven projections, "
                "use_gradient_checkpointing='unsloth'); Unsloth's own allocator setting",
     "loraforge": "as `loraforge train` builds it (loraforge.bench.models.build_loraforge): bf16 frozen weights, fused "
-                 "LoRA, CUDA graphs, chunked loss. peak_gib_with_graph_pool adds the CUDA-graph pool's free bytes "
-                 "to peak_gib: what bench/speed.py reports as loraforge_peak_gib (an upper bound)",
+                 "LoRA, CUDA graphs, chunked loss, with training.offload_activations: false (the checkpoints on the "
+                 "GPU). peak_gib_with_graph_pool adds the CUDA-graph pool's free bytes to peak_gib: what "
+                 "bench/speed.py reports as loraforge_peak_gib (an upper bound)",
     "loraforge-offload": "the loraforge arm with training.offload_activations: each checkpointed layer's input in "
-                         "pinned host memory from its forward to its backward (Unsloth's default), the layers "
-                         "still replayed as CUDA graphs",
+                         "pinned host memory from its forward to its backward (Unsloth's default, and a one-GPU "
+                         "`loraforge train`'s since 2026-12-03 session 10), the layers still replayed as CUDA graphs",
 }
 
 

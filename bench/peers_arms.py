@@ -78,8 +78,9 @@ def step(a: argparse.Namespace) -> dict:
         opt = bnb.optim.PagedAdamW32bit(trainable(model), lr=2e-4)
         optimizer = "bitsandbytes PagedAdamW32bit"
     else:
-        # loraforge-offload: training.offload_activations, the checkpoints in host memory beneath the graphs
-        offload = a.side == "loraforge-offload" or None
+        # loraforge-offload: the checkpoints in host memory beneath the graphs (a one-GPU run's default since
+        # session 10); loraforge: set off, the checkpoints on the GPU, as every record before then measured
+        offload = a.side == "loraforge-offload"
         model, _ = build_loraforge(bench_run(a.path, R, "all", offload_activations=offload), log=lambda _: None)
         opt = fused_paged_adamw_32bit(trainable(model), lr=2e-4)
         optimizer = "loraforge fused_paged_adamw_32bit (paged fp32 states, torch's fused update)"

@@ -84,6 +84,28 @@ def train_h200() -> str:
                    "speed-up"], rows)
 
 
+PEERS_STEP = "peers-2026-12-03-h200-s10-step.json"
+PEERS_E2E = "peers-2026-12-03-h200-s10-e2e.json"
+
+
+def peers_h200() -> str:
+    """README: loraforge against Unsloth and the stock stack, each arm its own process, one call per table part."""
+    step = {(r["case"], r["arm"]): r for r in _load(PEERS_STEP)}
+    rows = []
+    for case, label in (("llama2-7b-r16-all-4x512", "Llama-2-7B"), ("llama3-8b-r16-all-4x512", "Llama-3-8B")):
+        # the loraforge-offload arm is what a one-GPU run now gets by default (training.offload_activations)
+        stock, peer, ours = (step[(case, a)] for a in ("stock", "unsloth", "loraforge-offload"))
+        rows.append([f"{label} QLoRA r=16 all-linear, 4×512", *(f"{r['tokens_per_s']:,}, {r['peak_gib']:.2f}"
+                                                                  for r in (stock, peer, ours)),
+                     f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}×, {ours['peak_gib'] / peer['peak_gib']:.2f}×"])
+    e2e = {r["arm"]: r for r in _load(PEERS_E2E)}
+    peer, ours = e2e["unsloth-sft"], e2e["loraforge-train"]
+    rows.append(["Whole job, Llama-2-7B: 40 steps of packed Alpaca, start to saved adapter", "—",
+                 f"{peer['wall_s']:.1f} s (SFTTrainer)", f"{ours['wall_s']:.1f} s (`loraforge train`)",
+                 f"{ours['wall_s'] / peer['wall_s']:.2f}× the time"])
+    return _table(["case", "stock tokens/s, peak GiB", "Unsloth", "loraforge", "loraforge / Unsloth"], rows)
+
+
 SERVE_CASES = {  # case in the record -> the row's label, and what follows the equality count
     "server-1-stream-vs-stock-batch-1": ("1 stream through the HTTP server", ""),
     "server-16-streams-vs-stock-batch-16": ("16 concurrent streams through the HTTP server (one admission)",
@@ -161,7 +183,8 @@ def ddp_phases_h200() -> str:
 
 
 FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100, "ddp-h200": ddp_h200,
-                                         "ddp-phases-h200": ddp_phases_h200, "train-h200": train_h200}
+                                         "ddp-phases-h200": ddp_phases_h200, "train-h200": train_h200,
+                                         "peers-h200": peers_h200}
 
 
 def render(text: str, where: Path, seen: set[str]) -> str:
