@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 
 from . import _triton
-from .dropout import dropped, dropped_addmm_, dropped_mm, dropped_t_mm, seed_for_call
+from .dropout import draw_seed, dropped, dropped_addmm_, dropped_mm, dropped_t_mm, seed_for_call, seeds_from
 from .frozen import FrozenWeight
 
 _state = threading.local()
@@ -318,6 +318,60 @@ def lora_linears(x, weights, scales, ab, ps=None):
 def lora_mlp(x, weights, scales, ab, ps=None, act: str = "silu"):
     ps = tuple(ps) if ps is not None else (0.0, 0.0, 0.0)
     return LoRAMLP.apply(x, tuple(weights), tuple(scales), ps, act, *ab)
+
+
+@contextmanager
+def _tile_seeds(seed: torch.Tensor | None, tile: int):
+    """Tile `tile`'s dropout masks: the call's seed and the tile's own three salts, the same in the forward
+    and in the backward's recompute."""
+    if seed is None:
+        yield
+        return
+    with seeds_from(seed) as src:
+        src.calls = 3 * tile
+        yield
+
+
+class TiledMLP(torch.autograd.Function):
+    """`lora_mlp` over the tokens in tiles of `tile` rows (ALST's tiled MLP, arXiv 2506.13996). Saves only X
+    and one dropout seed; the backward recomputes each tile's MLP and takes its gradients before the next,
+    so the [tokens, intermediate] tensors exist for one tile at a time. Costs one more MLP forward: for long
+    sequences only (long-context runs, model/memory.MLP_TILE_TOKENS)."""
+
+    @staticmethod
+    def forward(ctx, x, tile, weights, scales, ps, act, *ab):
+        x2d = x.reshape(-1, x.shape[-1])
+        seed = draw_seed(x.device) if any(p > 0 for p in ps) else None
+        out = []
+        for k, lo in enumerate(range(0, x2d.shape[0], tile)):
+            with _tile_seeds(seed, k):
+                out.append(lora_mlp(x2d[lo:lo + tile], weights, scales, ab, ps, act))
+        ctx.tile, ctx.weights, ctx.scales, ctx.ps, ctx.act, ctx.seed = tile, weights, scales, ps, act, seed
+        ctx.save_for_backward(x, *ab)
+        return torch.cat(out).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *ab = ctx.saved_tensors
+        x2d, dy2d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx = torch.empty_like(x2d)
+        leaves = [None if p is None else p.detach().requires_grad_() for p in ab]
+        grads = [None if p is None else torch.zeros_like(p) for p in ab]
+        for k, lo in enumerate(range(0, x2d.shape[0], ctx.tile)):
+            xk = x2d[lo:lo + ctx.tile].detach().requires_grad_()
+            with torch.enable_grad(), _tile_seeds(ctx.seed, k):
+                yk = lora_mlp(xk, ctx.weights, ctx.scales, leaves, ctx.ps, ctx.act)
+            live = [p for p in leaves if p is not None]
+            got = torch.autograd.grad(yk, [xk, *live], dy2d[lo:lo + ctx.tile])
+            dx[lo:lo + ctx.tile] = got[0]
+            for g, d in zip((g for g in grads if g is not None), got[1:], strict=True):
+                g += d
+        return (dx.view(x.shape), None, None, None, None, None, *grads)
+
+
+def tiled_mlp(x, tile: int, weights, scales, ab, ps=None, act: str = "silu"):
+    ps = tuple(ps) if ps is not None else (0.0, 0.0, 0.0)
+    return TiledMLP.apply(x, tile, tuple(weights), tuple(scales), ps, act, *ab)
 
 
 def lora_fused_mlp(x, weights, scales, ab, ps=None, act: str = "silu"):

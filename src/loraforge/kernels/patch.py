@@ -280,7 +280,7 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
 
 
 def _mlp_forward_factory(orig_forward, parts, dtype, arch: _Arch):
-    from .lora import lora_fused_mlp, lora_mlp
+    from .lora import lora_fused_mlp, lora_mlp, tiled_mlp
 
     ws = _frozen(parts, dtype)
     ss = tuple(p.scale for p in parts)
@@ -292,6 +292,11 @@ def _mlp_forward_factory(orig_forward, parts, dtype, arch: _Arch):
     def forward(self, x):
         if x.dtype != dtype:
             return orig_forward(x)
+        # long-context runs (`tile_mlps`): in tiles, the checkpoint's no-grad forward too, whose e, g and h
+        # for every token would otherwise be the layer's peak once the backward is tiled
+        tile = getattr(self, "_loraforge_tile", 0)
+        if tile and fn is lora_mlp and x.shape[:-1].numel() > 2 * tile:
+            return tiled_mlp(x, tile, ws, ss, _weights(ab), [p.p() for p in parts], arch.act)
         return fn(x, ws, ss, _weights(ab), [p.p() for p in parts], arch.act)
 
     return forward
@@ -594,6 +599,20 @@ def _packed_attention(base, arch: _Arch, summary: dict, device: torch.device) ->
         return "off (attention dropout)"
     scaling_ok = all(abs(layer.self_attn.scaling - layer.self_attn.head_dim ** -0.5) < 1e-9 for layer in layers)
     return check(device, scaling_ok)
+
+
+def tile_mlps(model, tokens: int) -> int:
+    """Long sequences (more than 2 x `tokens`) run each patched gated MLP in tiles of `tokens` rows
+    (lora.TiledMLP); returns how many MLPs will. Phi-3's fused gate_up and DoRA MLPs are not tiled."""
+    if not getattr(model, "_loraforge_patched", False):
+        return 0
+    _, base = _unwrap(model)
+    n = 0
+    for layer in base.model.layers:
+        if "forward" in vars(layer.mlp) and not _ARCHS[base.config.model_type].fused:
+            layer.mlp._loraforge_tile = tokens
+            n += 1
+    return n
 
 
 def fast_path_summary(model_or_report) -> str:

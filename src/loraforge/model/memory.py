@@ -52,7 +52,9 @@ LoRA target's own dropout copy of its input plus a 1-byte mask ((act + 1) x in_f
 With loraforge's fused kernels it is act x (8h + 2kv + 6i) + fp32 attention log-sum-exp (the MLP backward
 holds e, g, dh, h, de, dg of width i at once; attention keeps q, k, v, output, o_proj input; the norms their
 inputs), plus the LoRA intermediates 2 x r x act per target of the layer being recomputed. At 7B 4x512 this
-phase (0.95 GiB) and the logits phase (0.73 GiB) are close; the estimate takes the larger.
+phase (0.95 GiB) and the logits phase (0.73 GiB) are close; the estimate takes the larger. Long-context runs
+tile the MLP (`MLP_TILE_TOKENS`): its 6 x i x act per token become a fixed tile's worth, which at Llama-3-8B
+takes the layer phase from ~236 to ~68 KiB per token (predicted, not yet measured).
 
 **Attention** is O(tokens) with SDPA's flash / memory-efficient kernels. The stock stack runs attention in
 fp32 (its upcast norms turn q, k, v fp32) with grouped-query heads (`enable_gqa`), a combination only
@@ -92,6 +94,12 @@ LOGITS_CHUNK_BYTES = 64 * 2**20
 # Every chunk reads the whole lm_head weight (1 GiB for Llama-3, 1.7 GiB for Gemma 2): below ~128 rows its two
 # GEMMs are bound by that read, and more chunks cost time without saving much more memory.
 LOGITS_CHUNK_MIN_ROWS = 128
+
+
+# Long-context runs compute the MLP over the tokens in tiles of this many (kernels/lora.TiledMLP, after ALST,
+# arXiv 2506.13996): its [tokens, intermediate] tensors, ~70% of a layer's backward at Llama-3-8B, then
+# exist for one tile at a time. 8,192 tokens keep each tile's GEMMs large enough to stay compute-bound.
+MLP_TILE_TOKENS = 8192
 
 
 def logits_chunk_rows(vocab: int, budget: int = LOGITS_CHUNK_BYTES, copies: int = 1,
@@ -214,9 +222,13 @@ def layer_bytes_per_token(g: Dims, lora: LoRAConfig, act: int) -> tuple[int, int
     return saved, in_flight, dropout
 
 
+# The fused MLP's backward holds e, g, dh, h, de and dg at once, each [tokens, intermediate].
+MLP_WIDE_TENSORS = 6
+
+
 def fused_layer_bytes_per_token(g: Dims, act: int) -> int:
     """One layer's recompute + backward with loraforge's fused kernels, per token."""
-    return act * (8 * g.h + 2 * g.kv + 6 * g.i) + 4 * g.nh
+    return act * (8 * g.h + 2 * g.kv + MLP_WIDE_TENSORS * g.i) + 4 * g.nh
 
 
 # ------------------------------------------------------------------------------- pre-flight report
@@ -392,6 +404,9 @@ def memory_model(config: Any, run: RunConfig, *, stack: Stack = "loraforge") -> 
 
     checkpoints = (3 * g.h * act) if offload else g.L * g.h * stream
     layer = fused_layer_bytes_per_token(g, act) if fast else sum(layer_bytes_per_token(g, run.lora, stream))
+    if fast and run.training.long_context:  # the tiled MLP: its six width-i tensors for one tile only
+        layer -= MLP_WIDE_TENSORS * g.i * act
+        fixed += MLP_WIDE_TENSORS * g.i * act * MLP_TILE_TOKENS
     lora_act = 2 * run.lora.r * act * len(targets)
     if chunked:
         # the chunked loss's hidden-state gradient and the final norm's tensors, counted with the layer

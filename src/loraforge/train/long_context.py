@@ -6,6 +6,8 @@ What long-context mode changes (`apply_long_context`):
 - a chunked linear cross-entropy (kernels/cross_entropy.py): the [tokens, vocab] logits never exist
   at once. The GPU fast path (`patch_model`) already installs it; without the fast path (CPU,
   `model.fast_kernels=false`, an unsupported model) the same loss is installed here on its own;
+- the fused MLP runs over the tokens in tiles (kernels/lora.TiledMLP, on the fast path): its
+  [tokens, intermediate] tensors, most of a layer's backward, exist for one tile at a time;
 - attention stays O(tokens): an all-ones 2-D attention mask is dropped before the model builds a 4-D
   mask, so SDPA gets `attn_mask=None, is_causal=True` and can pick the flash or memory-efficient
   kernel (a materialized mask is tokens² and forces a masked kernel). transformers 5.2x already does
@@ -25,7 +27,8 @@ import torch
 
 from loraforge.config import TrainingConfig
 from loraforge.kernels.offload import enable_offloaded_checkpointing
-from loraforge.kernels.patch import _lm_forward_factory, _unwrap
+from loraforge.kernels.patch import _lm_forward_factory, _unwrap, tile_mlps
+from loraforge.model.memory import MLP_TILE_TOKENS
 
 
 def _causal_lm(model: Any) -> Any:
@@ -95,6 +98,9 @@ def apply_long_context(model: Any, training: TrainingConfig, log: Callable[[str]
         out["chunked_cross_entropy"] = enable_chunked_cross_entropy(model)
     if sw["drop_full_attention_mask"]:
         out["drop_full_attention_mask"] = drop_full_attention_mask(model)
+        # the part of a layer's backward that grows fastest with length, in tiles (model/memory.py)
+        if tiled := tile_mlps(model, MLP_TILE_TOKENS):
+            out["tiled_mlp_layers"] = tiled
     base = _causal_lm(model)
     impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
     if impl not in ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
