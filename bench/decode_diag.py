@@ -129,7 +129,8 @@ def main(argv=None):
         report["profile"][f"{rows}-rows-{'fused' if fused else 'eager-ops'}"] = dict(prof, top=top)
         del dec
         torch.cuda.empty_cache()
-    if a.out:
+    if a.out:  # session 10 lost an H200 profile to a folder that did not exist
+        Path(a.out).mkdir(parents=True, exist_ok=True)
         Path(a.out, "decode-diag.json").write_text(json.dumps(report, indent=1))
 
 
