@@ -182,7 +182,7 @@ class TrainingConfig(_Section):
     long_context: bool = opt(False, "Long sequences: offload_activations + chunked_cross_entropy, and attention "
                              "without a materialized mask (batch 1 / unpadded runs SDPA's flash kernel).")
     offload_activations: bool | None = opt(None, "Keep the checkpointed layer inputs in pinned host memory "
-                                           "(copied asynchronously, no slower at 4x512 on an H200); null = on "
+                                           "(copied asynchronously; as fast at 4x512 on an H200); null = on "
                                            "for a run on one CUDA GPU and with long_context, off otherwise.")
     chunked_cross_entropy: bool | None = opt(None, "Loss through lm_head in chunks, never the full [tokens, vocab] "
                                              "logits (the GPU fast path always does); null = follow long_context.")

@@ -112,3 +112,22 @@ def test_a_patched_model_tiles_long_inputs_and_trains_the_same(ckpt):
         lora.TiledMLP.apply = real
     assert calls and set(calls) == {8}  # 48 tokens > 2 x 8: tiled, in the forward and the recompute
     assert res["loss_rel_diff"] < 1e-3 and res["max_rel_grad_diff"] < 2e-2, res
+
+
+def test_dora_mlps_are_not_tiled(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from tinymodels import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.kernels import patch_model
+    from loraforge.kernels.patch import tile_mlps
+
+    counts = {}
+    for arch, dora in (("llama3", False), ("llama3", True)):
+        m = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / f"{arch}{dora}", arch), dtype=torch.float32)
+        m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora,
+                                         task_type="CAUSAL_LM"))
+        assert patch_model(m, allow_cpu=True)["mlp"] == 2
+        counts[(arch, dora)] = tile_mlps(m, 8)
+    assert counts == {("llama3", False): 2, ("llama3", True): 0}

@@ -299,6 +299,7 @@ def _mlp_forward_factory(orig_forward, parts, dtype, arch: _Arch):
             return tiled_mlp(x, tile, ws, ss, _weights(ab), [p.p() for p in parts], arch.act)
         return fn(x, ws, ss, _weights(ab), [p.p() for p in parts], arch.act)
 
+    forward.tileable = fn is lora_mlp
     return forward
 
 
@@ -609,7 +610,7 @@ def tile_mlps(model, tokens: int) -> int:
     _, base = _unwrap(model)
     n = 0
     for layer in base.model.layers:
-        if "forward" in vars(layer.mlp) and not _ARCHS[base.config.model_type].fused:
+        if getattr(getattr(vars(layer.mlp).get("forward"), "__func__", None), "tileable", False):
             layer.mlp._loraforge_tile = tokens
             n += 1
     return n
