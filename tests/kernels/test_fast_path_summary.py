@@ -33,6 +33,9 @@ def test_on_names_what_runs():
     assert fast_path_summary(m) == "fast path: on (fused LoRA with dropout 0.05, CUDA graphs, chunked loss)"
     runner.disable("capture of layer 0 failed: boom")
     assert "CUDA graphs off: capture of layer 0 failed: boom" in fast_path_summary(m)
+    # where packed rows take varlen attention (a CUDA check, packed.py), the line says so
+    report = {**m._loraforge_patch_summary, "packed_attention": "on (err 2.0e-03)"}
+    assert fast_path_summary(report).endswith(", chunked loss, packed rows without a mask)")
 
 
 def test_dora_without_dropout_is_on_and_says_so():

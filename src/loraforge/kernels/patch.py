@@ -649,6 +649,8 @@ def fast_path_summary(model_or_report) -> str:
     elif model is not None:
         parts.append("no CUDA graphs")
     parts.append("chunked loss" if report.get("cross_entropy") else "stock loss")
+    if str(report.get("packed_attention", "")).startswith("on"):
+        parts.append("packed rows without a mask")
     off = [k for k, v in (report.get("triton") or {}).items() if v.startswith("off") and "no Triton" not in v]
     if off:
         parts.append(f"Triton off: {', '.join(off)} (their PyTorch twins run)")
