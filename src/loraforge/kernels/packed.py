@@ -14,6 +14,7 @@ example, for the CPU tests and the check itself.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -23,7 +24,9 @@ import torch
 BOUNDARIES_KEY = "packed_cu_seqlens"
 
 
+@functools.cache
 def _varlen():
+    """torch's varlen_attn and its keyword names, looked up once (inspect is slow for a per-layer call)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
