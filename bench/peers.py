@@ -445,7 +445,8 @@ def run_context(b: Bench) -> None:
 def _context_arm(b: Bench, case: str, arm: str, path: str) -> None:
     """One arm's search (continued from --resume), then, for probe trials, the full-step verification."""
     a = b.a
-    state = ContextState.resume(b.resumed.get((case, arm)), a.context_start, a.context_hi, a.context_resolution)
+    state = ContextState.resume(b.resumed.get((case, arm)), context_start(a, arm), a.context_hi,
+                                a.context_resolution)
     state.calls += 1
     probed = arm == "loraforge" and a.probe_layers > 0
     meta, settings = b.meta(arm == "unsloth"), _context_settings(b, arm, probed)
@@ -485,7 +486,7 @@ def _context_settings(b: Bench, arm: str, probed: bool) -> dict[str, Any]:
             "cap": "torch.cuda.set_per_process_memory_fraction(cap / total) in each probe process before loading",
             "search": "doubling, then bisection until first_failing - max_tokens <= resolution "
                       "(loraforge.bench.max_context.Search); each probe its own process; resumable across calls",
-            "start": a.context_start, "hi": a.context_hi, "resolution": a.context_resolution,
+            "start": context_start(a, arm), "hi": a.context_hi, "resolution": a.context_resolution,
             "host_available_gib": b.device.get("host_available_gib"), "stack": how}
 
 
@@ -576,6 +577,26 @@ def _names(known: tuple[str, ...] | list[str], what: str) -> Callable[[str], lis
     return parse
 
 
+def _starts(text: str) -> dict[str, int]:
+    """--context-start: "N" for every arm, or "ARM=N,ARM=N" (the other arms from 65,536)."""
+    starts = {"*": 65536}
+    try:
+        for part in text.split(","):
+            arm, _, n = part.strip().rpartition("=")
+            if arm and arm not in ARMS["context"]:
+                raise argparse.ArgumentTypeError(f"unknown arm {arm!r}; known: {', '.join(ARMS['context'])}")
+            starts[arm or "*"] = int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not N or ARM=N,...: {text!r}") from None
+    if min(starts.values()) <= 0:
+        raise argparse.ArgumentTypeError("lengths must be positive")
+    return starts
+
+
+def context_start(a: argparse.Namespace, arm: str) -> int:
+    return a.context_start.get(arm, a.context_start["*"])
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     all_arms = tuple(dict.fromkeys(x for arms in ARMS.values() for x in arms))
@@ -593,7 +614,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--context-cap-gib", type=float, default=80.0)
-    ap.add_argument("--context-start", type=int, default=65536)
+    ap.add_argument("--context-start", type=_starts, default={"*": 65536},
+                    help="the first length probed: N for every arm, or ARM=N,... (others from 65,536), e.g. "
+                         "unsloth=327680,loraforge=458752 to start near each one's expected maximum")
     ap.add_argument("--context-hi", type=int, default=1 << 20, help="no probe past this; the next length is untested")
     ap.add_argument("--context-resolution", type=int, default=4096)
     ap.add_argument("--probe-layers", type=int, default=2, help="loraforge's probe trials; 0: full steps")
@@ -603,7 +626,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--e2e-steps", type=int, default=40)
     ap.add_argument("--e2e-timeout-s", type=float, default=420.0)
     a = ap.parse_args(argv)
-    for name in ("budget_s", "arm_timeout_s", "steps", "context_cap_gib", "context_start", "context_hi",
+    for name in ("budget_s", "arm_timeout_s", "steps", "context_cap_gib", "context_hi",
                  "context_resolution", "e2e_steps", "e2e_timeout_s"):
         if getattr(a, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")

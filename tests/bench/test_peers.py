@@ -41,7 +41,11 @@ def test_arguments(peers) -> None:
     assert a.cases == ["step"] and a.arms is None and a.shapes == ["llama2-7b", "llama3-8b"]
     a = peers.parse_args(["--cases", "context,e2e", "--arms", "unsloth,bench", "--budget-s", "500"])
     assert a.cases == ["context", "e2e"] and a.arms == ["unsloth", "bench"] and a.budget_s == 500
-    for bad in (["--cases", "speed"], ["--arms", "trl"], ["--budget-s", "0"], ["--shapes", "llama9"]):
+    a = peers.parse_args(["--context-start", "unsloth=327680,loraforge=458752"])
+    assert [peers.context_start(a, x) for x in ("unsloth", "loraforge", "stock")] == [327680, 458752, 65536]
+    assert peers.context_start(peers.parse_args(["--context-start", "131072"]), "unsloth") == 131072
+    for bad in (["--cases", "speed"], ["--arms", "trl"], ["--budget-s", "0"], ["--shapes", "llama9"],
+                ["--context-start", "0"], ["--context-start", "trl=5"], ["--context-start", "unsloth=x"]):
         with pytest.raises(SystemExit) as e:
             peers.parse_args(bad)
         assert e.value.code == 2, bad
