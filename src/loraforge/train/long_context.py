@@ -23,6 +23,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import torch
 
 from loraforge.config import TrainingConfig
@@ -82,6 +83,9 @@ def apply_long_context(model: Any, training: TrainingConfig, log: Callable[[str]
         return out
     if not (training.long_context or training.chunked_cross_entropy or training.offload_activations):
         if training.gradient_checkpointing:  # only the default offloading: no long-context advice
+            # Asked for by no one, it takes at most half the host memory free now; past that, checkpoints
+            # stay on the GPU as they would without it (the offloader's pool limit).
+            offload_kwargs.setdefault("host_limit_bytes", 0.5 * psutil.virtual_memory().available)
             enable_offloaded_checkpointing(model, **offload_kwargs)
             log("activations: checkpoints offloaded to pinned host memory "
                 "(training.offload_activations: false keeps them on the GPU)")
