@@ -69,8 +69,9 @@ def attend_reference(q, k, v, cu, scaling) -> torch.Tensor:
     return torch.cat(outs).view(b, s, hq, d)
 
 
-def check(device: torch.device, scaling_ok: bool) -> str:
-    """'on (err …)' when `attend` runs here and matches its twin (forward and gradients), else 'off (why)'."""
+def check(device: torch.device, scaling_ok: bool, head_dim: int = 64, group: int = 1) -> str:
+    """'on (err …)' when `attend` runs here and matches its twin (forward and gradients) at the model's head
+    size and query heads per key head (`group`), else 'off (why)'."""
     fn, params = _varlen()
     if device.type != "cuda":
         return "off (CUDA only)"
@@ -79,15 +80,19 @@ def check(device: torch.device, scaling_ok: bool) -> str:
     if not scaling_ok and "scale" not in params:
         return "off (this torch's varlen_attn has no scale argument)"
     gen = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, generator=gen, dtype=torch.bfloat16)
+
     try:
         # two rows of 48: examples of 5, 30 and 13 tokens, then 20 and 28; empty ones pad the capacity
         cu = torch.tensor([0, 5, 35, 48, 68, 96, 96, 96, 96], dtype=torch.int32, device=device)
         errs = []
-        for hkv in (4, 2):
-            q = torch.randn(2, 4, 48, 64, device=device, generator=gen, dtype=torch.bfloat16).requires_grad_()
-            k, v = (torch.randn(2, hkv, 48, 64, device=device, generator=gen, dtype=torch.bfloat16).requires_grad_()
-                    for _ in range(2))
-            dy = torch.randn(2, 48, 4, 64, device=device, generator=gen, dtype=torch.bfloat16)
+        hkv = 2
+        for hq in sorted({hkv, hkv * group}):  # plain multi-head, and the model's grouping
+            q = rnd(2, hq, 48, head_dim).requires_grad_()
+            k, v = rnd(2, hkv, 48, head_dim).requires_grad_(), rnd(2, hkv, 48, head_dim).requires_grad_()
+            dy = rnd(2, 48, hq, head_dim)
             got = (attend(q, k, v, cu, 0.125), *torch.autograd.grad(attend(q, k, v, cu, 0.125), (q, k, v), dy))
             ref = [t.float().detach().requires_grad_() for t in (q, k, v)]
             out = attend_reference(*ref, cu, 0.125)

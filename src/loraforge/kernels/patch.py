@@ -599,7 +599,8 @@ def _packed_attention(base, arch: _Arch, summary: dict, device: torch.device) ->
     if getattr(cfg, "attention_dropout", 0.0):
         return "off (attention dropout)"
     scaling_ok = all(abs(layer.self_attn.scaling - layer.self_attn.head_dim ** -0.5) < 1e-9 for layer in layers)
-    return check(device, scaling_ok)
+    group = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    return check(device, scaling_ok, layers[0].self_attn.head_dim, group)
 
 
 def tile_mlps(model, tokens: int) -> int:
