@@ -72,6 +72,15 @@ def _config(path: str, data: str, run_dir: Path, p: float, steps: int, training:
     return out
 
 
+def _window(by_step: dict[int, dict], el: dict[int, float], a: int, b: int) -> tuple[float, float]:
+    """(tokens/s, tokens a step) over steps a+1..b, both logged steps (or 0). A metrics record covers the
+    steps since the record before it (logging_steps apart): its tokens are tokens_per_s x those seconds."""
+    logged = sorted(s for s in by_step if a < s <= b)
+    prev = dict(zip(logged, [a, *logged[:-1]], strict=True))
+    tokens = sum(by_step[s]["tokens_per_s"] * (el[s] - el[prev[s]]) for s in logged)
+    return tokens / max(el[b] - el[a], 1e-9), tokens / max(b - a, 1)
+
+
 def _train_arm(path: str, data: str, out: Path, p: float, steps: int, src: Path, arm: str,
                training: dict | None = None, dora: bool = False) -> dict:
     run_dir = out / f"run-{Path(path).name}-{p:g}{'-dora' if dora else ''}-{arm}"
@@ -91,17 +100,11 @@ def _train_arm(path: str, data: str, out: Path, p: float, steps: int, src: Path,
                  if '"tokens_per_s"' in x]
     by_step = {r["step"]: r for r in steps_rec}
     last = max(by_step)
-    # each record is one step's window: its tokens are tokens_per_s x the step's seconds
-    el = {s: by_step[s]["elapsed_s"] for s in by_step}
-
-    def rate(a: int, b: int) -> float:  # tokens/s over steps a+1..b
-        tokens = sum(by_step[s]["tokens_per_s"] * (el[s] - el.get(s - 1, 0.0)) for s in range(a + 1, b + 1))
-        return tokens / max(el[b] - el.get(a, 0.0), 1e-9)
-
+    el = {0: 0.0, **{s: by_step[s]["elapsed_s"] for s in by_step}}
     line = next((x for x in log.splitlines() if "fast path:" in x), "")
-    per_step = [by_step[s]["tokens_per_s"] * (el[s] - el.get(s - 1, 0.0)) for s in range(11, last + 1)]
-    rec.update(tokens_per_s=round(rate(10, last)), first10_tokens_per_s=round(rate(0, 10)),
-               tokens_per_step=round(sum(per_step) / len(per_step)),
+    rate, per_step = _window(by_step, el, 10, last)
+    rec.update(tokens_per_s=round(rate), first10_tokens_per_s=round(_window(by_step, el, 0, 10)[0]),
+               tokens_per_step=round(per_step), logging_steps=(training or {}).get("logging_steps", 1),
                train_s=el[last], steps=last, fast_path=line.split("fast path:")[-1].strip().startswith("on"),
                fast_path_line=line.strip()[-300:],
                startup_lines=[x for x in log.splitlines() if "CUDA graphs" in x][:3])
@@ -190,6 +193,9 @@ def main() -> None:
     ap.add_argument("--gradcheck", default="", help="shapes whose fast-path gradients to check against stock")
     ap.add_argument("--old-src", default=None, help="src/ of an older checkout: adds loraforge-train-before")
     ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--logging-steps", type=int, default=1, choices=(1, 2, 5, 10),
+                    help="the train arm's training.logging_steps (10 is the default a user gets); steps 10 "
+                         "and the last must be logged")
     ap.add_argument("--tag", default="")
     ap.add_argument("--child-case")
     ap.add_argument("--child-arm")
@@ -217,7 +223,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         for arm in args.arms.split(","):
             if arm == "train":
-                rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "loraforge-train", dora=dora)
+                rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "loraforge-train",
+                                 {"logging_steps": args.logging_steps}, dora=dora)
             elif arm == "train-noamp":  # the same run without Accelerate's bf16 autocast around the forward
                 rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", arm, {"mixed_precision": "no"})
             elif arm == "before":
