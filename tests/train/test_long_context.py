@@ -92,3 +92,22 @@ def test_mask_hook_drops_only_all_ones_masks():
     padded[0, -2:] = 0
     assert _drop_full_mask_hook(None, (), {"attention_mask": padded}) is None
     assert _drop_full_mask_hook(None, (), {"attention_mask": None}) is None
+
+
+def test_a_run_on_one_gpu_offloads_by_default_within_half_the_host_memory(tiny_model_dir, monkeypatch):
+    """The default (offload_activations: null) on one CUDA GPU, with the device check stood in for on the CPU."""
+    import loraforge.train.long_context as lc
+
+    monkeypatch.setattr(lc, "_on_cuda", lambda model: True)
+    logs = []
+    m = _peft(tiny_model_dir)
+    out = apply_long_context(m, TrainingConfig(gradient_checkpointing=True), log=logs.append)
+    assert out == {"offload_activations": True} and len(logs) == 1 and "pinned host memory" in logs[0]
+    off = m._loraforge_offloader
+    assert 0 < off._host_limit <= 0.5 * lc.psutil.virtual_memory().total
+    for training, processes in ((TrainingConfig(gradient_checkpointing=True, offload_activations=False), 1),
+                                (TrainingConfig(gradient_checkpointing=True), 2),  # DDP: not by default
+                                (TrainingConfig(gradient_checkpointing=False), 1)):
+        m, logs = _peft(tiny_model_dir), []
+        assert apply_long_context(m, training, log=logs.append, processes=processes) == {}
+        assert getattr(m, "_loraforge_offloader", None) is None and not logs

@@ -32,6 +32,10 @@ from loraforge.kernels.patch import _lm_forward_factory, _unwrap, tile_mlps
 from loraforge.model.memory import MLP_TILE_TOKENS
 
 
+def _on_cuda(model: Any) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
 def _causal_lm(model: Any) -> Any:
     return _unwrap(model)[1]
 
@@ -76,7 +80,7 @@ def apply_long_context(model: Any, training: TrainingConfig, log: Callable[[str]
     CUDA GPU offloads its checkpoints unless `training.offload_activations` is false (one line says so).
 
     `offload_kwargs` go to `enable_offloaded_checkpointing` (e.g. `host_limit_bytes`)."""
-    one_gpu = processes == 1 and next(model.parameters()).device.type == "cuda"
+    one_gpu = processes == 1 and _on_cuda(model)
     sw = training.long_context_switches(one_gpu=one_gpu)
     out: dict[str, Any] = {}
     if not any(sw.values()):
