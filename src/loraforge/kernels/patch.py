@@ -364,8 +364,8 @@ def _lm_forward_factory(orig_forward):
             # A 4D mask is taken as already built (transformers' `_preprocess_mask_arguments`), so none is
             # built and the host does not wait for the GPU to say whether the rows are packed. It is empty:
             # any attention that did read it would fail on its shape, not attend across examples.
-            attention_mask = input_ids.new_empty((1, 1, 0, 0), dtype=torch.bool) if input_ids is not None \
-                else inputs_embeds.new_empty((1, 1, 0, 0), dtype=torch.bool)
+            like = input_ids if input_ids is not None else inputs_embeds
+            attention_mask = like.new_empty((1, 1, 0, 0), dtype=torch.bool)
         else:
             kwargs.pop(BOUNDARIES_KEY, None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,

@@ -86,6 +86,7 @@ LOGIT_BYTES = 12  # per token per vocabulary entry; calibration above
 ATTN_MATH_COPIES = 3.6  # fp32 tokens² copies per head in SDPA's math kernel; calibration above
 USABLE_SHARE = 0.97  # allocator fragmentation and cache
 RESERVE_BYTES = 0.5 * GIB  # CUDA/cuBLAS workspaces and what the allocator rounds up
+ROUND = 1024  # predicted lengths are rounded down to this
 # fp32 logits per chunk of the chunked losses (kernels/cross_entropy.py, train/preference.py): defined here,
 # where the memory model counts it, and imported by both. 64 MiB (was 256): at 4x512 the loss is the step's
 # peak, where the chunk and its 16-bit copies came to ~0.4 GiB of the 0.6-0.8 GiB loraforge needed beyond
@@ -108,7 +109,7 @@ def logits_chunk_rows(vocab: int, budget: int = LOGITS_CHUNK_BYTES, copies: int 
     (whole tensor-core tiles for the lm_head GEMMs) once there are that many."""
     rows = max(budget // (4 * vocab * copies), min_rows, 1)
     return rows - rows % 64 if rows >= 64 else rows
-ROUND = 1024
+
 
 Stack = Literal["stock", "loraforge"]
 

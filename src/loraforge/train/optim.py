@@ -218,10 +218,15 @@ def _paged_cuda_zeros(shape, device) -> torch.Tensor:
     return t
 
 
+def unwrapped(optimizer: Any) -> Any:
+    """The torch optimizer inside Accelerate's wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def drops_steps_on_device(optimizer: Any) -> bool:
     """Whether the optimizer can drop a step without the host looking at the loss first: torch's fused
     Adam/AdamW skip their update (moments, weights and step count untouched) when `found_inf` is 1."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = unwrapped(optimizer)
     return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
 
 
@@ -241,7 +246,7 @@ def finish_step(acc: Any, run: Any, model: torch.nn.Module, max_grad_norm: float
         return outcome
     if max_grad_norm > 0:
         outcome.grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm)
-    inner = getattr(run.optimizer, "optimizer", run.optimizer)
+    inner = unwrapped(run.optimizer)
     if loss_on_device is not None:
         inner.found_inf = (~torch.isfinite(loss_on_device)).to(torch.float32)
     try:

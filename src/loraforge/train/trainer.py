@@ -45,7 +45,7 @@ from loraforge.train.distributed import (
     sum_over_processes,
 )
 from loraforge.train.fast_path import FastPath, apply_fast_path, prime_graphs
-from loraforge.train.optim import build_optimizer, build_scheduler, drops_steps_on_device, finish_step
+from loraforge.train.optim import build_optimizer, build_scheduler, drops_steps_on_device, finish_step, unwrapped
 from loraforge.train.progress import TrainProgress
 from loraforge.train.resume_check import check_resume_config
 from loraforge.train.runfolder import claim
@@ -537,18 +537,15 @@ class LLAMATrainer:
                 # A non-finite loss still goes through backward (as 0) so the ranks' gradient
                 # all-reduces stay matched; the whole step is dropped below.
                 acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * scale)
-        if self._lagged:  # the optimizer drops a non-finite step itself; the loss is read a step later
-            outcome = _StepOutcome(nll=math.nan, tokens=labelled, seen=seen, lr=run.scheduler.get_last_lr()[0],
-                                   grad_norm=None, stop_requested=stop_requested, pending=_LossCopy(step_nll))
-            if ahead is not None:
-                ahead()
-            return finish_step(acc, run, model, tcfg.max_grad_norm, outcome, loss_on_device=step_nll)
+        # Lagged, the optimizer drops a non-finite step itself and the loss is read a step later.
+        pending = _LossCopy(step_nll) if self._lagged else None
         if ahead is not None:
             ahead()
-        nll = float(sum_over_processes(acc, step_nll))  # the step's one host sync
-        outcome = _StepOutcome(nll=nll, tokens=labelled, seen=seen, lr=run.scheduler.get_last_lr()[0],
-                               grad_norm=None, stop_requested=stop_requested)
-        return finish_step(acc, run, model, tcfg.max_grad_norm, outcome)
+        outcome = _StepOutcome(nll=math.nan if pending else float(sum_over_processes(acc, step_nll)),
+                               tokens=labelled, seen=seen, lr=run.scheduler.get_last_lr()[0], grad_norm=None,
+                               stop_requested=stop_requested, pending=pending)
+        return finish_step(acc, run, model, tcfg.max_grad_norm, outcome,
+                           loss_on_device=step_nll if pending else None)
 
     def _micro_step_loss(self, model: Any, batch: dict[str, torch.Tensor], n_tokens: torch.Tensor) -> torch.Tensor:
         """Summed NLL of the micro-batch's labelled tokens divided by the step's token count.
@@ -716,7 +713,7 @@ class LLAMATrainer:
         acc, state, root = self.accelerator, run.state, run.ckpt_root
         state.elapsed_seconds = time.perf_counter() - run.t0
         path = root / f"step-{state.step}"
-        inner = getattr(run.optimizer, "optimizer", run.optimizer)
+        inner = unwrapped(run.optimizer)
         # Each rank's RNG (dropout differs per rank) and, when the optimizer state is sharded, each
         # rank's optimizer state go to rank 0, which writes the one checkpoint.
         rng = [ckpt.rng_state()]
