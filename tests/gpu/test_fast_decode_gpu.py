@@ -39,16 +39,12 @@ def _with_lora(model):
 
 @pytest.mark.parametrize("lora,lengths", [(False, [40]), (False, [40, 17, 33, 40]), (True, [25, 25, 9])])
 def test_graphed_greedy_equals_stock_generate(lora, lengths):
-    from loraforge.infer.fast_decode import FastDecoder
+    from loraforge.infer.fast_decode import FastDecoder, left_padded
 
     model = _model(lora)
     g = torch.Generator().manual_seed(3)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, 1024, (n,), generator=g)
-        mask[i, width - n:] = 1
+    ids, mask = left_padded([torch.randint(3, 1024, (n,), generator=g).tolist() for n in lengths], 0)
+    width = ids.shape[1]
     new = 48
     with torch.no_grad():
         ref = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new,

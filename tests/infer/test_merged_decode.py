@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loraforge.infer import merged_weights
-from loraforge.infer.fast_decode import FastDecoder
+from loraforge.infer.fast_decode import FastDecoder, left_padded
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -53,13 +53,7 @@ def _tiny(*, bias: bool = False, adapters: tuple[str, ...] = ("x",)):
 
 def _batch(lengths: list[int], seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, 211, (n,), generator=g)
-        mask[i, width - n:] = 1
-    return ids, mask
+    return left_padded([torch.randint(3, 211, (n,), generator=g).tolist() for n in lengths], 0)
 
 
 def _decode(dec: FastDecoder, ids, mask, new: int, key: object = "x") -> list[list[int]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.config import DataConfig, EvalConfig, LoRAConfig, ModelConfig, RunConfig, TrainingConfig
+from loraforge.errors import TrainingError
 
 WORDS = ["apple", "river", "cloud", "stone", "green", "music", "paper", "light"]
 
@@ -57,3 +58,18 @@ def nan_losses(steps: set[int], accum: int):
         return out * float("nan") if step in steps else out
 
     return loss
+
+
+def stop_on_nonfinite(cfg: RunConfig, message: str) -> tuple[str, dict[str, Any]]:
+    """Train `cfg` until it stops on too many non-finite losses in a row (its error must match `message`):
+    the name of the checkpoint it left last and that checkpoint's trainer state."""
+    import pytest
+
+    from loraforge.train import checkpoint as ckpt
+    from loraforge.train.trainer import LLAMATrainer
+
+    with pytest.raises(TrainingError, match=message):
+        LLAMATrainer.from_config(cfg, log=lambda m: None).train()
+    latest = ckpt.latest_checkpoint(Path(cfg.training.output_dir) / "checkpoints")
+    assert latest is not None, "the stop left no checkpoint"
+    return latest.name, json.loads((latest / "trainer_state.json").read_text())
