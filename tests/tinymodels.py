@@ -8,6 +8,7 @@ loading, quantization, LoRA, training, merge, serving — loads it the way it lo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ ARCHS: dict[str, dict[str, Any]] = {
 
 
 def embedded_tokenizer_dir() -> Path:
+    """The embedded model's folder; or, where its 98 MB package is not installed (the GPU machine, which
+    gets the tokenizer files only), the folder LORAFORGE_TEST_TOKENIZER names."""
+    if os.environ.get("LORAFORGE_TEST_TOKENIZER"):
+        return Path(os.environ["LORAFORGE_TEST_TOKENIZER"])
     from loraforge.model.embedded import resolve_embedded
 
     return resolve_embedded("smollm2-135m-instruct")

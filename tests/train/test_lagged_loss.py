@@ -40,30 +40,37 @@ def test_fused_adamw_drops_a_step_on_the_device():
     assert torch.equal(p.data, torch.ones(3)) and float(opt.state[p]["step"]) == 0
 
 
-def _run(make_config, monkeypatch, lagged: bool) -> tuple[Path, object, list[bool]]:
-    """A 3-step run whose step 2 is not finite; returns its folder, result, and for each read of a step's
-    loss from its device copy, whether an optimizer step was running then."""
-    reads: list[bool] = []
-    inside = {"step": False}
-    orig_step, orig_read = LLAMATrainer._optimizer_step, trainer_mod._LossCopy.read
+def _run(make_config, monkeypatch, lagged: bool) -> tuple[Path, object, list[tuple[int, int]]]:
+    """A 3-step run whose step 2 is not finite; returns its folder, result, and for each read of a device
+    value (a step's loss, a logged grad norm) from its host copy, the optimizer step that queued the copy
+    and the one running at the read (4: after the run)."""
+    reads: list[tuple[int, int]] = []
+    at = {"step": 0, "inside": False}
+    orig_step, orig_init, orig_read = (LLAMATrainer._optimizer_step, trainer_mod._HostCopy.__init__,
+                                       trainer_mod._HostCopy.read)
 
     def step(self, *a):
-        inside["step"] = True
+        at["step"], at["inside"] = at["step"] + 1, True
         try:
             return orig_step(self, *a)
         finally:
-            inside["step"] = False
+            at["inside"] = False
+
+    def init(self, value):
+        orig_init(self, value)
+        self.queued_in = at["step"]
 
     def read(self):
-        reads.append(inside["step"])
+        reads.append((self.queued_in, at["step"] if at["inside"] else at["step"] + 1))
         return orig_read(self)
 
     with monkeypatch.context() as m:
         _fused_adamw(m, lagged)
         m.setattr(LLAMATrainer, "_micro_step_loss", nan_losses({2}, accum=2))
         m.setattr(LLAMATrainer, "_optimizer_step", step)
-        m.setattr(trainer_mod._LossCopy, "read", read)
-        cfg = make_config(f"lagged-{lagged}", max_steps=3, save_steps=0, eval_steps=0)
+        m.setattr(trainer_mod._HostCopy, "__init__", init)
+        m.setattr(trainer_mod._HostCopy, "read", read)
+        cfg = make_config(f"lagged-{lagged}", max_steps=3, save_steps=0, eval_steps=0, max_grad_norm=1.0)
         trainer = LLAMATrainer.from_config(cfg, log=lambda msg: None)
         result = trainer.train()
         assert trainer._lagged is lagged
@@ -72,13 +79,17 @@ def _run(make_config, monkeypatch, lagged: bool) -> tuple[Path, object, list[boo
 
 def test_a_lagged_run_is_the_same_run(make_config, monkeypatch):
     """Same losses, records, counts and adapter as the host-checked run, a dropped step included; and each
-    step's loss is read while the next step runs."""
+    step's loss and grad norm are read while the next step runs, never in the step that queued them (a read
+    there would wait for the GPU to finish that step)."""
     runs = {lagged: _run(make_config, monkeypatch, lagged) for lagged in (False, True)}
     (sync_dir, sync, sync_reads), (lag_dir, lag, lag_reads) = runs[False], runs[True]
-    assert sync_reads == [] and lag_reads == [True, True, False]  # step 3's loss: read after the run
+    # steps 1 and 3: loss and grad norm; step 2 (dropped): its loss only. Step 3's: read after the run.
+    assert sync_reads == [] and sorted(lag_reads) == [(1, 2), (1, 2), (2, 3), (3, 4), (3, 4)]
     assert losses(lag_dir) == losses(sync_dir) and sorted(losses(lag_dir)) == [1, 3]
     last = [[r for r in read_metrics(d) if "loss" in r][-1] for d in (sync_dir, lag_dir)]
     assert last[0]["nonfinite_steps"] == last[1]["nonfinite_steps"] == 1
+    grad_norms = [[r["grad_norm"] for r in read_metrics(d) if "loss" in r] for d in (sync_dir, lag_dir)]
+    assert grad_norms[0] == grad_norms[1] and all(isinstance(g, float) and g > 0 for g in grad_norms[1])
     assert lag.train_loss == sync.train_loss
     a, b = _adapter(sync_dir), _adapter(lag_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,7 +6,7 @@ record; build optimizer and schedule; resume if asked; then the loop — one opt
 (`_optimizer_step`: count the step's labelled tokens, forward/backward each micro-batch with the loss
 normalized by that count, clip, step), log, evaluate, checkpoint — and finally save the adapter. On one
 GPU with a fused AdamW the host never waits for a step: its loss is read, and the step logged, a step later
-(`_LossCopy`). What several processes need (Accelerate's state, FSDP/DeepSpeed, the collectives) is in distributed.py.
+(`_HostCopy`). What several processes need (Accelerate's state, FSDP/DeepSpeed, the collectives) is in distributed.py.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ class _StepOutcome:
     tokens: int  # labelled tokens
     seen: int  # real (non-padding) tokens fed
     lr: float  # the lr this step used
-    grad_norm: torch.Tensor | None  # before clipping; None when clipping is off or the step was dropped
+    grad_norm: torch.Tensor | _HostCopy | None  # before clipping; None when clipping is off or the step was dropped
     stop_requested: bool  # SIGTERM/SIGINT arrived on some process before the step
-    pending: _LossCopy | None = None  # set: `nll` is still on its way from the device (`_settled` reads it)
+    pending: _HostCopy | None = None  # set: `nll` is still on its way from the device (`_settled` reads it)
 
 
 def _settled(out: Any) -> Any:
@@ -119,13 +119,15 @@ def _settled(out: Any) -> Any:
     return out
 
 
-class _LossCopy:
-    """A step's summed loss on its way to the host: queued right after the backward, read a step later.
+class _HostCopy:
+    """A device value on its way to the host (a step's summed loss, a logged step's grad norm): queued right
+    after it is computed, read a step later.
 
-    Reading a device value waits for everything queued before it. Read at once, the step's loss makes the
-    host wait for the backward and leaves the GPU idle while the host then prepares the next forward (the
-    gap between `loraforge train` and the bench, bench/NOTES.md). Copied to pinned memory behind an event,
-    it is read during the next step's backward, when the copy is long done.
+    Reading a device value with `float()` waits for everything queued on the stream, not just for the value.
+    Read at once, the step's loss makes the host wait for the backward and leaves the GPU idle while the host
+    then prepares the next forward (the gap between `loraforge train` and the bench, bench/NOTES.md); read in
+    the report made during the next step's backward, the last grad norm waits for that whole backward.
+    Copied to pinned memory behind an event, it is read when the copy is long done, waiting for nothing else.
     """
 
     def __init__(self, value: torch.Tensor) -> None:
@@ -234,7 +236,7 @@ class LLAMATrainer:
         self._signals = 0  # how many of them
         self._saving = False  # a checkpoint is being written (a second signal then waits for it)
         self._previous_handlers: dict[int, Any] = {}
-        self._lagged = False  # a step's loss is read a step later (train() decides; see _LossCopy)
+        self._lagged = False  # a step's loss is read a step later (train() decides; see _HostCopy)
 
     @classmethod
     def from_config(cls, config: RunConfig, **kwargs: Any) -> LLAMATrainer:
@@ -332,11 +334,11 @@ class LLAMATrainer:
         batches = self._streamed_batches(collate, state) if streamed else \
             self._train_batches(stream, collate, start=state.micro_batch)
         feed = StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id,
-                        boundaries=self.fast_path.report.get("packed_attention", "").startswith("on"))
+                        boundaries=self.fast_path.report.get("packed_attention", "").startswith("on"),
+                        padding_mask=self.accelerator.device.type != "cuda")
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
-        run.window = _LogWindow()
         # One device decides a non-finite step alone, so the host need not wait for the step's loss.
         self._lagged = (self.accelerator.num_processes == 1 and tcfg.objective == "sft" and run.scaler is None
                         and drops_steps_on_device(run.optimizer))
@@ -349,6 +351,7 @@ class LLAMATrainer:
             prime_graphs(run.model, self.fast_path.graphs,
                          lambda: self._micro_step_loss(run.model, first.batches[0], n_first), log=self.log)
         run.t0 = time.perf_counter() - state.elapsed_seconds
+        run.window = _LogWindow()  # after the capture: the first record's tokens/s is a step's, as elapsed_s is
         later = _Deferred()  # a step's report, made while the next step's backward runs on the GPU
 
         def while_backward_runs() -> None:  # the next step's inputs, then the last step's report
@@ -538,14 +541,18 @@ class LLAMATrainer:
                 # all-reduces stay matched; the whole step is dropped below.
                 acc.backward(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * scale)
         # Lagged, the optimizer drops a non-finite step itself and the loss is read a step later.
-        pending = _LossCopy(step_nll) if self._lagged else None
+        pending = _HostCopy(step_nll) if self._lagged else None
         if ahead is not None:
             ahead()
         outcome = _StepOutcome(nll=math.nan if pending else float(sum_over_processes(acc, step_nll)),
                                tokens=labelled, seen=seen, lr=run.scheduler.get_last_lr()[0], grad_norm=None,
                                stop_requested=stop_requested, pending=pending)
-        return finish_step(acc, run, model, tcfg.max_grad_norm, outcome,
-                           loss_on_device=step_nll if pending else None)
+        out = finish_step(acc, run, model, tcfg.max_grad_norm, outcome, loss_on_device=step_nll if pending else None)
+        if pending is not None and out.grad_norm is not None:
+            # Queued now, not when the report is made during the next step's backward: a copy queued then
+            # would wait for that whole backward (measured: no gain from the lagged loss while it did).
+            out.grad_norm = _HostCopy(out.grad_norm)
+        return out
 
     def _micro_step_loss(self, model: Any, batch: dict[str, torch.Tensor], n_tokens: torch.Tensor) -> torch.Tensor:
         """Summed NLL of the micro-batch's labelled tokens divided by the step's token count.
@@ -612,8 +619,8 @@ class LLAMATrainer:
 
     def _step_record(self, run: _Run, window: _LogWindow, out: _StepOutcome,
                      when: tuple[int, float | None, float]) -> dict[str, Any]:
-        """The metrics record of a logged step, from its window. `grad_norm` stays a tensor: reading it here
-        would wait for the optimizer step, so `_emit` reads it later, when it is long done."""
+        """The metrics record of a logged step, from its window. `grad_norm` stays on its way (a tensor, or a
+        `_HostCopy` when lagged) until `_emit` writes the record."""
         step, epoch, done = when
         record = {"step": step, "epoch": epoch, "loss": window.nll / max(1, window.tokens),
                   "lr": out.lr, "grad_norm": out.grad_norm,
@@ -626,8 +633,9 @@ class LLAMATrainer:
 
     def _emit(self, run: _Run, record: dict[str, Any]) -> None:
         """A metrics record to metrics.jsonl, the trackers and the console (the main process writes)."""
-        if isinstance(record.get("grad_norm"), torch.Tensor):
-            record["grad_norm"] = float(record["grad_norm"])
+        norm = record.get("grad_norm")
+        if isinstance(norm, _HostCopy | torch.Tensor):
+            record["grad_norm"] = norm.read() if isinstance(norm, _HostCopy) else float(norm)
         if self.accelerator.is_main_process:
             run.metrics.write(record)
             run.trackers.log(record, record["step"])
