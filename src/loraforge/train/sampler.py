@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from loraforge.data.packing import boundaries
+from loraforge.data.tokenize import IGNORE_INDEX
 from loraforge.kernels.packed import BOUNDARIES_KEY
 
 
@@ -89,11 +90,12 @@ class StepFeed:
     """
 
     def __init__(self, batches: Iterator[Any], accumulation: int, device: torch.device,
-                 pad_token_id: int | None, *, boundaries: bool = False):
+                 pad_token_id: int | None, *, boundaries: bool = False, padding_mask: bool = True):
         self.batches, self.accumulation, self.device, self.pad = batches, accumulation, device, pad_token_id
         # Packed batches also carry their examples' offsets, for a model whose attention takes them
         # instead of a mask (kernels/packed.py): counted here, on the host copy, like the tokens.
         self.boundaries = boundaries
+        self.padding_mask = padding_mask  # False: right-padded batches go without it (`without_padding_mask`)
         self._next: StepInputs | None = None
 
     def prefetch(self) -> None:
@@ -120,12 +122,28 @@ class StepFeed:
                      if "position_ids" in b and "attention_mask" not in b else b for b in micro]
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         seen = sum(tokens_in(b, self.pad) for b in micro)
+        if not self.padding_mask:
+            micro = [without_padding_mask(b) for b in micro]
         # From pinned memory the copy is queued behind the running step; from pageable memory the driver
         # may first wait for the stream, and the host with it.
         pin = self.device.type == "cuda"
         on_device = [{k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in b.items()}
                      for b in micro]
         return StepInputs(on_device, labelled, seen, position)
+
+
+def without_padding_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded training batch without its attention mask, when that changes no loss or gradient.
+
+    Causal attention already keeps every real token from the padding after it, and the padding's own
+    outputs carry no label. Given the mask, transformers reads it on the device to decide whether it may
+    skip it: a host wait in every forward (bench/NOTES.md, session 11). A batch padded otherwise (a real
+    token after padding, or a labelled padding position) keeps its mask."""
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    if mask is None or labels is None:
+        return batch
+    right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all()) and bool((labels[mask == 0] == IGNORE_INDEX).all())
+    return {k: v for k, v in batch.items() if k != "attention_mask"} if right_padded else batch
 
 
 def tokens_in(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> int:
