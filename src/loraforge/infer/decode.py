@@ -74,10 +74,12 @@ if _triton.AVAILABLE:
 
     @triton.jit
     def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
-                           H, HKV, L, sqb, sqh, D: tl.constexpr):
+                           H, HKV, L, sqb, sqh, sq_in, skv_in, D: tl.constexpr):
         # One program per (row, head): q heads get RoPE into qo (strides sqb, sqh); kv heads get RoPE on k
         # and both k and v written into the static cache at `slot`. Eager: x*cos and rotate_half(x)*sin
         # each rounded to the dtype, then their sum rounded. bf16 only (the rounding helper is bf16's).
+        # sq_in, skv_in: the row strides of q and of k, v (wider than their heads when they are column
+        # slices of one q/k/v GEMM's output).
         b = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         d = tl.arange(0, D)
@@ -88,7 +90,7 @@ if _triton.AVAILABLE:
         s = tl.load(sin_ptr + b * D + d).to(tl.float32)
         dt = qo_ptr.dtype.element_ty
         if j < H:
-            base = q_ptr + b * H * D + j * D
+            base = q_ptr + b * sq_in + j * D
             x = tl.load(base + d).to(tl.float32)
             xr = tl.load(base + partner).to(tl.float32) * sign
             y = (_round_bf16(x * c) + _round_bf16(xr * s)).to(dt)
@@ -96,22 +98,23 @@ if _triton.AVAILABLE:
         else:
             h = (j - H).to(tl.int64)
             slot = tl.load(slot_ptr)
-            base = k_ptr + b * HKV * D + h * D
+            base = k_ptr + b * skv_in + h * D
             x = tl.load(base + d).to(tl.float32)
             xr = tl.load(base + partner).to(tl.float32) * sign
             y = (_round_bf16(x * c) + _round_bf16(xr * s)).to(dt)
             dst = ((b * HKV + h) * L + slot) * D + d
             tl.store(kc_ptr + dst, y)
-            tl.store(vc_ptr + dst, tl.load(v_ptr + b * HKV * D + h * D + d))
+            tl.store(vc_ptr + dst, tl.load(v_ptr + b * skv_in + h * D + d))
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, MODE: tl.constexpr, BLOCK: tl.constexpr):
-        # silu(g) rounded to the dtype (eager: x / (1 + exp(-x)) in fp32), times u, rounded.
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, sg, su, MODE: tl.constexpr, BLOCK: tl.constexpr):
+        # silu(g) rounded to the dtype (eager: x / (1 + exp(-x)) in fp32), times u, rounded. Program (row,
+        # block) of n columns; g and u rows sg and su apart (column slices of one gate/up GEMM's output).
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
-        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * sg + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * su + offs, mask=m, other=0.0).to(tl.float32)
         if MODE == 0:
             a = libdevice.div_rn(g, 1.0 + libdevice.exp(-g))
         elif MODE == 1:
@@ -119,7 +122,7 @@ if _triton.AVAILABLE:
         else:
             a = g / (1.0 + tl.exp(-g))
         y = a.to(out_ptr.dtype.element_ty).to(tl.float32) * u
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + row * n + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def _block(n: int) -> int:
@@ -151,19 +154,29 @@ def rms_norm(h, delta, weight, eps, mode) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rope_cache(q, k, v, cos, sin, q_out, k_cache, v_cache, slot) -> torch.Tensor:
-    """q, k, v: [B, 1, heads·D] projections; cos, sin: [B, 1, D]; q_out: [B, H, 1, D] with the strides
-    eager's RoPE result has; k_cache, v_cache: [≥B, Hkv, L, D] contiguous; slot: 1-element long tensor."""
+    """q, k, v: [B, 1, heads·D] projections, each row contiguous (k and v with one row stride: column slices
+    of one GEMM's output will do); cos, sin: [B, 1, D]; q_out: [B, H, 1, D] with the strides eager's RoPE
+    result has; k_cache, v_cache: [≥B, Hkv, L, D] contiguous; slot: 1-element long tensor."""
     b, hd = q.shape[0], q_out.shape[-1]
     heads, kv_heads = q_out.shape[1], k_cache.shape[1]
+    if not (q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and k.stride(0) == v.stride(0)):
+        raise ValueError("rope_cache needs rows of contiguous heads, and one row stride for k and v")
     _rope_cache_kernel[(b, heads + kv_heads)](q, k, v, cos, sin, q_out, k_cache, v_cache, slot, heads, kv_heads,
-                                              k_cache.shape[2], q_out.stride(0), q_out.stride(1), D=hd)
+                                              k_cache.shape[2], q_out.stride(0), q_out.stride(1), q.stride(0),
+                                              k.stride(0), D=hd)
     return q_out
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor:
-    out = torch.empty_like(g)
-    n = g.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 1024),)](g, u, out, n, MODE=mode, BLOCK=1024)
+    """silu(g)·u as eager rounds it, contiguous. g, u: [..., n] with contiguous rows, evenly strided (column
+    slices of one [rows, 2n] GEMM output will do: one kernel where eager takes two)."""
+    n = g.shape[-1]
+    g2, u2 = g.reshape(-1, n), u.reshape(-1, n)  # views for evenly strided rows
+    if g2.stride(-1) != 1 or u2.stride(-1) != 1:
+        raise ValueError("silu_mul needs rows of contiguous columns")
+    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, 1024))](g2, u2, out, n, g2.stride(0), u2.stride(0), MODE=mode,
+                                                          BLOCK=1024)
     return out
 
 
@@ -216,9 +229,9 @@ def self_check(device, dtype=torch.bfloat16) -> dict[str, int | None]:
         found["rope"] = None
         return _check_silu(found, device, dtype, g, rows)
     heads, kv, hd = 8, 2, 128
-    q = (torch.randn(rows, 1, heads * hd, generator=g, device=device)).to(dtype)
-    k = (torch.randn(rows, 1, kv * hd, generator=g, device=device)).to(dtype)
-    v = (torch.randn(rows, 1, kv * hd, generator=g, device=device)).to(dtype)
+    # q, k, v as column slices of one q/k/v GEMM's output, as merged batches give them (rows further apart)
+    qkv = torch.randn(rows, 1, (heads + 2 * kv) * hd, generator=g, device=device).to(dtype)
+    q, k, v = qkv.split([heads * hd, kv * hd, kv * hd], dim=-1)
     ang = torch.rand(rows, 1, hd, generator=g, device=device) * 50
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
     qv = q.view(rows, 1, heads, hd).transpose(1, 2)
@@ -247,10 +260,11 @@ def _check_silu(found, device, dtype, g, rows):
     gate = (torch.randn(rows, 1, 11008, generator=g, device=device) * 4).to(dtype)
     up = torch.randn(rows, 1, 11008, generator=g, device=device).to(dtype)
     ref = torch.nn.functional.silu(gate) * up
+    both = torch.cat([gate, up], dim=-1)  # the halves of one gate/up GEMM's output, as merged batches have them
     found["silu_mul"] = None
     for mode in (0, 1, 2):
         try:
-            if torch.equal(silu_mul(gate, up, mode), ref):
+            if torch.equal(silu_mul(gate, up, mode), ref) and torch.equal(silu_mul(*both.split(11008, -1), mode), ref):
                 found["silu_mul"] = mode
                 break
         except Exception:  # noqa: BLE001

@@ -291,10 +291,7 @@ class FastDecoder:
             attn = self.layers[i].self_attn
             return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         w = st.merged.layers[i]
-        q, k, v = F.linear(x, w.qkv, w.qkv_bias).split(w.qkv_split, dim=-1)
-        if self.fused["rope"] is not None:  # the kernel reads each as a contiguous [rows, heads·D]; a split
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # view's rows are q+k+v wide
-        return q, k, v
+        return F.linear(x, w.qkv, w.qkv_bias).split(w.qkv_split, dim=-1)  # views: the RoPE kernel reads them
 
     def _post_attention(self, st: _Step, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """o_proj, residual add, post-attention norm, MLP. Returns (residual, MLP output): the second
@@ -306,8 +303,8 @@ class FastDecoder:
             w = st.merged.layers[i]
             h, x = self._norm(layer.post_attention_layernorm, h, F.linear(a, w.o, w.o_bias))
             gate, up = F.linear(x, w.gate_up, w.gate_up_bias).split(w.intermediate, dim=-1)
-            # Eager act·up takes the split views as they are (2 kernels); the fused silu_mul would need both
-            # made contiguous first (3).
+            if self.fused["silu_mul"] is not None:  # reads the two halves in place: one kernel, eager's two
+                return h, F.linear(self._decode.silu_mul(gate, up, self.fused["silu_mul"]), w.down, w.down_bias)
             return h, F.linear(mlp.act_fn(gate) * up, w.down, w.down_bias)
         h, x = self._norm(layer.post_attention_layernorm, h, layer.self_attn.o_proj(a))
         if self.fused["silu_mul"] is not None:
@@ -705,12 +702,12 @@ class FastDecoder:
         self.top_p.fill_(1.0)
 
     def _mask(self, valid: torch.Tensor, t: int) -> torch.Tensor:
-        """The [B, 1, 1, t] mask transformers builds for SDPA (bool) or eager attention (additive)."""
+        """The [B, 1, 1, t] additive mask of the step: what eager attention adds (transformers' finfo.min), or
+        what SDPA turns the bool mask transformers gives it into (-inf; `convert_boolean_attn_mask`) — made
+        once a step here instead of in each layer's SDPA call."""
         m = valid[:, None, None, :t]
-        if self.cfg._attn_implementation == "eager":
-            return torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(
-                ~m, torch.finfo(self.dtype).min)
-        return m
+        fill = torch.finfo(self.dtype).min if self.cfg._attn_implementation == "eager" else float("-inf")
+        return torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, fill)
 
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
