@@ -113,3 +113,40 @@ def test_the_feed_adds_offsets_to_packed_batches_only():
         assert (BOUNDARIES_KEY in first) == on and BOUNDARIES_KEY not in second
         if on:
             assert first[BOUNDARIES_KEY][:4].tolist() == [0, 5, 14, 16]
+
+
+def test_unpacked_rows_without_a_mask_build_none_and_train_as_with_it(ckpt, monkeypatch):
+    """A right-padded batch whose mask the trainer dropped: the patched forward passes a placeholder, so
+    transformers builds no mask (and reads nothing on the device); attention runs causal; loss and gradients
+    are those of the same batch with its mask."""
+    import transformers.masking_utils as mu
+
+    from loraforge.train.sampler import without_padding_mask
+
+    reads = {"n": 0}
+    real_find = mu.find_packed_sequence_indices
+
+    def find(*a, **k):
+        reads["n"] += 1
+        return real_find(*a, **k)
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", find)
+    masked, fast = (build_model(ckpt, 8, "all", stock=False, device="cpu") for _ in range(2))
+    for m in (masked, fast):
+        patch_model(m, allow_cpu=True)
+    sync_lora(masked, fast)
+    assert fast.base_model.model._loraforge_causal
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(3, masked.config.vocab_size, (n,), generator=g).tolist() for n in (20, 9, 14)]
+    batch = PadCollator(0, 8)([{"input_ids": r, "labels": r} for r in rows])
+    loss, grads = one_step_grads(masked, batch)
+    bare = without_padding_mask(batch)
+    assert "attention_mask" not in bare
+    loss2, grads2 = one_step_grads(fast, bare)
+    assert reads["n"] == 0
+    assert abs(loss2 - loss) < 1e-3 * abs(loss)
+    for name, grad in grads.items():
+        assert (grads2[name] - grad).norm() <= 2e-2 * grad.norm() + 1e-8, name
+    fast.base_model.model._loraforge_causal = False  # without the placeholder transformers asks, and reads
+    one_step_grads(fast, bare)
+    assert reads["n"] == 1

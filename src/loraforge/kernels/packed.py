@@ -22,6 +22,9 @@ import torch
 # The keyword under which a packed batch carries its examples' offsets (`data.packing.boundaries`) into the
 # model's forward; the trainer's feed adds it on the host when `check` passed for the model.
 BOUNDARIES_KEY = "packed_cu_seqlens"
+# Set by the model's forward for unpacked rows without a mask: plain causal attention, no mask built (the
+# same host wait: transformers asks of any rows given no mask whether they are packed).
+CAUSAL_KEY = "loraforge_causal"
 
 
 @functools.cache

@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from . import _triton
-from .packed import BOUNDARIES_KEY
+from .packed import BOUNDARIES_KEY, CAUSAL_KEY
 
 
 @dataclass(frozen=True)
@@ -261,6 +261,8 @@ def _attn_forward_factory(orig_forward, parts_qkv, parts_o, dtype, model_type):
             kwargs["sliding_window"] = self.sliding_window
         if arch.softcap:
             kwargs["softcap"] = self.attn_logit_softcapping
+        if kwargs.pop(CAUSAL_KEY, False):  # unpacked rows: the model's forward passed a placeholder, no mask
+            attention_mask = None  # SDPA then runs causal (see _lm_forward_factory)
         cu = kwargs.pop(BOUNDARIES_KEY, None)
         if cu is not None:  # packed rows, and the model's forward passed no mask (see _lm_forward_factory)
             out, weights = attend(q, k, v, cu, self.scaling), None
@@ -359,13 +361,20 @@ def _lm_forward_factory(orig_forward):
                                 logits_to_keep=logits_to_keep, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
-        if kwargs.get(BOUNDARIES_KEY) is not None and getattr(self, "_loraforge_packed", False) \
-                and attention_mask is None and past_key_values is None:
+        packed = kwargs.get(BOUNDARIES_KEY) is not None and getattr(self, "_loraforge_packed", False)
+        # Unpacked rows without a mask (the trainer drops a right-padded batch's, sampler.without_padding_mask)
+        # need only causal attention; with a restarting `position_ids` they would be packed rows.
+        causal = position_ids is None and getattr(self, "_loraforge_causal", False)
+        if attention_mask is None and past_key_values is None and (packed or causal):
             # A 4D mask is taken as already built (transformers' `_preprocess_mask_arguments`), so none is
-            # built and the host does not wait for the GPU to say whether the rows are packed. It is empty:
-            # any attention that did read it would fail on its shape, not attend across examples.
+            # built and the host does not wait for the GPU to say whether the rows are packed (it asks even
+            # of plain rows). It is empty: any attention that did read it would fail on its shape, not attend
+            # across examples. Our attention forward takes the offsets, or CAUSAL_KEY, instead.
             like = input_ids if input_ids is not None else inputs_embeds
             attention_mask = like.new_empty((1, 1, 0, 0), dtype=torch.bool)
+            if not packed:
+                kwargs.pop(BOUNDARIES_KEY, None)
+                kwargs[CAUSAL_KEY] = True
         else:
             kwargs.pop(BOUNDARIES_KEY, None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -576,28 +585,38 @@ def patch_model(model, *, fast_cross_entropy: bool = True, allow_cpu: bool = Fal
         else:
             summary["skipped"].append("lm_head: not a plain Linear, stock loss kept")
     summary["patched"] = summary["attention"] + summary["mlp"] > 0
-    summary["packed_attention"] = _packed_attention(base, arch, summary, device)
+    causal = _plainly_causal(base, arch, summary)
+    summary["packed_attention"] = _packed_attention(base, arch, causal, device)
     base._loraforge_packed = summary["packed_attention"].startswith("on")
+    base._loraforge_causal = causal is None and base.config._attn_implementation == "sdpa"
     model._loraforge_patched = True
     model._loraforge_patch_summary = dict(summary)
     return summary
 
 
-def _packed_attention(base, arch: _Arch, summary: dict, device: torch.device) -> str:
-    """Whether packed batches may skip their mask and run variable-length attention (packed.py): every
-    layer's attention is ours, plainly causal (no window, no soft-capping, no attention dropout)."""
-    from .packed import check
-
+def _plainly_causal(base, arch: _Arch, summary: dict) -> str | None:
+    """None when every layer's attention is ours and plainly causal (no window, no soft-capping, no
+    attention dropout), so the model's forward may build no mask (packed.py); else why not."""
     layers = base.model.layers
     if summary["attention"] != len(layers) or not summary["cross_entropy"]:
-        return "off (not every layer's attention is patched)"
+        return "not every layer's attention is patched"
     cfg = base.config
     windows = [getattr(cfg, "sliding_window", None)] if arch.window == "config" else \
         [getattr(layer.self_attn, "sliding_window", None) for layer in layers] if arch.window == "module" else []
     if arch.softcap or any(w is not None for w in windows):
-        return "off (sliding-window or soft-capped attention)"
+        return "sliding-window or soft-capped attention"
     if getattr(cfg, "attention_dropout", 0.0):
-        return "off (attention dropout)"
+        return "attention dropout"
+    return None
+
+
+def _packed_attention(base, arch: _Arch, not_causal: str | None, device: torch.device) -> str:
+    """Whether packed batches may skip their mask and run variable-length attention (packed.py)."""
+    from .packed import check
+
+    if not_causal is not None:
+        return f"off ({not_causal})"
+    layers, cfg = base.model.layers, base.config
     scaling_ok = all(abs(layer.self_attn.scaling - layer.self_attn.head_dim ** -0.5) < 1e-9 for layer in layers)
     group = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     return check(device, scaling_ok, layers[0].self_attn.head_dim, group)
