@@ -62,7 +62,7 @@ def speed_h100() -> str:
 
 TRAIN_H200 = [  # (record file, shape label) of `loraforge train` against stock in one call, dropout 0.05
     ("train-e2e-2026-12-03-h200-s9-mistral-7b.json", "Mistral-7B"),
-    ("train-e2e-2026-12-03-h200-call3-qwen2.5-7b.json", "Qwen2.5-7B"),
+    ("train-e2e-2026-12-03-h200-s11-qwen2.5-7b.json", "Qwen2.5-7B"),
     ("train-e2e-2026-12-03-h200-s9-qwen3-8b.json", "Qwen3-8B"),
     ("train-e2e-2026-12-03-h200-s7-gemma2.json", "Gemma-2-9B"),
     ("train-e2e-2026-12-03-h200-s9-gemma3-12b.json", "Gemma-3-12B"),
@@ -82,6 +82,21 @@ def train_h200() -> str:
     rows.append(["Llama-2-7B, DoRA (dropout 0)", f"{stock:,}", f"{ours:,}", f"{ours / stock:.2f}×"])
     return _table(["`loraforge train`, QLoRA NF4 r=16 all-linear, 4×512", "stock tokens/s", "loraforge tokens/s",
                    "speed-up"], rows)
+
+
+TRAIN_VS_BENCH = "train-e2e-2026-12-03-h200-s11-call3-{}.json"  # one call: bench, then train twice
+
+
+def train_vs_bench_h200() -> str:
+    """README: `loraforge train` with the default dropout against the benchmark's fast path at dropout 0."""
+    bench = _load(TRAIN_VS_BENCH.format("bench-0-log1"))[0]["tokens_per_s"]
+    rows = [["bench fast path (random rows, no logging), dropout 0", f"{bench:,}", "—", "1"]]
+    for log, label in (("log1", "every step"), ("log10", "every 10 steps (the default)")):
+        r = _load(TRAIN_VS_BENCH.format(f"train-0.05-{log}"))[0]
+        rows.append([f"`loraforge train`, dropout 0.05, logging {label}", f"{r['tokens_per_s']:,}",
+                     f"{r['first10_tokens_per_s']:,}", f"{r['tokens_per_s'] / bench:.3f}×"])
+    return _table(["Llama-2-7B QLoRA r=16 all-linear, 4×512", "tokens/s (steps 11–40)", "first 10 steps",
+                   "/ bench"], rows)
 
 
 PEERS_STEP = "peers-2026-12-03-h200-s10-step.json"
@@ -184,6 +199,7 @@ def ddp_phases_h200() -> str:
 
 FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100, "ddp-h200": ddp_h200,
                                          "ddp-phases-h200": ddp_phases_h200, "train-h200": train_h200,
+                                         "train-vs-bench-h200": train_vs_bench_h200,
                                          "peers-h200": peers_h200}
 
 
