@@ -550,7 +550,7 @@ class LLAMATrainer:
         out = finish_step(acc, run, model, tcfg.max_grad_norm, outcome, loss_on_device=step_nll if pending else None)
         if pending is not None and out.grad_norm is not None:
             # Queued now, not when the report is made during the next step's backward: a copy queued then
-            # would wait for that whole backward (measured: no gain from the lagged loss while it did).
+            # would wait for that whole backward (measured on an H200: no gain while it was queued there).
             out.grad_norm = _HostCopy(out.grad_norm)
         return out
 
