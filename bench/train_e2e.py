@@ -13,6 +13,8 @@ Arms, each in its own process so none inherits another's memory or compiled stat
   steps 11-40 from metrics.jsonl (`elapsed_s` of each record), and over steps 1-10 (`first10`).
 - `loraforge-train-before`: the same command on an older checkout (`--old-src`), for before/after.
 - `train-noamp`: the same with training.mixed_precision "no" (no autocast; the model computes in bf16).
+- `train-unpacked`: the same with data.packing false (the default a user gets): one example a row, right-padded
+  (case `...-unpacked`, `"packing": false`; tokens/s counts real tokens, not the padding).
 - `bench`: the benchmark's fast path (`bench_run` + `build_loraforge`, `_time_steps`): random token rows.
 - `stock`: transformers + peft + bitsandbytes, as `build_stock` builds it.
 The tokenizer is the embedded SmolLM2's (no hub here); a shape whose vocabulary is smaller (Llama-2,
@@ -53,12 +55,12 @@ def _name(shape: str, p: float, dora: bool = False) -> str:
 
 
 def _config(path: str, data: str, run_dir: Path, p: float, steps: int, training: dict | None = None,
-            dora: bool = False) -> Path:
+            dora: bool = False, packing: bool = True) -> Path:
     cfg = {
         "model": {"model_name": path, "use_4bit": True, "bnb_4bit_compute_dtype": "bfloat16", "dtype": "bfloat16",
                   "attn_implementation": "sdpa", "device": os.environ.get("E2E_DEVICE", "cuda")},
         "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": p, "target_modules": "all-linear", "use_dora": dora},
-        "data": {"dataset": data, "format": "alpaca", "template": "alpaca", "max_length": SEQ, "packing": True,
+        "data": {"dataset": data, "format": "alpaca", "template": "alpaca", "max_length": SEQ, "packing": packing,
                  "validation_split": 0.01, "cache": False},
         "training": {"output_dir": str(run_dir), "max_steps": steps, "per_device_train_batch_size": BATCH,
                      "gradient_accumulation_steps": 1, "logging_steps": 1, "optim": "paged_adamw_32bit",
@@ -82,9 +84,9 @@ def _window(by_step: dict[int, dict], el: dict[int, float], a: int, b: int) -> t
 
 
 def _train_arm(path: str, data: str, out: Path, p: float, steps: int, src: Path, arm: str,
-               training: dict | None = None, dora: bool = False) -> dict:
-    run_dir = out / f"run-{Path(path).name}-{p:g}{'-dora' if dora else ''}-{arm}"
-    cfg = _config(path, data, run_dir, p, steps, training, dora)
+               training: dict | None = None, dora: bool = False, packing: bool = True) -> dict:
+    run_dir = out / f"run-{Path(path).name}-{p:g}{'-dora' if dora else ''}-{arm}{'' if packing else '-unpacked'}"
+    cfg = _config(path, data, run_dir, p, steps, training, dora, packing)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "loraforge.cli", "train", str(cfg)], env=env,
@@ -225,6 +227,9 @@ def main() -> None:
             if arm == "train":
                 rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "loraforge-train",
                                  {"logging_steps": args.logging_steps}, dora=dora)
+            elif arm == "train-unpacked":  # data.packing false, the default: right-padded rows of each example
+                rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "loraforge-train",
+                                 {"logging_steps": args.logging_steps}, dora=dora, packing=False)
             elif arm == "train-noamp":  # the same run without Accelerate's bf16 autocast around the forward
                 rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", arm, {"mixed_precision": "no"})
             elif arm == "before":
@@ -233,7 +238,9 @@ def main() -> None:
                 rec = _train_arm(path, args.data, out, p, args.steps, Path(args.old_src), "loraforge-train-before")
             else:
                 rec = _spawn(args, case, arm, out)
-            rec.update(case=_name(shape, p, dora), shape=shape, lora_dropout=p, use_dora=dora)
+            unpacked = arm == "train-unpacked"  # tokens/s counts real tokens: the padding is not counted
+            rec.update(case=_name(shape, p, dora) + ("-unpacked" if unpacked else ""), shape=shape, lora_dropout=p,
+                       use_dora=dora, packing=not unpacked)
             print(json.dumps(rec), flush=True)
             records.append(rec)
     gpu = torch.cuda.get_device_name(0)

@@ -40,3 +40,12 @@ def test_window_rates_agree_however_often_the_run_logs(e2e, every):
     assert steady == pytest.approx(2048 / 0.2) and per_step == pytest.approx(2048)
     first10, _ = e2e._window(by, el, 0, 10)
     assert first10 == pytest.approx(2048 * 10 / (2 * 1.0 + 8 * 0.2))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_config_packs_only_when_asked(e2e, tmp_path, packing):
+    import yaml
+
+    path = e2e._config("model", "data.jsonl", tmp_path / "run", 0.05, 40, {"logging_steps": 10}, packing=packing)
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["data"]["packing"] is packing and cfg["training"]["logging_steps"] == 10
