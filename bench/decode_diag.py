@@ -9,7 +9,8 @@ graphed decode step spend its time?
    version also tried K/V and the mask copied contiguous before attention: no change,
    bench/results/decode-diag-2026-11-22-h100-padded.json.)
 2. torch.profiler over 8 graphed decode steps (the prefill left out) at 1 and `--rows` rows (fused kernels
-   on, and off for 1 row): kernels per step, kernel time per step, the top kernels; and the wall time per step.
+   on, and off for 1 row; `--rows` rows also as one graph a step, `whole_step`): kernels per step, kernel
+   time per step, the top kernels; and the wall time per step.
 """
 
 import argparse
@@ -105,8 +106,8 @@ def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
     report["profile"] = {}
-    for fused, rows in ((True, 1), (True, a.rows), (False, 1)):
-        dec = FastDecoder(model, max_rows=a.rows, fused_kernels=fused)
+    for fused, rows, whole in ((True, 1, False), (True, a.rows, False), (True, a.rows, True), (False, 1, False)):
+        dec = FastDecoder(model, max_rows=a.rows, fused_kernels=fused, whole_step=whole)
         i_, m_ = (ids1, mask1) if rows == 1 else (ids, mask)
         list(dec.stream(i_, m_, 128))  # capture, and cuDNN builds its attention plan for every length t
         torch.cuda.synchronize()
@@ -130,8 +131,9 @@ def main(argv=None):
                for e in sorted(evs, key=lambda e: -e.self_device_time_total)[:25]]
         prof = {"wall_ms_per_step_128": round(wall * 1e3, 3), "kernel_ms_per_step": round(kern, 3),
                 "kernels_per_step": count}
-        print(rows, "fused" if fused else "eager ops", json.dumps(prof), flush=True)
-        report["profile"][f"{rows}-rows-{'fused' if fused else 'eager-ops'}"] = dict(prof, top=top)
+        name = f"{rows}-rows-{'fused' if fused else 'eager-ops'}{'-whole-step' if whole else ''}"
+        print(name, json.dumps(prof), flush=True)
+        report["profile"][name] = dict(prof, top=top)
         del dec
         torch.cuda.empty_cache()
     if a.out:  # session 10 lost an H200 profile to a folder that did not exist

@@ -94,13 +94,18 @@ def test_graphed_greedy_equals_stock_generate_on_a_4bit_base(tmp_path):
         dec = FastDecoder(model, max_rows=4, merged_batches=False)
         got = [list(c) for c in zip(*dec.stream(ids, mask, 32), strict=True)]
         assert got == ref, (lengths, dec.graphs)
-    # Batches from merged weights (the default): the captured graphs compute what the same pieces do eagerly.
-    merged = {}
-    for graphs in (True, False):
-        dec = FastDecoder(model, max_rows=4, graphs=graphs)
-        merged[graphs] = [list(c) for c in zip(*dec.stream(ids, mask, 32, key="k"), strict=True)]
-        assert dec._merged, "the batch did not decode from merged weights"
-    assert merged[True] == merged[False]
+    # Batches from merged weights (the default): the captured graphs compute what the same pieces do eagerly,
+    # in pieces and as one graph a step (`whole_step`: attention over every cache column, masked on the device).
+    for whole in (False, True):
+        merged = {}
+        for graphs in (True, False):
+            dec = FastDecoder(model, max_rows=4, graphs=graphs, whole_step=whole)
+            merged[graphs] = [list(c) for c in zip(*dec.stream(ids, mask, 32, key="k"), strict=True)]
+            assert dec._merged, "the batch did not decode from merged weights"
+            assert all(st.whole == whole for st in dec._sets.values() if st.merged is not None)
+            assert not graphs or all(len(st.graphs) == (1 if st.whole else 1 + len(dec.layers))
+                                     for st in dec._sets.values())
+        assert merged[True] == merged[False], whole
 
 
 @pytest.mark.parametrize("attention", ["stock", "no-plans"])

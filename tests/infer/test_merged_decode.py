@@ -109,6 +109,45 @@ def test_merged_batch_tokens_equal_the_exact_path_and_one_row_stays_stock() -> N
     assert any(merged for (_, rows, _, merged) in dec._sets if rows > 1)
 
 
+def _continuous(dec: FastDecoder, steps: int) -> tuple[dict, list[torch.Tensor]]:
+    """Rows joining a running batch with prompts of other lengths, one leaving: {owner: tokens}, and each
+    step's logits."""
+    dec.keep_logits = True
+    got: dict = {}
+    ids, mask = _batch([9, 4], seed=4)
+    for owner, tok in zip("ab", dec.join(ids, mask, ["a", "b"], [steps] * 2), strict=True):
+        got[owner] = [tok]
+    for i in range(steps):
+        if i == 3:  # longer prompts than the batch's history: the rows move right
+            ids, mask = _batch([14, 6], seed=5)
+            for owner, tok in zip("cd", dec.join(ids, mask, ["c", "d"], [steps] * 2), strict=True):
+                got[owner] = [tok]
+        if i == 6:
+            dec.leave("b")
+        for step in dec.step():
+            for owner, tok in step:
+                got[owner].append(tok)
+    for step in dec.drain():
+        for owner, tok in step:
+            got[owner].append(tok)
+    return got, dec.trace
+
+
+def test_whole_step_attention_over_every_column_decodes_the_same() -> None:
+    """`whole_step`: attention over the whole cache with a mask made from `slot` on the device gives the
+    pieces' logits (masked columns add exact zeros; only the sums' order may differ) and tokens, while rows
+    join with longer prompts and leave."""
+    model = _tiny()
+    decs = {whole: FastDecoder(model, max_rows=4, whole_step=whole) for whole in (False, True)}
+    (tokens, trace), (tokens_w, trace_w) = (_continuous(decs[whole], 10) for whole in (False, True))
+    assert [st.whole for st in decs[True]._sets.values()] == [True] * len(decs[True]._sets)
+    assert not any(st.whole for st in decs[False]._sets.values())
+    assert tokens_w == tokens and len(tokens["c"]) == 11 - 3
+    assert len(trace_w) == len(trace) >= 8
+    for got, ref in zip(trace_w, trace, strict=True):
+        assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_adapter_switch_builds_the_new_keys_weights() -> None:
     """Rows of adapter y after rows of x: y's merged copy is built and y's tokens come out (the exact
     path's for y, not x's); with room for one key, x's copy and the step sets that used it are dropped."""

@@ -114,6 +114,8 @@ class _Step:
     pool: object = None
     q_layout: tuple = ()  # (shape, strides) of eager RoPE's query output, which the fused kernel writes
     merged: MergedWeights | None = None  # the projections' merged weights (batches), or None: the modules'
+    whole: bool = False  # one graph for the step: attention over every cache column, masked on the device
+    mask: torch.Tensor | None = None  # the whole step's additive mask [rows, 1, 1, cache_len]
 
 
 @dataclass
@@ -150,11 +152,17 @@ class FastDecoder:
     `merged_batches`: steps of more than one row take their projections from a merged 16-bit copy of the
     weights, built on the first such step of an adapter key and kept for the two most recent keys. None:
     when the copy takes at most 1/3 of the free device memory (always on a CPU); False: never (every step
-    runs the model's own modules); True: whatever the memory."""
+    runs the model's own modules); True: whatever the memory.
+
+    `whole_step`: a merged batch's step is one CUDA graph instead of 33 pieces with eager attention between
+    them. Attention then reads every cache column, those past the step's column masked by a mask made on the
+    device from `slot` (eager attention's length changes every step, so it cannot be captured). It spares the
+    host ~65 launches a step, which bound a 16-row step on an H200 (bench/NOTES.md, session 11); off until
+    measured there."""
 
     def __init__(self, model, *, max_rows: int = 16, graphs: bool | None = None, max_graph_sets: int = 24,
                  fused_kernels: bool = True, min_cache: int = 256, lag: int = 2, bucket_rows: bool = False,
-                 attention: str = "stock", merged_batches: bool | None = None):
+                 attention: str = "stock", merged_batches: bool | None = None, whole_step: bool = False):
         ok, why = supported(model)
         if not ok:
             raise ValueError(f"fast decoding is not available for this model: {why}")
@@ -167,7 +175,7 @@ class FastDecoder:
         self.dtype = self.inner.embed_tokens.weight.dtype
         self.graphs = (self.device.type == "cuda") if graphs is None else (graphs and self.device.type == "cuda")
         self.max_rows, self.max_graph_sets, self.min_cache = max_rows, max_graph_sets, min_cache
-        self.lag, self.bucket_rows = lag, bucket_rows
+        self.lag, self.bucket_rows, self.whole_step = lag, bucket_rows, whole_step
         if attention not in ("stock", "no-plans"):
             raise ValueError(f"attention={attention!r}: 'stock' or 'no-plans'")
         self.attention = attention
@@ -185,6 +193,7 @@ class FastDecoder:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.valid: torch.Tensor | None = None  # [max_rows, cache_len] bool: which columns a row attends to
+        self.cols: torch.Tensor | None = None  # [cache_len] column numbers (a whole step's mask)
         dev = self.device
         self.tok = torch.zeros(max_rows, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(max_rows, 1, dtype=torch.long, device=dev)
@@ -313,6 +322,9 @@ class FastDecoder:
         return h, mlp(x)
 
     def _first_piece(self, st: _Step) -> None:
+        if st.whole:  # the columns this step attends to: its rows' valid ones up to the one it writes
+            keep = self.valid[: st.rows, None, None, :] & (self.cols <= self.slot)
+            st.mask = torch.zeros(keep.shape, dtype=self.dtype, device=self.device).masked_fill_(~keep, self._fill())
         h = self.inner.embed_tokens(self.tok[: st.rows])
         st.cos, st.sin = self.inner.rotary_emb(h, self.pos[: st.rows])
         self._pre_attention(st, 0, h, None)
@@ -338,6 +350,8 @@ class FastDecoder:
 
     def _attention(self, st: _Step, i: int, t: int, mask: torch.Tensor | None) -> None:
         attn = self.layers[i].self_attn
+        if st.whole:  # every column, st.mask hiding the ones this step does not attend to
+            t, mask = self.cache_len, st.mask
         k, v = self.k[i][: st.rows, :, :t], self.v[i][: st.rows, :, :t]
         out, _ = self._attn(attn, st.q[i], k, v, mask, dropout=0.0, scaling=attn.scaling)
         st.a[i].copy_(out)
@@ -362,6 +376,7 @@ class FastDecoder:
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.valid = torch.ones(self.max_rows, new_len, dtype=torch.bool, device=self.device)
+        self.cols = torch.arange(new_len, device=self.device)
         if old_k is not None:
             for new, old in zip((*self.k, *self.v), (*old_k, *old_v), strict=True):
                 new[:, :, : self.t].copy_(old[:, :, : self.t])
@@ -409,7 +424,7 @@ class FastDecoder:
 
     def _new_step(self, rows: int, merged: MergedWeights | None) -> _Step:
         n = len(self.layers)
-        st = _Step(rows, q=[None] * n, merged=merged)
+        st = _Step(rows, q=[None] * n, merged=merged, whole=self.whole_step and merged is not None)
         # The layout eager RoPE gives the query (TensorIterator's choice for a transposed view): the fused
         # kernel writes the same strides, so attention sees the same tensor (on a CPU twin of the shapes).
         hd, heads = self.head_dim, self.heads
@@ -472,7 +487,12 @@ class FastDecoder:
         st.pool = torch.cuda.graph_pool_handle()
         st.graphs = []
         n = len(self.layers)
-        for i in range(n + 1):
+        if st.whole:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=st.pool):
+                self._eager_step(st, self.cache_len, None, sample)
+            st.graphs.append(g)
+        for i in range(0 if st.whole else n + 1):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=st.pool):
                 if i == 0:
@@ -516,6 +536,8 @@ class FastDecoder:
             self._eager_step(st, t, mask, sample)
             return
         st.graphs[0].replay()
+        if st.whole:
+            return
         for i in range(len(self.layers)):
             self._attention(st, i, t, mask)
             st.graphs[i + 1].replay()
@@ -660,7 +682,7 @@ class FastDecoder:
             self._make_room(0, 1)
             self._refresh_clean()
         st = self._set_for(rows, sample)
-        mask = None if all(self.clean[:rows]) else self._mask(self.valid[:rows], self.t + 1)
+        mask = None if st.whole or all(self.clean[:rows]) else self._mask(self.valid[:rows], self.t + 1)
         with self._backends(rows, mask):
             self._replay_step(st, self.t + 1, mask, sample)
         self.t += 1
@@ -701,13 +723,16 @@ class FastDecoder:
         self.temperature.fill_(1.0)
         self.top_p.fill_(1.0)
 
+    def _fill(self) -> float:
+        """A masked column's additive value: what eager attention adds (transformers' finfo.min), or what SDPA
+        turns the bool mask transformers gives it into (-inf; `convert_boolean_attn_mask`)."""
+        return torch.finfo(self.dtype).min if self.cfg._attn_implementation == "eager" else float("-inf")
+
     def _mask(self, valid: torch.Tensor, t: int) -> torch.Tensor:
-        """The [B, 1, 1, t] additive mask of the step: what eager attention adds (transformers' finfo.min), or
-        what SDPA turns the bool mask transformers gives it into (-inf; `convert_boolean_attn_mask`) — made
-        once a step here instead of in each layer's SDPA call."""
+        """The [B, 1, 1, t] additive mask of the step, made once a step here instead of in each layer's SDPA
+        call."""
         m = valid[:, None, None, :t]
-        fill = torch.finfo(self.dtype).min if self.cfg._attn_implementation == "eager" else float("-inf")
-        return torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, fill)
+        return torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, self._fill())
 
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
