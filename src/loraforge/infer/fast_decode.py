@@ -42,6 +42,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -470,9 +471,10 @@ class FastDecoder:
         return st
 
     def _capture(self, st: _Step, sample: bool) -> None:
-        """33 graphs for a 32-layer model, one memory pool, captured in replay order. A warm-up step on a
-        side stream first (lazy cuBLAS/cuDNN set-up must not happen inside a capture). It writes cache
-        column 0 and the step inputs, which rows already decoding still need: they are put back after."""
+        """33 graphs for a 32-layer model (one for a whole step), one memory pool, captured in replay order.
+        A warm-up step on a side stream first (lazy cuBLAS/cuDNN set-up must not happen inside a capture). It
+        writes cache column 0 and the step inputs, which rows already decoding still need: they are put back
+        after."""
         saved = (self.tok.clone(), self.pos.clone(), self.slot.clone())
         column0 = [buf[:, :, 0].clone() for buf in (*self.k, *self.v)]
         self.slot.zero_()
@@ -486,19 +488,15 @@ class FastDecoder:
         self.slot.zero_()
         st.pool = torch.cuda.graph_pool_handle()
         st.graphs = []
-        n = len(self.layers)
         if st.whole:
+            pieces = [partial(self._eager_step, st, self.cache_len, None, sample)]
+        else:
+            pieces = [partial(self._first_piece, st)]
+            pieces += [partial(self._piece, st, i, sample) for i in range(1, len(self.layers) + 1)]
+        for piece in pieces:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=st.pool):
-                self._eager_step(st, self.cache_len, None, sample)
-            st.graphs.append(g)
-        for i in range(0 if st.whole else n + 1):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=st.pool):
-                if i == 0:
-                    self._first_piece(st)
-                else:
-                    self._piece(st, i, sample)
+                piece()
             st.graphs.append(g)
         torch.cuda.synchronize()
         self.tok.copy_(saved[0])
