@@ -361,22 +361,22 @@ def _lm_forward_factory(orig_forward):
                                 logits_to_keep=logits_to_keep, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
-        packed = kwargs.get(BOUNDARIES_KEY) is not None and getattr(self, "_loraforge_packed", False)
+        bare = attention_mask is None and past_key_values is None
+        packed = bare and kwargs.get(BOUNDARIES_KEY) is not None and getattr(self, "_loraforge_packed", False)
         # Unpacked rows without a mask (the trainer drops a right-padded batch's, sampler.without_padding_mask)
         # need only causal attention; with a restarting `position_ids` they would be packed rows.
-        causal = position_ids is None and getattr(self, "_loraforge_causal", False)
-        if attention_mask is None and past_key_values is None and (packed or causal):
+        causal = bare and position_ids is None and getattr(self, "_loraforge_causal", False)
+        if not packed:
+            kwargs.pop(BOUNDARIES_KEY, None)
+        if packed or causal:
             # A 4D mask is taken as already built (transformers' `_preprocess_mask_arguments`), so none is
             # built and the host does not wait for the GPU to say whether the rows are packed (it asks even
             # of plain rows). It is empty: any attention that did read it would fail on its shape, not attend
             # across examples. Our attention forward takes the offsets, or CAUSAL_KEY, instead.
             like = input_ids if input_ids is not None else inputs_embeds
             attention_mask = like.new_empty((1, 1, 0, 0), dtype=torch.bool)
-            if not packed:
-                kwargs.pop(BOUNDARIES_KEY, None)
+            if causal:
                 kwargs[CAUSAL_KEY] = True
-        else:
-            kwargs.pop(BOUNDARIES_KEY, None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values,
                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)

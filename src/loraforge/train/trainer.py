@@ -634,8 +634,10 @@ class LLAMATrainer:
     def _emit(self, run: _Run, record: dict[str, Any]) -> None:
         """A metrics record to metrics.jsonl, the trackers and the console (the main process writes)."""
         norm = record.get("grad_norm")
-        if isinstance(norm, _HostCopy | torch.Tensor):
-            record["grad_norm"] = norm.read() if isinstance(norm, _HostCopy) else float(norm)
+        if isinstance(norm, _HostCopy):
+            record["grad_norm"] = norm.read()
+        elif isinstance(norm, torch.Tensor):
+            record["grad_norm"] = float(norm)
         if self.accelerator.is_main_process:
             run.metrics.write(record)
             run.trackers.log(record, record["step"])
