@@ -134,13 +134,15 @@ def _continuous(dec: FastDecoder, steps: int) -> tuple[dict, list[torch.Tensor]]
 
 
 def test_whole_step_attention_over_every_column_decodes_the_same() -> None:
-    """`whole_step`: attention over the whole cache with a mask made from `slot` on the device gives the
-    pieces' logits (masked columns add exact zeros; only the sums' order may differ) and tokens, while rows
-    join with longer prompts and leave."""
+    """`whole_step`: attention over a bucket of columns (64 here, of a 256-column cache, beyond the columns
+    written so far) with a mask made from `slot` on the device gives the pieces' logits (masked columns add
+    exact zeros; only the sums' order may differ) and tokens, while rows join with longer prompts and leave."""
     model = _tiny()
     decs = {whole: FastDecoder(model, max_rows=4, whole_step=whole) for whole in (False, True)}
     (tokens, trace), (tokens_w, trace_w) = (_continuous(decs[whole], 10) for whole in (False, True))
-    assert [st.whole for st in decs[True]._sets.values()] == [True] * len(decs[True]._sets)
+    assert [(st.whole, st.width) for st in decs[True]._sets.values()] == [(True, 64)] * len(decs[True]._sets)
+    assert decs[True].cache_len == 256 and decs[True]._bucket_widths(next(iter(decs[True]._sets.values()))) == [
+        64, 128, 192, 256]
     assert not any(st.whole for st in decs[False]._sets.values())
     assert tokens_w == tokens and len(tokens["c"]) == 11 - 3
     assert len(trace_w) == len(trace) >= 8

@@ -115,8 +115,10 @@ class _Step:
     pool: object = None
     q_layout: tuple = ()  # (shape, strides) of eager RoPE's query output, which the fused kernel writes
     merged: MergedWeights | None = None  # the projections' merged weights (batches), or None: the modules'
-    whole: bool = False  # one graph for the step: attention over every cache column, masked on the device
+    whole: bool = False  # one graph a step: attention over a bucket of columns, masked on the device
+    width: int = 0  # a whole step's bucket width: graph b attends to the first (b + 1) · width columns
     mask: torch.Tensor | None = None  # the whole step's additive mask [rows, 1, 1, cache_len]
+    logits: list = field(default_factory=list)  # per whole-step graph, the logits it writes (keep_logits)
 
 
 @dataclass
@@ -156,14 +158,15 @@ class FastDecoder:
     runs the model's own modules); True: whatever the memory.
 
     `whole_step`: a merged batch's step is one CUDA graph instead of 33 pieces with eager attention between
-    them. Attention then reads every cache column, those past the step's column masked by a mask made on the
-    device from `slot` (eager attention's length changes every step, so it cannot be captured). It spares the
-    host ~65 launches a step, which bound a 16-row step on an H200 (bench/NOTES.md, session 11); off until
-    measured there."""
+    them. Eager attention reads exactly the columns written so far, a length that changes every step and so
+    cannot be captured; a whole step instead reads a bucket of columns (up to 8 graphs per step set, each
+    reading one more eighth of the cache, at least 64 columns), those past the step's column masked by a
+    mask made on the device from `slot`. It spares the host ~65 launches a step, which bound a 16-row step
+    on an H200 (bench/NOTES.md, session 11). None: with graphs (eagerly it would only read more columns)."""
 
     def __init__(self, model, *, max_rows: int = 16, graphs: bool | None = None, max_graph_sets: int = 24,
                  fused_kernels: bool = True, min_cache: int = 256, lag: int = 2, bucket_rows: bool = False,
-                 attention: str = "stock", merged_batches: bool | None = None, whole_step: bool = False):
+                 attention: str = "stock", merged_batches: bool | None = None, whole_step: bool | None = None):
         ok, why = supported(model)
         if not ok:
             raise ValueError(f"fast decoding is not available for this model: {why}")
@@ -176,7 +179,8 @@ class FastDecoder:
         self.dtype = self.inner.embed_tokens.weight.dtype
         self.graphs = (self.device.type == "cuda") if graphs is None else (graphs and self.device.type == "cuda")
         self.max_rows, self.max_graph_sets, self.min_cache = max_rows, max_graph_sets, min_cache
-        self.lag, self.bucket_rows, self.whole_step = lag, bucket_rows, whole_step
+        self.lag, self.bucket_rows = lag, bucket_rows
+        self.whole_step = self.graphs if whole_step is None else whole_step
         if attention not in ("stock", "no-plans"):
             raise ValueError(f"attention={attention!r}: 'stock' or 'no-plans'")
         self.attention = attention
@@ -220,7 +224,7 @@ class FastDecoder:
         self._merged: OrderedDict[object, MergedWeights] = OrderedDict()  # adapter key -> its merged copy
         self._unmerged: dict[object, str] = {}  # keys whose batches run the modules, and why (logged once)
         # Which exact fused kernels (infer/decode.py) this GPU may use; None: the model's eager ops.
-        self.fused: dict[str, int | None] = {"norm": None, "rope": None, "silu_mul": None}
+        self.fused: dict[str, int | None] = {"norm": None, "norm_one": None, "rope": None, "silu_mul": None}
         if self.device.type == "cuda" and fused_kernels:
             self.fused = self._check_fused()
         # Diagnostics (bench/decode_diag.py): keep each step's fp32 logits, to find the first step that
@@ -245,7 +249,10 @@ class FastDecoder:
             norm = layer.input_layernorm
             if found["norm"] is not None and not (hasattr(norm, "variance_epsilon") and torch.equal(
                     decode.rms_norm(h, d, norm.weight, norm.variance_epsilon, found["norm"])[1], norm(h + d))):
-                found["norm"] = None
+                found["norm"] = found["norm_one"] = None
+            if found["norm_one"] is not None and not decode.within_rounding(
+                    decode.rms_norm_one(h, d, norm.weight, norm.variance_epsilon, found["norm_one"])[1], norm(h + d)):
+                found["norm_one"] = None
             act = getattr(layer.mlp, "act_fn", None)
             if found["silu_mul"] is not None and not (
                     all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and act is not None
@@ -271,9 +278,13 @@ class FastDecoder:
     # ---------------------------------------------------------------------------------------------------
     # The pieces of one decode step (the model's own modules, in the order its forward calls them)
 
-    def _norm(self, module, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _norm(self, module, h: torch.Tensor, delta: torch.Tensor | None,
+              merged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, module(h + delta)): the residual add and the RMSNorm after it, as the decoder layer
-        does them — in 3 kernels instead of 9 when infer/decode.py reproduces them exactly here."""
+        does them — in 3 kernels instead of 9 when infer/decode.py reproduces them exactly here, and in one
+        for a merged batch, whose results are not stock's bit for bit anyway (its weights are merged)."""
+        if merged and self.fused["norm_one"] is not None:
+            return self._decode.rms_norm_one(h, delta, module.weight, module.variance_epsilon, self.fused["norm_one"])
         if self.fused["norm"] is not None:
             return self._decode.rms_norm(h, delta, module.weight, module.variance_epsilon, self.fused["norm"])
         if delta is not None:
@@ -282,7 +293,7 @@ class FastDecoder:
 
     def _pre_attention(self, st: _Step, i: int, h: torch.Tensor, delta: torch.Tensor | None) -> None:
         """Residual add (the previous layer's MLP output), input norm, q/k/v, RoPE, cache write."""
-        st.h, x = self._norm(self.layers[i].input_layernorm, h, delta)
+        st.h, x = self._norm(self.layers[i].input_layernorm, h, delta, st.merged is not None)
         q, k, v = self._qkv(st, i, x)
         if self.fused["rope"] is not None:
             out = torch.empty_strided(*st.q_layout, dtype=q.dtype, device=q.device)
@@ -311,7 +322,7 @@ class FastDecoder:
         mlp = layer.mlp
         if st.merged is not None:
             w = st.merged.layers[i]
-            h, x = self._norm(layer.post_attention_layernorm, h, F.linear(a, w.o, w.o_bias))
+            h, x = self._norm(layer.post_attention_layernorm, h, F.linear(a, w.o, w.o_bias), True)
             gate, up = F.linear(x, w.gate_up, w.gate_up_bias).split(w.intermediate, dim=-1)
             if self.fused["silu_mul"] is not None:  # reads the two halves in place: one kernel, eager's two
                 return h, F.linear(self._decode.silu_mul(gate, up, self.fused["silu_mul"]), w.down, w.down_bias)
@@ -336,7 +347,7 @@ class FastDecoder:
         if i < len(self.layers):
             self._pre_attention(st, i, h, m)
             return
-        st.h, x = self._norm(self.inner.norm, h, m)
+        st.h, x = self._norm(self.inner.norm, h, m, st.merged is not None)
         logits = self.lm.lm_head(x)[:, -1, :].to(torch.float32)  # as generate() takes them
         if self.keep_logits:
             self.logits = logits
@@ -351,8 +362,8 @@ class FastDecoder:
 
     def _attention(self, st: _Step, i: int, t: int, mask: torch.Tensor | None) -> None:
         attn = self.layers[i].self_attn
-        if st.whole:  # every column, st.mask hiding the ones this step does not attend to
-            t, mask = self.cache_len, st.mask
+        if st.whole:  # t columns (a bucket's, under graphs), st.mask hiding the ones this step does not attend to
+            mask = st.mask[..., :t]
         k, v = self.k[i][: st.rows, :, :t], self.v[i][: st.rows, :, :t]
         out, _ = self._attn(attn, st.q[i], k, v, mask, dropout=0.0, scaling=attn.scaling)
         st.a[i].copy_(out)
@@ -425,7 +436,8 @@ class FastDecoder:
 
     def _new_step(self, rows: int, merged: MergedWeights | None) -> _Step:
         n = len(self.layers)
-        st = _Step(rows, q=[None] * n, merged=merged, whole=self.whole_step and merged is not None)
+        st = _Step(rows, q=[None] * n, merged=merged, whole=self.whole_step and merged is not None,
+                   width=min(self.cache_len, max(64, self.cache_len // 8)))
         # The layout eager RoPE gives the query (TensorIterator's choice for a transposed view): the fused
         # kernel writes the same strides, so attention sees the same tensor (on a CPU twin of the shapes).
         hd, heads = self.head_dim, self.heads
@@ -471,25 +483,26 @@ class FastDecoder:
         return st
 
     def _capture(self, st: _Step, sample: bool) -> None:
-        """33 graphs for a 32-layer model (one for a whole step), one memory pool, captured in replay order.
-        A warm-up step on a side stream first (lazy cuBLAS/cuDNN set-up must not happen inside a capture). It
-        writes cache column 0 and the step inputs, which rows already decoding still need: they are put back
-        after."""
+        """33 graphs for a 32-layer model (or one whole step per bucket of columns), one memory pool,
+        captured in replay order. Warm-up steps on a side stream first (lazy cuBLAS/cuDNN set-up, such as an
+        attention plan for each length, must not happen inside a capture). They write cache column 0 and the
+        step inputs, which rows already decoding still need: they are put back after."""
         saved = (self.tok.clone(), self.pos.clone(), self.slot.clone())
         column0 = [buf[:, :, 0].clone() for buf in (*self.k, *self.v)]
         self.slot.zero_()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        widths = self._bucket_widths(st)
         with torch.cuda.stream(side):
-            for _ in range(2):
+            for t in (widths or [1]) * 2:
                 self.slot.zero_()
-                self._eager_step(st, 1, None, sample)
+                self._eager_step(st, t, None, sample)
         torch.cuda.current_stream().wait_stream(side)
         self.slot.zero_()
         st.pool = torch.cuda.graph_pool_handle()
         st.graphs = []
         if st.whole:
-            pieces = [partial(self._eager_step, st, self.cache_len, None, sample)]
+            pieces = [partial(self._eager_step, st, t, None, sample) for t in widths]
         else:
             pieces = [partial(self._first_piece, st)]
             pieces += [partial(self._piece, st, i, sample) for i in range(1, len(self.layers) + 1)]
@@ -498,6 +511,8 @@ class FastDecoder:
             with torch.cuda.graph(g, pool=st.pool):
                 piece()
             st.graphs.append(g)
+            if st.whole:
+                st.logits.append(self.logits)
         torch.cuda.synchronize()
         self.tok.copy_(saved[0])
         self.pos.copy_(saved[1])
@@ -505,6 +520,10 @@ class FastDecoder:
         for buf, col in zip((*self.k, *self.v), column0, strict=True):
             buf[:, :, 0].copy_(col)
         self.captures += 1
+
+    def _bucket_widths(self, st: _Step) -> list[int]:
+        """The columns each whole-step graph attends to (none for a step in pieces)."""
+        return list(range(st.width, self.cache_len + 1, st.width)) if st.whole else []
 
     def _backends(self, rows: int, mask):
         """The SDPA kernels attention may use this step (see `attention`)."""
@@ -530,12 +549,17 @@ class FastDecoder:
         return min(_pow2(top), self.max_rows) if self.bucket_rows and self.graphs else top
 
     def _replay_step(self, st: _Step, t: int, mask, sample: bool) -> None:
+        if st.whole:  # the narrowest bucket of columns that holds the t this step attends to (eager too)
+            b = (t - 1) // st.width
+            t = (b + 1) * st.width
+            if st.graphs is not None:
+                st.graphs[b].replay()
+                self.logits = st.logits[b]
+                return
         if st.graphs is None:
             self._eager_step(st, t, mask, sample)
             return
         st.graphs[0].replay()
-        if st.whole:
-            return
         for i in range(len(self.layers)):
             self._attention(st, i, t, mask)
             st.graphs[i + 1].replay()
