@@ -153,3 +153,38 @@ def test_packed_rows_take_varlen_attention_under_graphs(ckpt):
     assert abs(loss2 - loss) < 1e-2 * abs(loss)
     for name, gm in grads.items():
         assert (grads2[name] - gm).norm() <= 5e-2 * gm.norm(), name
+
+
+def test_unpacked_rows_laid_end_to_end_train_as_padded_rows(ckpt):
+    """`padding_free` (what the trainer feeds the fast path for unpacked data): the rows' real tokens in one
+    row, padded to a bucket, with their offsets, under the layer graphs — the loss and gradients of the same
+    rows right-padded with their mask."""
+    from loraforge.bench.models import build_model, one_step_grads, sync_lora
+    from loraforge.data.collate import PadCollator
+    from loraforge.data.packing import boundaries, padding_free
+    from loraforge.kernels import patch_model
+    from loraforge.kernels.graphs import enable_graphed_layers
+    from loraforge.kernels.packed import BOUNDARIES_KEY
+
+    padded = build_model(ckpt, 16, "all", stock=False)
+    flat = build_model(ckpt, 16, "all", stock=False)
+    for m in (padded, flat):
+        assert patch_model(m)["packed_attention"].startswith("on")
+    runner = enable_graphed_layers(flat)
+    sync_lora(padded, flat)
+    g = torch.Generator().manual_seed(4)
+    examples = []
+    for n in (30, 90, 6, 41):
+        ids = torch.randint(0, padded.config.vocab_size, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    batch = PadCollator(0, 128)(examples)
+    one = padding_free(batch, 0, 1024)
+    assert one["input_ids"].shape == (1, 256)
+    one[BOUNDARIES_KEY] = boundaries(one["position_ids"])
+    loss, grads = one_step_grads(padded, {k: v.cuda() for k, v in batch.items()})
+    for _ in range(3):  # eager, capture, replay
+        loss2, grads2 = one_step_grads(flat, {k: v.cuda() for k, v in one.items()})
+    assert runner.summary()["replays"] >= 2 and not runner.summary()["disabled"], runner.summary()
+    assert abs(loss2 - loss) < 1e-2 * abs(loss)
+    for name, gm in grads.items():
+        assert (grads2[name] - gm).norm() <= 5e-2 * gm.norm(), name

@@ -48,4 +48,5 @@ def test_steady_steps_never_wait_for_the_gpu(tiny_model_dir, tmp_path, monkeypat
     # The first record's window starts after the graph capture, as its elapsed_s does (it once included
     # the capture: a first logged speed many times below the steady one).
     speeds = sorted(r["tokens_per_s"] for r in records[1:])
-    assert records[0]["tokens_per_s"] > 0.3 * speeds[len(speeds) // 2], records
+    # (A tiny model's first step still pays lazy set-up, ~4x its steady step; a capture is ~100 steps.)
+    assert records[0]["tokens_per_s"] > 0.1 * speeds[len(speeds) // 2], records

@@ -35,7 +35,7 @@ def test_on_names_what_runs():
     assert "CUDA graphs off: capture of layer 0 failed: boom" in fast_path_summary(m)
     # where packed rows take varlen attention (a CUDA check, packed.py), the line says so
     report = {**m._loraforge_patch_summary, "packed_attention": "on (err 2.0e-03)"}
-    assert fast_path_summary(report).endswith(", chunked loss, packed rows without a mask)")
+    assert fast_path_summary(report).endswith(", chunked loss, rows without padding or masks)")
 
 
 def test_dora_without_dropout_is_on_and_says_so():

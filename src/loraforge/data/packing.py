@@ -109,3 +109,53 @@ def boundaries(position_ids: torch.Tensor, *, min_capacity: int = 64) -> torch.T
     out = torch.full((capacity + 1,), rows * length, dtype=torch.int32)
     out[:len(at)] = at
     return out
+
+
+def right_padded(batch: dict[str, torch.Tensor]) -> bool:
+    """Each row's real tokens come first and the padding after them carries no label: the layout in which
+    dropping the padding changes no loss or gradient."""
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    if mask is None or labels is None:
+        return False
+    return bool((mask[:, :-1] >= mask[:, 1:]).all()) and bool((labels[mask == 0] == IGNORE_INDEX).all())
+
+
+def bucket_lengths(top: int) -> list[int]:
+    """The row lengths `padding_free` pads to: `top` (a power of two) and its halves down to an eighth of it,
+    so that CUDA graphs see at most four shapes, each at most twice the tokens it holds (or 128)."""
+    return sorted({max(128, top >> i) for i in range(4)})
+
+
+def padding_free(batch: dict[str, torch.Tensor], pad_token_id: int, top: int) -> dict[str, torch.Tensor] | None:
+    """A right-padded batch's rows laid end to end in one row, as a packed row is (position ids restarting at
+    every example, each example's first label -100), then padded to the shortest of `bucket_lengths(top)`
+    that holds them. The padding is an example of its own, unlabelled. The loss and gradients are the
+    unpacked batch's (every example attends only to itself, and the label shift scores the same tokens);
+    the step computes the real tokens and a little padding instead of rows × the longest row.
+    None when the batch is not a plain right-padded SFT batch."""
+    if set(batch) != {"input_ids", "attention_mask", "labels"} or not right_padded(batch):
+        return None
+    lengths = batch["attention_mask"].sum(1).tolist()
+    total = sum(lengths)
+    length = next((b for b in bucket_lengths(top) if b >= total), -(-total // 128) * 128)
+    ids = torch.full((1, length), pad_token_id, dtype=batch["input_ids"].dtype)
+    labels = torch.full((1, length), IGNORE_INDEX, dtype=batch["labels"].dtype)
+    positions = torch.zeros((1, length), dtype=torch.long)
+    at = 0
+    for row, n in enumerate(lengths):
+        if n == 0:
+            continue
+        ids[0, at:at + n] = batch["input_ids"][row, :n]
+        labels[0, at + 1:at + n] = batch["labels"][row, 1:n]
+        positions[0, at:at + n] = torch.arange(n)
+        at += n
+    positions[0, at:] = torch.arange(length - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def bucket_batch(length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A stand-in flattened batch of one bucket's length (examples of 128 tokens, every label set), to
+    capture that shape's CUDA graphs before step 1; its gradients are dropped."""
+    ids = torch.full((1, length), pad_token_id, dtype=torch.long)
+    positions = (torch.arange(length) % 128).unsqueeze(0)
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}

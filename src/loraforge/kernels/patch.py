@@ -670,7 +670,7 @@ def fast_path_summary(model_or_report) -> str:
         parts.append("no CUDA graphs")
     parts.append("chunked loss" if report.get("cross_entropy") else "stock loss")
     if str(report.get("packed_attention", "")).startswith("on"):
-        parts.append("packed rows without a mask")
+        parts.append("rows without padding or masks")
     off = [k for k, v in (report.get("triton") or {}).items() if v.startswith("off") and "no Triton" not in v]
     if off:
         parts.append(f"Triton off: {', '.join(off)} (their PyTorch twins run)")

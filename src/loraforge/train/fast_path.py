@@ -66,16 +66,18 @@ def _graphs(model: Any, run: RunConfig, report: dict[str, Any], *, cuda: bool, p
     elif processes > 1:
         log("CUDA graphs: off under several processes (not yet measured with DDP's gradient hooks)")
     else:
-        return enable_graphed_layers(model, log=log)
+        # Four shapes: unpacked batches flattened to one of four lengths (train/sampler.py, `flatten_to`)
+        return enable_graphed_layers(model, max_signatures=4, log=log)
     return None
 
 
-def prime_graphs(model: Any, runner: Any, loss: Callable[[], Any], *,
+def prime_graphs(model: Any, runner: Any, losses: list[Callable[[], Any]], *,
                  log: Callable[[str], None] = print) -> None:
-    """Capture the layers' CUDA graphs before step 1, from step 1's own batch (`loss` runs its forward).
+    """Capture the layers' CUDA graphs before step 1, from step 1's own batch and stand-ins of the other
+    shapes the run will feed (each of `losses` runs one batch's forward).
 
     Without this, step 1 runs the ordinary checkpoint and step 2 captures (a shape is captured the second
-    time it is seen), so the first steps of every run are several times slower than the rest. Here one
+    time it is seen), so the first steps of every run are several times slower than the rest. Here each
     forward and backward captures at first sight; then the gradients are dropped and the RNG states put
     back, so step 1 computes exactly what it would have computed (the same dropout masks included).
     """
@@ -86,7 +88,8 @@ def prime_graphs(model: Any, runner: Any, loss: Callable[[], Any], *,
     t0 = time.perf_counter()
     before, runner.min_repeats = runner.min_repeats, 1
     try:
-        loss().backward()
+        for loss in losses:
+            loss().backward()
     finally:
         runner.min_repeats = before
         for p in trainable:

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from loraforge.data.packing import boundaries
-from loraforge.data.tokenize import IGNORE_INDEX
+from loraforge.data.packing import boundaries, bucket_batch, bucket_lengths, padding_free, right_padded
 from loraforge.kernels.packed import BOUNDARIES_KEY
 
 
@@ -90,12 +89,17 @@ class StepFeed:
     """
 
     def __init__(self, batches: Iterator[Any], accumulation: int, device: torch.device,
-                 pad_token_id: int | None, *, boundaries: bool = False, padding_mask: bool = True):
+                 pad_token_id: int | None, *, boundaries: bool = False, padding_mask: bool = True,
+                 flatten_to: int | None = None):
         self.batches, self.accumulation, self.device, self.pad = batches, accumulation, device, pad_token_id
         # Packed batches also carry their examples' offsets, for a model whose attention takes them
         # instead of a mask (kernels/packed.py): counted here, on the host copy, like the tokens.
         self.boundaries = boundaries
         self.padding_mask = padding_mask  # False: right-padded batches go without it (`without_padding_mask`)
+        # With the offsets: right-padded batches go as one row of their real tokens, padded to one of four
+        # lengths up to `flatten_to` (`padding_free`), so a step computes no rows of padding and CUDA graphs
+        # see few shapes.
+        self.flatten_to = flatten_to if boundaries and pad_token_id is not None else None
         self._next: StepInputs | None = None
 
     def prefetch(self) -> None:
@@ -117,11 +121,12 @@ class StepFeed:
         if isinstance(micro[0], tuple):  # a stream's (micro-batch, position after it)
             position = micro[-1][1]
             micro = [b for b, _ in micro]
-        if self.boundaries:
-            micro = [b | {BOUNDARIES_KEY: boundaries(b["position_ids"])}
-                     if "position_ids" in b and "attention_mask" not in b else b for b in micro]
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         seen = sum(tokens_in(b, self.pad) for b in micro)
+        if self.flatten_to:
+            micro = [padding_free(b, self.pad, self.flatten_to) or b for b in micro]
+        if self.boundaries:
+            micro = [self._with_boundaries(b) for b in micro]
         if not self.padding_mask:
             micro = [without_padding_mask(b) for b in micro]
         # From pinned memory the copy is queued behind the running step; from pageable memory the driver
@@ -131,6 +136,22 @@ class StepFeed:
                      for b in micro]
         return StepInputs(on_device, labelled, seen, position)
 
+    @staticmethod
+    def _with_boundaries(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "position_ids" in batch and "attention_mask" not in batch:
+            return batch | {BOUNDARIES_KEY: boundaries(batch["position_ids"])}
+        return batch
+
+    def other_shapes(self, first: StepInputs) -> list[dict[str, torch.Tensor]]:
+        """Stand-in batches, on the device, of every flattened length but the first step's: capturing their
+        graphs before step 1 keeps the first steps off the ordinary checkpoint (None without flattening)."""
+        if not self.flatten_to:
+            return []
+        seen = {tuple(b["input_ids"].shape) for b in first.batches}
+        out = [self._with_boundaries(bucket_batch(n, self.pad)) for n in bucket_lengths(self.flatten_to)
+               if (1, n) not in seen]
+        return [{k: v.to(self.device) for k, v in b.items()} for b in out]
+
 
 def without_padding_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A right-padded training batch without its attention mask, when that changes no loss or gradient.
@@ -139,11 +160,7 @@ def without_padding_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     outputs carry no label. Given the mask, transformers reads it on the device to decide whether it may
     skip it: a host wait in every forward (bench/NOTES.md, session 11). A batch padded otherwise (a real
     token after padding, or a labelled padding position) keeps its mask."""
-    mask, labels = batch.get("attention_mask"), batch.get("labels")
-    if mask is None or labels is None:
-        return batch
-    right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all()) and bool((labels[mask == 0] == IGNORE_INDEX).all())
-    return {k: v for k, v in batch.items() if k != "attention_mask"} if right_padded else batch
+    return {k: v for k, v in batch.items() if k != "attention_mask"} if right_padded(batch) else batch
 
 
 def tokens_in(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> int:

@@ -333,9 +333,11 @@ class LLAMATrainer:
         # Workers (dataloader_num_workers > 0) start here, before the signal handlers they must not inherit.
         batches = self._streamed_batches(collate, state) if streamed else \
             self._train_batches(stream, collate, start=state.micro_batch)
-        feed = StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id,
-                        boundaries=self.fast_path.report.get("packed_attention", "").startswith("on"),
-                        padding_mask=self.accelerator.device.type != "cuda")
+        offsets = self.fast_path.report.get("packed_attention", "").startswith("on")
+        most = tcfg.per_device_train_batch_size * cfg.data.max_length  # tokens a micro-batch can hold
+        feed = StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id, boundaries=offsets,
+                        padding_mask=self.accelerator.device.type != "cuda",
+                        flatten_to=1 << (most - 1).bit_length() if offsets and tcfg.objective == "sft" else None)
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
@@ -349,7 +351,8 @@ class LLAMATrainer:
             first = feed.peek()
             n_first = torch.tensor(first.labelled, device=self.accelerator.device)
             prime_graphs(run.model, self.fast_path.graphs,
-                         lambda: self._micro_step_loss(run.model, first.batches[0], n_first), log=self.log)
+                         [partial(self._micro_step_loss, run.model, b, n_first)
+                          for b in [first.batches[0], *feed.other_shapes(first)]], log=self.log)
         run.t0 = time.perf_counter() - state.elapsed_seconds
         run.window = _LogWindow()  # after the capture: the first record's tokens/s is a step's, as elapsed_s is
         later = _Deferred()  # a step's report, made while the next step's backward runs on the GPU
