@@ -143,6 +143,23 @@ def serve_h100() -> str:
     return _table(["case", "stock tokens/s", "loraforge tokens/s", "speed-up", "greedy output = stock"], rows)
 
 
+SERVE_H200 = "generate-server-2026-12-04-h200-s12-run{}.json"  # three calls of the same code, one after another
+
+
+def serve_h200() -> str:
+    """docs/serving.md: the server against stock `generate`, each call its own row (stock's figure moves)."""
+    rows = []
+    for run in (1, 2, 3):
+        results = {r["case"]: r for r in _load(SERVE_H200.format(run))["results"]}
+        many, one = results["server-16-streams-vs-stock-batch-16"], results["server-1-stream-vs-stock-batch-1"]
+        inproc = results["fast-decoder-in-process-16-rows"]["loraforge_tokens_per_s"]
+        rows.append([f"call {run}", f"{many['stock_tokens_per_s']:,}", f"{many['loraforge_tokens_per_s']:,}",
+                     f"**{many['speedup']:.2f}×**", f"{inproc:,}", f"{one['stock_tokens_per_s']:,}",
+                     f"{one['loraforge_tokens_per_s']:,} ({one['speedup']:.2f}×, {one['identical_greedy_rows']} equal)"])
+    return _table(["H200", "stock batch-16", "server, 16 streams", "speed-up", "in process, 16 rows",
+                   "stock, 1 row", "server, 1 stream"], rows)
+
+
 def _count(x: float) -> str:
     """A measured count with thousands separators, rounded half up (format's half-to-even gives 3,288 for 3288.5)."""
     return f"{math.floor(x + 0.5):,}"
@@ -197,8 +214,8 @@ def ddp_phases_h200() -> str:
     return text + _table(["", *PHASES, "rest of the step"], rows)
 
 
-FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100, "ddp-h200": ddp_h200,
-                                         "ddp-phases-h200": ddp_phases_h200, "train-h200": train_h200,
+FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100, "serve-h200": serve_h200,
+                                         "ddp-h200": ddp_h200, "ddp-phases-h200": ddp_phases_h200, "train-h200": train_h200,
                                          "train-vs-bench-h200": train_vs_bench_h200,
                                          "peers-h200": peers_h200}
 
