@@ -71,6 +71,12 @@ def test_the_feed_flattens_counts_and_gives_offsets():
     assert b[BOUNDARIES_KEY][:5].tolist() == [0, 6, 15, 18, 128]
     # stand-ins of the other lengths, to capture their graphs before step 1
     assert [s["input_ids"].shape[1] for s in feed.other_shapes(step)] == [256, 512, 1024]
+    # packed rows are never flattened, and keep their one shape: no stand-ins
+    packed = {"input_ids": torch.ones(2, 64, dtype=torch.long), "labels": torch.ones(2, 64, dtype=torch.long),
+              "position_ids": torch.arange(64).repeat(2, 1)}
+    feed = StepFeed(iter([packed]), 1, torch.device("cpu"), 0, boundaries=True, padding_mask=False, flatten_to=1024)
+    step = feed.take()
+    assert step.batches[0]["input_ids"].shape == (2, 64) and feed.other_shapes(step) == []
     # without the offsets (no flash varlen attention) the rows stay padded
     plain = StepFeed(iter([batch]), 1, torch.device("cpu"), 0, padding_mask=False, flatten_to=1024).take()
     assert plain.batches[0]["input_ids"].shape == (3, 128)

@@ -100,6 +100,7 @@ class StepFeed:
         # lengths up to `flatten_to` (`padding_free`), so a step computes no rows of padding and CUDA graphs
         # see few shapes.
         self.flatten_to = flatten_to if boundaries and pad_token_id is not None else None
+        self.flattened = False  # whether a batch went flattened yet (packed data never does)
         self._next: StepInputs | None = None
 
     def prefetch(self) -> None:
@@ -124,7 +125,9 @@ class StepFeed:
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         seen = sum(tokens_in(b, self.pad) for b in micro)
         if self.flatten_to:
-            micro = [padding_free(b, self.pad, self.flatten_to) or b for b in micro]
+            flat = [padding_free(b, self.pad, self.flatten_to) for b in micro]
+            self.flattened |= any(f is not None for f in flat)
+            micro = [f or b for f, b in zip(flat, micro, strict=True)]
         if self.boundaries:
             micro = [self._with_boundaries(b) for b in micro]
         if not self.padding_mask:
@@ -144,8 +147,9 @@ class StepFeed:
 
     def other_shapes(self, first: StepInputs) -> list[dict[str, torch.Tensor]]:
         """Stand-in batches, on the device, of every flattened length but the first step's: capturing their
-        graphs before step 1 keeps the first steps off the ordinary checkpoint (None without flattening)."""
-        if not self.flatten_to:
+        graphs before step 1 keeps the first steps off the ordinary checkpoint (none unless `first` came
+        flattened: packed rows keep their one shape)."""
+        if not self.flattened:
             return []
         seen = {tuple(b["input_ids"].shape) for b in first.batches}
         out = [self._with_boundaries(bucket_batch(n, self.pad)) for n in bucket_lengths(self.flatten_to)

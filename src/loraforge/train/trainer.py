@@ -334,10 +334,12 @@ class LLAMATrainer:
         batches = self._streamed_batches(collate, state) if streamed else \
             self._train_batches(stream, collate, start=state.micro_batch)
         offsets = self.fast_path.report.get("packed_attention", "").startswith("on")
+        # Unpacked SFT batches go as one row of their real tokens where attention takes offsets (sampler.py)
+        flatten = offsets and tcfg.objective == "sft" and not cfg.data.packing
         most = tcfg.per_device_train_batch_size * cfg.data.max_length  # tokens a micro-batch can hold
         feed = StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id, boundaries=offsets,
                         padding_mask=self.accelerator.device.type != "cuda",
-                        flatten_to=1 << (most - 1).bit_length() if offsets and tcfg.objective == "sft" else None)
+                        flatten_to=1 << (most - 1).bit_length() if flatten else None)
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
