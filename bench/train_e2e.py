@@ -15,6 +15,8 @@ Arms, each in its own process so none inherits another's memory or compiled stat
 - `train-noamp`: the same with training.mixed_precision "no" (no autocast; the model computes in bf16).
 - `train-unpacked`: the same with data.packing false (the default a user gets): one example a row, right-padded
   (case `...-unpacked`, `"packing": false`; tokens/s counts real tokens, not the padding).
+- `stock-unpacked`: `train-unpacked` with model.fast_kernels false: the stock stack (transformers + peft +
+  bitsandbytes) through the same command, loop and data (arm `stock-train`).
 - `bench`: the benchmark's fast path (`bench_run` + `build_loraforge`, `_time_steps`): random token rows.
 - `stock`: transformers + peft + bitsandbytes, as `build_stock` builds it.
 The tokenizer is the embedded SmolLM2's (no hub here); a shape whose vocabulary is smaller (Llama-2,
@@ -55,10 +57,10 @@ def _name(shape: str, p: float, dora: bool = False) -> str:
 
 
 def _config(path: str, data: str, run_dir: Path, p: float, steps: int, training: dict | None = None,
-            dora: bool = False, packing: bool = True) -> Path:
+            dora: bool = False, packing: bool = True, model: dict | None = None) -> Path:
     cfg = {
         "model": {"model_name": path, "use_4bit": True, "bnb_4bit_compute_dtype": "bfloat16", "dtype": "bfloat16",
-                  "attn_implementation": "sdpa", "device": os.environ.get("E2E_DEVICE", "cuda")},
+                  "attn_implementation": "sdpa", "device": os.environ.get("E2E_DEVICE", "cuda"), **(model or {})},
         "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": p, "target_modules": "all-linear", "use_dora": dora},
         "data": {"dataset": data, "format": "alpaca", "template": "alpaca", "max_length": SEQ, "packing": packing,
                  "validation_split": 0.01, "cache": False},
@@ -84,9 +86,10 @@ def _window(by_step: dict[int, dict], el: dict[int, float], a: int, b: int) -> t
 
 
 def _train_arm(path: str, data: str, out: Path, p: float, steps: int, src: Path, arm: str,
-               training: dict | None = None, dora: bool = False, packing: bool = True) -> dict:
+               training: dict | None = None, dora: bool = False, packing: bool = True,
+               model: dict | None = None) -> dict:
     run_dir = out / f"run-{Path(path).name}-{p:g}{'-dora' if dora else ''}-{arm}{'' if packing else '-unpacked'}"
-    cfg = _config(path, data, run_dir, p, steps, training, dora, packing)
+    cfg = _config(path, data, run_dir, p, steps, training, dora, packing, model)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "loraforge.cli", "train", str(cfg)], env=env,
@@ -230,6 +233,10 @@ def main() -> None:
             elif arm == "train-unpacked":  # data.packing false, the default: right-padded rows of each example
                 rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "loraforge-train",
                                  {"logging_steps": args.logging_steps}, dora=dora, packing=False)
+            elif arm == "stock-unpacked":  # the same command and data on the stock stack
+                rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", "stock-train",
+                                 {"logging_steps": args.logging_steps}, dora=dora, packing=False,
+                                 model={"fast_kernels": False})
             elif arm == "train-noamp":  # the same run without Accelerate's bf16 autocast around the forward
                 rec = _train_arm(path, args.data, out, p, args.steps, ROOT / "src", arm, {"mixed_precision": "no"})
             elif arm == "before":
@@ -238,7 +245,7 @@ def main() -> None:
                 rec = _train_arm(path, args.data, out, p, args.steps, Path(args.old_src), "loraforge-train-before")
             else:
                 rec = _spawn(args, case, arm, out)
-            unpacked = arm == "train-unpacked"  # tokens/s counts real tokens: the padding is not counted
+            unpacked = arm in ("train-unpacked", "stock-unpacked")  # tokens/s counts real tokens, not the padding
             rec.update(case=_name(shape, p, dora) + ("-unpacked" if unpacked else ""), shape=shape, lora_dropout=p,
                        use_dora=dora, packing=not unpacked)
             print(json.dumps(rec), flush=True)
