@@ -333,13 +333,7 @@ class LLAMATrainer:
         # Workers (dataloader_num_workers > 0) start here, before the signal handlers they must not inherit.
         batches = self._streamed_batches(collate, state) if streamed else \
             self._train_batches(stream, collate, start=state.micro_batch)
-        offsets = self.fast_path.report.get("packed_attention", "").startswith("on")
-        # Unpacked SFT batches go as one row of their real tokens where attention takes offsets (sampler.py)
-        flatten = offsets and tcfg.objective == "sft" and not cfg.data.packing
-        most = tcfg.per_device_train_batch_size * cfg.data.max_length  # tokens a micro-batch can hold
-        feed = StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id, boundaries=offsets,
-                        padding_mask=self.accelerator.device.type != "cuda",
-                        flatten_to=1 << (most - 1).bit_length() if flatten else None)
+        feed = self._feed(batches, accum)
         self._signal = None
         self._install_signal_handlers()
         run.progress.start(state.step)
@@ -465,6 +459,17 @@ class LLAMATrainer:
         # that draw would shift the dropout masks (and break exact resume, which restores that RNG).
         return DataLoader(dataset, collate_fn=collate, num_workers=self.config.training.dataloader_num_workers,
                           generator=torch.Generator(), worker_init_fn=_quiet_worker, **batching)
+
+    def _feed(self, batches: Iterator[Any], accum: int) -> StepFeed:
+        """The steps' inputs, loaded a step ahead: with the examples' offsets where attention takes them, and
+        then unpacked SFT batches as one row of their real tokens (sampler.py)."""
+        cfg, tcfg = self.config, self.config.training
+        offsets = self.fast_path.report.get("packed_attention", "").startswith("on")
+        flatten = offsets and tcfg.objective == "sft" and not cfg.data.packing
+        most = tcfg.per_device_train_batch_size * cfg.data.max_length  # tokens a micro-batch can hold
+        return StepFeed(batches, accum, self.accelerator.device, self.tokenizer.pad_token_id, boundaries=offsets,
+                        padding_mask=self.accelerator.device.type != "cuda",
+                        flatten_to=1 << (most - 1).bit_length() if flatten else None)
 
     def _collator(self, multiple: int | None) -> Any:
         """Pads SFT examples, or pairs into one batch of their chosen then rejected sides."""
