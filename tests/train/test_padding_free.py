@@ -4,6 +4,7 @@ gradients as the right-padded rows, a few row lengths for CUDA graphs, and the f
 from __future__ import annotations
 
 import torch
+from trainhelpers import token_examples
 
 from loraforge.data.collate import PadCollator
 from loraforge.data.packing import bucket_lengths, padding_free
@@ -11,18 +12,9 @@ from loraforge.kernels.packed import BOUNDARIES_KEY
 from loraforge.train.sampler import StepFeed
 
 
-def _examples(lengths: list[int], vocab: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
-    return out
-
-
 def test_rows_laid_end_to_end_then_padded_to_a_bucket():
     assert bucket_lengths(2048) == [256, 512, 1024, 2048] and bucket_lengths(512) == [128, 256, 512]
-    examples = _examples([6, 9, 3], 50)
+    examples = token_examples([6, 9, 3], 50)
     batch = PadCollator(0, 8)(examples)
     one = padding_free(batch, 0, 2048)
     assert set(one) == {"input_ids", "labels", "position_ids"} and one["input_ids"].shape == (1, 256)
@@ -31,11 +23,11 @@ def test_rows_laid_end_to_end_then_padded_to_a_bucket():
     assert pos == [*range(6), *range(9), *range(3), *range(256 - 18)]  # the padding: an example of its own
     # each example's first label is never scored (as the unpacked label shift never scores it)
     assert labels[:18] == [t for e in examples for t in [-100, *e["labels"][1:]]] and set(labels[18:]) == {-100}
-    assert padding_free(PadCollator(0)(_examples([300, 200], 50)), 0, 2048)["input_ids"].shape == (1, 512)
+    assert padding_free(PadCollator(0)(token_examples([300, 200], 50)), 0, 2048)["input_ids"].shape == (1, 512)
 
 
 def test_only_plain_right_padded_batches_are_flattened():
-    batch = PadCollator(0)(_examples([6, 9, 3], 50))
+    batch = PadCollator(0)(token_examples([6, 9, 3], 50))
     left = dict(batch, attention_mask=batch["attention_mask"].flip(1))
     labelled_pad = dict(batch, labels=batch["input_ids"].clone())
     packed = {k: v for k, v in batch.items() if k != "attention_mask"} | {"position_ids": batch["input_ids"] * 0}
@@ -48,7 +40,7 @@ def test_same_loss_and_gradients_as_the_padded_rows(tiny_model_dir):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    batch = PadCollator(model.config.pad_token_id or 0)(_examples([20, 7, 13, 2], model.config.vocab_size))
+    batch = PadCollator(model.config.pad_token_id or 0)(token_examples([20, 7, 13, 2], model.config.vocab_size))
     results = []
     for b in (batch, padding_free(batch, model.config.pad_token_id or 0, 256)):
         model.zero_grad(set_to_none=True)
@@ -62,7 +54,7 @@ def test_same_loss_and_gradients_as_the_padded_rows(tiny_model_dir):
 
 
 def test_the_feed_flattens_counts_and_gives_offsets():
-    batch = PadCollator(0, 128)(_examples([6, 9, 3], 50))
+    batch = PadCollator(0, 128)(token_examples([6, 9, 3], 50))
     feed = StepFeed(iter([batch]), 1, torch.device("cpu"), 0, boundaries=True, padding_mask=False, flatten_to=1024)
     step = feed.take()
     b = step.batches[0]

@@ -5,22 +5,14 @@ gives the same loss and gradients."""
 from __future__ import annotations
 
 import torch
+from trainhelpers import token_examples
 
 from loraforge.data.collate import PadCollator
 from loraforge.train.sampler import StepFeed, without_padding_mask
 
 
-def _examples(lengths: list[int], vocab: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
-    return out
-
-
 def test_only_right_padded_batches_lose_their_mask():
-    batch = PadCollator(0)(_examples([6, 9, 3], 50))
+    batch = PadCollator(0)(token_examples([6, 9, 3], 50))
     assert "attention_mask" not in without_padding_mask(batch)
     left = dict(batch, attention_mask=batch["attention_mask"].flip(1))  # a real token after padding
     labelled_pad = dict(batch, labels=batch["input_ids"].clone())  # a padding position with a label
@@ -29,7 +21,7 @@ def test_only_right_padded_batches_lose_their_mask():
 
 
 def test_the_feed_counts_real_tokens_then_drops_the_mask():
-    batch = PadCollator(0)(_examples([6, 9, 3], 50))
+    batch = PadCollator(0)(token_examples([6, 9, 3], 50))
     step = StepFeed(iter([batch]), 1, torch.device("cpu"), 0, padding_mask=False).take()
     assert "attention_mask" not in step.batches[0] and step.seen == 18 and step.labelled == 4 + 7 + 1
 
@@ -39,7 +31,7 @@ def test_same_loss_and_gradients_without_the_mask(tiny_model_dir):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    batch = PadCollator(model.config.pad_token_id or 0)(_examples([20, 7, 13, 2], model.config.vocab_size))
+    batch = PadCollator(model.config.pad_token_id or 0)(token_examples([20, 7, 13, 2], model.config.vocab_size))
     results = []
     for b in (batch, without_padding_mask(batch)):
         model.zero_grad(set_to_none=True)

@@ -22,6 +22,18 @@ def make_records(n: int) -> list[dict[str, Any]]:
     return out
 
 
+def token_examples(lengths: list[int], vocab: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Tokenized examples of these lengths (random ids from 3 on), their first two labels masked."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return out
+
+
 def run_config(model_dir: Path, data_file: Path, out: Path, *, lora_dropout: float = 0.0,
                **training: Any) -> RunConfig:
     t = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
