@@ -155,7 +155,8 @@ def serve_h200() -> str:
         inproc = results["fast-decoder-in-process-16-rows"]["loraforge_tokens_per_s"]
         rows.append([f"call {run}", f"{many['stock_tokens_per_s']:,}", f"{many['loraforge_tokens_per_s']:,}",
                      f"**{many['speedup']:.2f}×**", f"{inproc:,}", f"{one['stock_tokens_per_s']:,}",
-                     f"{one['loraforge_tokens_per_s']:,} ({one['speedup']:.2f}×, {one['identical_greedy_rows']} equal)"])
+                     f"{one['loraforge_tokens_per_s']:,} "
+                     f"({one['speedup']:.2f}×, {one['identical_greedy_rows']} equal)"])
     return _table(["H200", "stock batch-16", "server, 16 streams", "speed-up", "in process, 16 rows",
                    "stock, 1 row", "server, 1 stream"], rows)
 
@@ -215,7 +216,8 @@ def ddp_phases_h200() -> str:
 
 
 FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100, "serve-h200": serve_h200,
-                                         "ddp-h200": ddp_h200, "ddp-phases-h200": ddp_phases_h200, "train-h200": train_h200,
+                                         "ddp-h200": ddp_h200, "ddp-phases-h200": ddp_phases_h200,
+                                         "train-h200": train_h200,
                                          "train-vs-bench-h200": train_vs_bench_h200,
                                          "peers-h200": peers_h200}
 
