@@ -3,6 +3,7 @@
     python bench/convergence.py --device cpu  --arms all [--steps 32] [--threads 1] [--out bench/results]
     python bench/convergence.py --device cuda --arms all [--steps 200] [--out DIR]
     python bench/convergence.py --device cuda --arms stock fast
+    python bench/convergence.py --device cuda --arms all --parallel 7 --threads 2   # every GPU arm at once
 
 Arms (loraforge.bench.convergence.ARMS): GPU stock, fast, fast-graphs, bf16-lora, nf4-qlora, long-context,
 packing; CPU cpu-fp32-lora, cpu-nf4-qlora. Each trains the embedded SmolLM2-135M-Instruct on chitchat with
@@ -33,11 +34,13 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON and PNG go")
     p.add_argument("--workdir", type=Path, default=None, help="run folders and logs (default: a temp folder)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per arm (1 is faster on shared cores)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="arms run at once (held-out perplexity is unchanged; their timings are then not speeds)")
     a = p.parse_args()
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="loraforge-convergence-"))
     try:
         steps = a.steps or DEFAULT_STEPS[a.device]
-        path, _ = run_convergence(a.device, a.arms, steps, a.out, workdir, threads=a.threads)
+        path, _ = run_convergence(a.device, a.arms, steps, a.out, workdir, threads=a.threads, parallel=a.parallel)
     except LoraforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -108,3 +108,25 @@ def test_the_results_are_written_after_every_arm(tmp_path: Path, monkeypatch: py
     written = json.loads(path.read_text())
     assert [r["arm"] for r in written["arms"]] == ["cpu-fp32-lora"]
     assert written["complete"] is False
+
+
+def test_parallel_arms_run_at_once_and_keep_their_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """--parallel 2 starts both arms before either ends (each waits for the other), records stay in arm
+    order, and the results say the timings are not speeds."""
+    import threading
+
+    both_started = threading.Barrier(2, timeout=10)
+
+    def child(arm, steps, workdir, log, threads=None):
+        both_started.wait()  # raises BrokenBarrierError if the arms ran one after the other
+        ppl = 30.0 if arm.name == "cpu-fp32-lora" else 30.3
+        return {"arm": arm.name, "held_out_ppl": ppl, "step0_held_out_ppl": 70.0, "device": "cpu", "loss_curve": []}
+
+    monkeypatch.setattr(conv, "_run_child", child)
+    path, records = conv.run_convergence("cpu", ["cpu-fp32-lora", "cpu-nf4-qlora"], 2, tmp_path,
+                                         tmp_path / "work", log=lambda m: None, parallel=2)
+    written = json.loads(path.read_text())
+    assert [r["arm"] for r in records] == [r["arm"] for r in written["arms"]] == ["cpu-fp32-lora", "cpu-nf4-qlora"]
+    assert written["complete"] is True and written["parallel"] == 2 and "not speed" in written["timing_note"]
+    (c,) = written["comparisons"]
+    assert c["within"] and c["relative_difference"] == pytest.approx(0.01)

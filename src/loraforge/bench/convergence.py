@@ -24,8 +24,10 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,12 +246,15 @@ def _tail_mean(values: list[float]) -> float | None:
 
 
 def run_convergence(device: Device, arm_names: Sequence[str], steps: int, out_dir: Path, workdir: Path,
-                    log: Callable[[str], None] = print,
-                    threads: int | None = None) -> tuple[Path, list[dict[str, Any]]]:
+                    log: Callable[[str], None] = print, threads: int | None = None,
+                    parallel: int = 1) -> tuple[Path, list[dict[str, Any]]]:
     """Run each arm in its own process, then write convergence-<device>-<date>.json and the loss-curve PNG.
 
-    Returns the JSON path and the records. A failed arm is recorded with its error and the others still
-    run; ConvergenceError is raised at the end naming every failed arm, after the results are written.
+    `parallel` > 1 runs that many arms at once (on one GPU the small model's arms are host-bound, so several
+    share it with room to spare); held-out perplexity does not depend on it, but then `tokens_per_s` and
+    `wall_s` are not speed measurements, and the results say so. Returns the JSON path and the records. A
+    failed arm is recorded with its error and the others still run; ConvergenceError is raised at the end
+    naming every failed arm, after the results are written.
     """
     import torch
 
@@ -258,12 +263,22 @@ def run_convergence(device: Device, arm_names: Sequence[str], steps: int, out_di
                             "run. The CPU arms run with --device cpu.")
     arms = arms_for(device, arm_names)
     workdir.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    for arm in arms:
+    done: dict[str, dict[str, Any]] = {}
+    writing = threading.Lock()
+
+    def run(arm: Arm) -> None:
         log(f"── arm {arm.name} ({arm.note}), {steps} steps")
-        records.append(_run_child(arm, steps, workdir, log, threads))
+        record = _run_child(arm, steps, workdir, log, threads)
         # Written after every arm: a run cut short (a device call's time limit) keeps the arms it finished.
-        stem, summary = _write_results(device, records, steps, out_dir, complete=len(records) == len(arms))
+        with writing:
+            done[arm.name] = record
+            _write_results(device, [done[a.name] for a in arms if a.name in done], steps, out_dir,
+                           complete=len(done) == len(arms), parallel=parallel)
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        list(pool.map(run, arms))
+    records = [done[a.name] for a in arms]
+    stem, summary = _write_results(device, records, steps, out_dir, complete=True, parallel=parallel)
     plot_curves(records, stem.with_suffix(".png"),
                 title=f"convergence on {summary['device']}, {steps} steps, same data and seed")
     for c in summary["comparisons"]:
@@ -277,7 +292,7 @@ def run_convergence(device: Device, arm_names: Sequence[str], steps: int, out_di
 
 
 def _write_results(device: Device, records: list[dict[str, Any]], steps: int, out_dir: Path,
-                   complete: bool) -> tuple[Path, dict[str, Any]]:
+                   complete: bool, parallel: int = 1) -> tuple[Path, dict[str, Any]]:
     """convergence-<device>-<date>.json with the arms run so far and the criteria they allow."""
     from loraforge.bench.device import device_tag
 
@@ -286,7 +301,10 @@ def _write_results(device: Device, records: list[dict[str, Any]], steps: int, ou
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"convergence-{device_tag(tag) if device == 'cuda' else 'cpu'}-{date}"
     summary = {"device": tag, "date": date, "steps": steps, "config": "configs/demo.yaml + common_overrides",
-               "complete": complete, "comparisons": compare_arms(records), "arms": records}
+               "complete": complete, "parallel": parallel, "comparisons": compare_arms(records), "arms": records}
+    if parallel > 1:
+        summary["timing_note"] = (f"{parallel} arms ran at once on one device: tokens_per_s and wall_s are not "
+                                  "speed measurements (held-out perplexity does not depend on it)")
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return stem, summary
 
