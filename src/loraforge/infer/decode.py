@@ -31,18 +31,31 @@ if _triton.AVAILABLE:
         libdevice = None
 
     @triton.jit
+    def _load_residual(h_ptr, d_ptr, hout_ptr, row, offs, m, n, HAS_ADD: tl.constexpr):
+        # float(h + d), with h + d rounded to the activation dtype and stored as eager's residual add does.
+        h = tl.load(h_ptr + row * n + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            d = tl.load(d_ptr + row * n + offs, mask=m, other=0.0).to(tl.float32)
+            hb = (h + d).to(hout_ptr.dtype.element_ty)
+            tl.store(hout_ptr + row * n + offs, hb, mask=m)
+            h = hb.to(tl.float32)
+        return h
+
+    @triton.jit
+    def _store_scaled(x, r, w_ptr, out_ptr, row, offs, m, n):
+        # weight * (x * r).to(dtype): LlamaRMSNorm's last two operations, each rounded as eager rounds it.
+        y = (x * r).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n + offs, (w * y).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _add_square_kernel(h_ptr, d_ptr, out_ptr, sq_ptr, n, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
         # h' = h + d (rounded to the activation dtype, as eager's add), sq = float(h')²: RMSNorm's `.float()`
         # and `.pow(2)` of the next norm, fused into the residual add before it.
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < n
-        h = tl.load(h_ptr + row * n + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            d = tl.load(d_ptr + row * n + offs, mask=m, other=0.0).to(tl.float32)
-            hb = (h + d).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + row * n + offs, hb, mask=m)
-            h = hb.to(tl.float32)
+        h = _load_residual(h_ptr, d_ptr, out_ptr, row, offs, m, n, HAS_ADD)
         tl.store(sq_ptr + row * n + offs, h * h, mask=m)
 
     @triton.jit
@@ -58,10 +71,7 @@ if _triton.AVAILABLE:
         offs = tl.arange(0, BLOCK)
         m = offs < n
         x = tl.load(x_ptr + row * n + offs, mask=m, other=0.0).to(tl.float32)
-        r = _rsqrt(tl.load(var_ptr + row) + eps, MODE)
-        y = (x * r).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * n + offs, (w * y).to(out_ptr.dtype.element_ty), mask=m)
+        _store_scaled(x, _rsqrt(tl.load(var_ptr + row) + eps, MODE), w_ptr, out_ptr, row, offs, m, n)
 
     @triton.jit
     def _rms_norm_kernel(h_ptr, d_ptr, hout_ptr, w_ptr, out_ptr, eps, n, HAS_ADD: tl.constexpr,
@@ -71,16 +81,8 @@ if _triton.AVAILABLE:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < n
-        h = tl.load(h_ptr + row * n + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            d = tl.load(d_ptr + row * n + offs, mask=m, other=0.0).to(tl.float32)
-            hb = (h + d).to(hout_ptr.dtype.element_ty)
-            tl.store(hout_ptr + row * n + offs, hb, mask=m)
-            h = hb.to(tl.float32)
-        r = _rsqrt(tl.sum(h * h, axis=0) / n + eps, MODE)
-        y = (h * r).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * n + offs, (w * y).to(out_ptr.dtype.element_ty), mask=m)
+        h = _load_residual(h_ptr, d_ptr, hout_ptr, row, offs, m, n, HAS_ADD)
+        _store_scaled(h, _rsqrt(tl.sum(h * h, axis=0) / n + eps, MODE), w_ptr, out_ptr, row, offs, m, n)
 
     @triton.jit
     def _round_bf16(x):
