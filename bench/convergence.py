@@ -36,11 +36,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads per arm (1 is faster on shared cores)")
     p.add_argument("--parallel", type=int, default=1,
                    help="arms run at once (held-out perplexity is unchanged; their timings are then not speeds)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every arm, e.g. --set data.max_samples=null (repeatable)")
     a = p.parse_args()
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="loraforge-convergence-"))
     try:
         steps = a.steps or DEFAULT_STEPS[a.device]
-        path, _ = run_convergence(a.device, a.arms, steps, a.out, workdir, threads=a.threads, parallel=a.parallel)
+        path, _ = run_convergence(a.device, a.arms, steps, a.out, workdir, threads=a.threads,
+                                  parallel=a.parallel, extra=a.set)
     except LoraforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

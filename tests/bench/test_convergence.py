@@ -95,7 +95,7 @@ def test_comparisons_show_the_step0_gap_the_base_models_alone_make():
 
 def test_the_results_are_written_after_every_arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A run cut short (a device call's time limit) keeps the arms it finished, marked incomplete."""
-    def child(arm, steps, workdir, log, threads=None):
+    def child(arm, steps, workdir, log, threads=None, extra=()):
         if arm.name == "cpu-nf4-qlora":
             raise KeyboardInterrupt  # the call's limit kills the run during the second arm
         return {"arm": arm.name, "held_out_ppl": 33.5, "step0_held_out_ppl": 76.7, "device": "cpu", "loss_curve": []}
@@ -117,7 +117,7 @@ def test_parallel_arms_run_at_once_and_keep_their_order(tmp_path: Path, monkeypa
 
     both_started = threading.Barrier(2, timeout=10)
 
-    def child(arm, steps, workdir, log, threads=None):
+    def child(arm, steps, workdir, log, threads=None, extra=()):
         both_started.wait()  # raises BrokenBarrierError if the arms ran one after the other
         ppl = 30.0 if arm.name == "cpu-fp32-lora" else 30.3
         return {"arm": arm.name, "held_out_ppl": ppl, "step0_held_out_ppl": 70.0, "device": "cpu", "loss_curve": []}
@@ -130,3 +130,19 @@ def test_parallel_arms_run_at_once_and_keep_their_order(tmp_path: Path, monkeypa
     assert written["complete"] is True and written["parallel"] == 2 and "not speed" in written["timing_note"]
     (c,) = written["comparisons"]
     assert c["within"] and c["relative_difference"] == pytest.approx(0.01)
+
+
+def test_set_overrides_every_arm_but_not_what_an_arm_names(tmp_path: Path):
+    extra = ["data.max_samples=null", "model.use_4bit=false"]
+    fast, bf16 = (conv.arm_config(conv.ARMS[n], 7, tmp_path, extra) for n in ("fast", "bf16-lora"))
+    assert fast.data.max_samples is None and bf16.data.max_samples is None
+    assert fast.model.use_4bit and not bf16.model.use_4bit  # the arm's own switch wins over --set
+
+
+def test_a_bad_set_fails_before_any_arm_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    started = []
+    monkeypatch.setattr(conv, "_run_child", lambda *a, **k: started.append(a))
+    with pytest.raises(ConfigError, match="max_smaples"):
+        conv.run_convergence("cpu", ["cpu-fp32-lora"], 2, tmp_path, tmp_path / "work", log=lambda m: None,
+                             extra=["data.max_smaples=10"])
+    assert started == []

@@ -119,18 +119,21 @@ def common_overrides(device: Device, steps: int, workdir: Path, arm: str) -> lis
                   "training.gradient_accumulation_steps=2", "data.max_eval_samples=24"]
 
 
-def arm_config(arm: Arm, steps: int, workdir: Path) -> Any:
-    """The arm's RunConfig: configs/demo.yaml + the common overrides + the arm's own."""
+def arm_config(arm: Arm, steps: int, workdir: Path, extra: Sequence[str] = ()) -> Any:
+    """The arm's RunConfig: configs/demo.yaml + the common overrides + `extra` (--set, the same for every arm)
+    + the arm's own, last, so that an arm always gets what it names."""
     from loraforge.config import load_config
     from loraforge.demo import demo_config_path
 
-    return load_config(demo_config_path(), common_overrides(arm.device, steps, workdir, arm.name) + list(arm.overrides))
+    common = common_overrides(arm.device, steps, workdir, arm.name)
+    return load_config(demo_config_path(), common + list(extra) + list(arm.overrides))
 
 
 # ------------------------------------------------------------------------------------------ one arm (child)
 
 
-def train_arm(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def train_arm(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None],
+              extra: Sequence[str] = ()) -> dict[str, Any]:
     """Train one arm in this process and return its record (held-out perplexity, loss curve, timings)."""
     import torch
 
@@ -140,7 +143,7 @@ def train_arm(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None]) -
     if arm.device == "cuda" and not torch.cuda.is_available():
         raise ResourceError(f"arm {arm.name} runs on a CUDA GPU and none is visible (torch {torch.__version__}); "
                             "nothing was measured. Run the CPU arms with --device cpu.")
-    cfg = arm_config(arm, steps, workdir)
+    cfg = arm_config(arm, steps, workdir, extra)
     t0 = time.perf_counter()
     trainer = LLAMATrainer.from_config(cfg, log=log)
     trainer.setup()
@@ -164,7 +167,7 @@ def train_arm(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None]) -
               "versions": versions(), "date": datetime.date.today().isoformat(),
               "fast_path": trainer.fast_path.line, "note": arm.note,
               "validation_conversations": len(trainer.data.validation),
-              "overrides": list(arm.overrides), "loss_curve": curve}
+              "overrides": list(arm.overrides), "extra_overrides": list(extra), "loss_curve": curve}
     if arm.check:
         record["evaluator_check"] = check_evaluator(cfg, result.adapter_dir, trainer.data.validation,
                                                     trainer.tokenizer.pad_token_id, arm.device)
@@ -247,12 +250,13 @@ def _tail_mean(values: list[float]) -> float | None:
 
 def run_convergence(device: Device, arm_names: Sequence[str], steps: int, out_dir: Path, workdir: Path,
                     log: Callable[[str], None] = print, threads: int | None = None,
-                    parallel: int = 1) -> tuple[Path, list[dict[str, Any]]]:
+                    parallel: int = 1, extra: Sequence[str] = ()) -> tuple[Path, list[dict[str, Any]]]:
     """Run each arm in its own process, then write convergence-<device>-<date>.json and the loss-curve PNG.
 
     `parallel` > 1 runs that many arms at once (on one GPU the small model's arms are host-bound, so several
     share it with room to spare); held-out perplexity does not depend on it, but then `tokens_per_s` and
-    `wall_s` are not speed measurements, and the results say so. Returns the JSON path and the records. A
+    `wall_s` are not speed measurements, and the results say so. `extra`: config overrides for every arm
+    (e.g. `data.max_samples=null`), checked here before any arm starts. Returns the JSON path and the records. A
     failed arm is recorded with its error and the others still run; ConvergenceError is raised at the end
     naming every failed arm, after the results are written.
     """
@@ -262,13 +266,15 @@ def run_convergence(device: Device, arm_names: Sequence[str], steps: int, out_di
         raise ResourceError(f"--device cuda: no CUDA GPU is visible here (torch {torch.__version__}); nothing was "
                             "run. The CPU arms run with --device cpu.")
     arms = arms_for(device, arm_names)
+    for arm in arms:  # a bad --set fails now (ConfigError, exit 2), not in every child
+        arm_config(arm, steps, workdir, extra)
     workdir.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     writing = threading.Lock()
 
     def run(arm: Arm) -> None:
         log(f"── arm {arm.name} ({arm.note}), {steps} steps")
-        record = _run_child(arm, steps, workdir, log, threads)
+        record = _run_child(arm, steps, workdir, log, threads, extra)
         # Written after every arm: a run cut short (a device call's time limit) keeps the arms it finished.
         with writing:
             done[arm.name] = record
@@ -310,13 +316,14 @@ def _write_results(device: Device, records: list[dict[str, Any]], steps: int, ou
 
 
 def _run_child(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None],
-               threads: int | None = None) -> dict[str, Any]:
+               threads: int | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
     record_path = workdir / f"{arm.name}.record.json"
     record_path.unlink(missing_ok=True)
     src = str(Path(__file__).resolve().parents[2])  # the child imports the same loraforge as this process
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "loraforge.bench.convergence", "--arm", arm.name, "--steps", str(steps),
            "--workdir", str(workdir), "--record", str(record_path)] + (["--threads", str(threads)] if threads else [])
+    cmd += [f"--set={o}" for o in extra]
     t0 = time.perf_counter()
     log_path = workdir / f"{arm.name}.log"
     lines: list[str] = []
@@ -404,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--record", type=Path, required=True)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], help="a config override for this arm (KEY=VALUE)")
     a = p.parse_args(argv)
     if a.threads:
         import torch
@@ -412,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    record = train_arm(ARMS[a.arm], a.steps, a.workdir, log=lambda m: print(m, flush=True))
+    record = train_arm(ARMS[a.arm], a.steps, a.workdir, log=lambda m: print(m, flush=True), extra=a.set)
     a.record.write_text(json.dumps(record, indent=1))
     return 0
 
