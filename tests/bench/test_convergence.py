@@ -146,3 +146,40 @@ def test_a_bad_set_fails_before_any_arm_starts(tmp_path: Path, monkeypatch: pyte
         conv.run_convergence("cpu", ["cpu-fp32-lora"], 2, tmp_path, tmp_path / "work", log=lambda m: None,
                              extra=["data.max_smaples=10"])
     assert started == []
+
+
+def test_diagnostic_arms_run_by_name_only():
+    assert "bf16-lora-nf4-base" not in [a.name for a in conv.arms_for("cuda", ["all"])]
+    assert [a.name for a in conv.arms_for("cpu", ["cpu-fp32-lora-nf4-base"])] == ["cpu-fp32-lora-nf4-base"]
+    relations = {(a, b) for a, b, *_ in conv.RELATIONS}
+    assert {("nf4-qlora", "bf16-lora-nf4-base"), ("cpu-nf4-qlora", "cpu-fp32-lora-nf4-base")} <= relations
+
+
+def test_the_nf4_rounded_base_computes_what_the_4bit_load_computes(tiny_model_dir: Path):
+    """The diagnostic arms' base must hold exactly the values a 4-bit load dequantizes to: same logits as the
+    QLoRA model (to fp32 rounding), and not the dense model's."""
+    import torch
+
+    from loraforge.config import ModelConfig
+    from loraforge.model.load import load_base
+
+    def logits(model):
+        ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits.float()
+
+    dense_cfg = ModelConfig(model_name=str(tiny_model_dir), use_4bit=False, dtype="float32", device="cpu")
+    nf4_cfg = ModelConfig(model_name=str(tiny_model_dir), use_4bit=True, dtype="float32",
+                          bnb_4bit_compute_dtype="float32", device="cpu")
+    dense, _ = load_base(dense_cfg)
+    before = logits(dense)
+    with conv._nf4_rounded_loads(nf4_cfg):
+        from loraforge.model import load
+
+        rounded, _ = load.load_base(dense_cfg)
+    assert load.load_base is load_base  # put back
+    quantized, _ = load_base(nf4_cfg)  # for training: never packed for the bf16 CPU kernel
+    want = logits(quantized)
+    got = logits(rounded)
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    assert (before - want).abs().max().item() > 100 * (got - want).abs().max().item()
