@@ -27,6 +27,21 @@ def test_search_matches_stock_maxctx():
     assert s.good <= 250000 < s.good + 1024 + 1 and s.bad <= 300000 * 2
 
 
+def test_search_never_probes_past_hi():
+    """A search asked for one length (start == hi) probes it and stops; one capped below the limit
+    bisects up to hi and then probes hi itself."""
+    s = Search(344064, 344064, 4096)
+    assert s.next_length() == 344064
+    s.record(344064, True)
+    assert s.next_length() is None and s.bad_untested and s.good == 344064
+    s = Search(65536, 200000, 4096)
+    lengths = []
+    while (n := s.next_length()) is not None:
+        lengths.append(n)
+        s.record(n, True)
+    assert lengths == [65536, 131072, 196608, 200000] and s.good == 200000 and s.bad_untested
+
+
 # long: a whole context search on the CPU (~30 s); its phases have their own fast tests
 @pytest.mark.long
 def test_bench_cpu_smoke(tmp_path):

@@ -55,6 +55,9 @@ class Search:
             return None
         step = max(1, self.resolution // 2)
         mid = (self.good + self.bad) // 2 // step * step
+        # Nothing past `hi` is probed, bisection included: a midpoint beyond it probes `hi` itself, and once
+        # `hi` fits the search ends at "at least hi" (`bad` stays the untested doubling step).
+        mid = min(mid, self.hi)
         return mid if self.good < mid < self.bad else None
 
     def record(self, n: int, ok: bool, **info) -> None:
