@@ -101,6 +101,8 @@ def train_vs_bench_h200() -> str:
 
 PEERS_STEP = "peers-2026-12-03-h200-s10-step.json"
 PEERS_E2E = "peers-2026-12-03-h200-s10-e2e.json"
+PEERS_CONTEXT = {"unsloth": "peers-2026-12-04-h200-s13-context-unsloth.json",  # two calls of the same machine kind
+                 "loraforge": "peers-2026-12-04-h200-s14-context-loraforge.json"}
 
 
 def peers_h200() -> str:
@@ -118,6 +120,13 @@ def peers_h200() -> str:
     rows.append(["Whole job, Llama-2-7B: 40 steps of packed Alpaca, start to saved adapter", "—",
                  f"{peer['wall_s']:.1f} s (SFTTrainer)", f"{ours['wall_s']:.1f} s (`loraforge train`)",
                  f"{ours['wall_s'] / peer['wall_s']:.2f}× the time"])
+    (peer,) = _load(PEERS_CONTEXT["unsloth"])
+    (ours,) = _load(PEERS_CONTEXT["loraforge"])
+    killed = next(t for t in peer["search"]["trials"] if t["len"] == peer["first_failing"])
+    fit = next(t for t in ours["search"]["trials"] if t["len"] == ours["longest_ok_so_far"])
+    rows.append(["Llama-3-8B, longest batch-1 QLoRA sequence in 80 GiB (searches unfinished: one call is too short)",
+                 "—", f"< {peer['first_failing']:,} ({killed['why'].split(' (')[0]}: host memory)",
+                 f"≥ {ours['longest_ok_so_far']:,} (a step {fit['s']:.0f} s, {fit['peak_gib']:.1f} GiB)", "≥ 1×"])
     return _table(["case", "stock tokens/s, peak GiB", "Unsloth", "loraforge", "loraforge / Unsloth"], rows)
 
 
@@ -215,11 +224,40 @@ def ddp_phases_h200() -> str:
     return text + _table(["", *PHASES, "rest of the step"], rows)
 
 
+CONVERGENCE_H200 = "convergence-h200-2026-12-04.json"  # all seven GPU arms, one call (session 13)
+NF4_BASE_H200 = "convergence-h200-2026-12-04-s14-nf4-base{}.json"  # the diagnostic arm (session 14)
+
+
+def quality_h200() -> str:
+    """README: held-out perplexity after the same training on each path (bench/convergence.py)."""
+    def arms(name: str) -> dict[str, dict]:
+        return {r["arm"]: r for r in _load(name)["arms"]}
+
+    main, base = arms(CONVERGENCE_H200), arms(NF4_BASE_H200.format(""))
+    long = {**arms("convergence-h200-2026-12-04-450steps.json"), **arms(NF4_BASE_H200.format("-450steps"))}
+    against = {"fast": "stock", "fast-graphs": "stock", "nf4-qlora": "bf16-lora", "long-context": "fast",
+               "packing": "fast"}
+    rows = []
+    for arm, r in main.items():
+        ref = against.get(arm)
+        vs = f"{r['held_out_ppl'] / main[ref]['held_out_ppl'] - 1:+.2%} vs {ref}" if ref else ""
+        rows.append([f"`{arm}`", r["note"], f"{r['step0_held_out_ppl']:.2f} → **{r['held_out_ppl']:.4f}**", vs])
+    r = base["bf16-lora-nf4-base"]
+    rows.append(["`bf16-lora-nf4-base` (a second call)", r["note"],
+                 f"{r['step0_held_out_ppl']:.2f} → **{r['held_out_ppl']:.4f}**",
+                 f"{base['nf4-qlora']['held_out_ppl'] / r['held_out_ppl'] - 1:+.2%} for nf4-qlora against it"])
+    steps = {r["steps"] for r in long.values()}.pop()
+    rows.append([f"{steps} steps on all the data", "bf16-lora / nf4-qlora / bf16-lora-nf4-base",
+                 " / ".join(f"{long[a]['held_out_ppl']:.4f}" for a in ("bf16-lora", "nf4-qlora", "bf16-lora-nf4-base")),
+                 f"{long['nf4-qlora']['held_out_ppl'] / long['bf16-lora']['held_out_ppl'] - 1:+.2%} nf4 vs bf16"])
+    return _table(["arm", "what runs", "held-out ppl, step 0 → 200", "difference"], rows)
+
+
 FIGURES: dict[str, Callable[[], str]] = {"speed-h100": speed_h100, "serve-h100": serve_h100, "serve-h200": serve_h200,
                                          "ddp-h200": ddp_h200, "ddp-phases-h200": ddp_phases_h200,
                                          "train-h200": train_h200,
                                          "train-vs-bench-h200": train_vs_bench_h200,
-                                         "peers-h200": peers_h200}
+                                         "peers-h200": peers_h200, "quality-h200": quality_h200}
 
 
 def render(text: str, where: Path, seen: set[str]) -> str:
