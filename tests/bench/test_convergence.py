@@ -183,3 +183,26 @@ def test_the_nf4_rounded_base_computes_what_the_4bit_load_computes(tiny_model_di
     got = logits(rounded)
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
     assert (before - want).abs().max().item() > 100 * (got - want).abs().max().item()
+
+
+def test_the_independent_perplexity_agrees_with_the_evaluator(tiny_model_dir: Path):
+    """labels_loss_perplexity (transformers' own loss, one conversation at a time) is the evaluator check's
+    reference: on padded batches of uneven conversations, eval/perplexity.py must agree with it."""
+    import torch
+
+    from loraforge.config import ModelConfig
+    from loraforge.data.collate import PadCollator
+    from loraforge.eval.perplexity import PerplexityEvaluator
+    from loraforge.model.load import load_base
+
+    model, _ = load_base(ModelConfig(model_name=str(tiny_model_dir), use_4bit=False, dtype="float32", device="cpu"),
+                         for_training=False)
+    g = torch.Generator().manual_seed(0)
+    convs = []
+    for n in (5, 9, 14):
+        ids = torch.randint(3, 1000, (n,), generator=g).tolist()
+        convs.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    ours = PerplexityEvaluator(model).evaluate([PadCollator(0)(convs)])["perplexity"]
+    reference = conv.labels_loss_perplexity(model, convs, "cpu")
+    assert abs(ours / reference - 1) < 1e-5
+    assert abs(conv.labels_loss_perplexity(model, convs[:1], "cpu") / reference - 1) > 1e-3  # depends on the data

@@ -271,22 +271,29 @@ def check_evaluator(cfg: Any, adapter_dir: Path, validation: Sequence[dict], pad
     collate = PadCollator(pad_id)
     batches = [collate(list(validation[i:i + 8])) for i in range(0, len(validation), 8)]
     ours = PerplexityEvaluator(model).evaluate(batches)["perplexity"]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ex in validation:  # one unpadded conversation at a time: no mask, no padding to get wrong
-            ids = torch.tensor([ex["input_ids"]], device=device)
-            labels = torch.tensor([ex["labels"]], device=device)
-            n = int((labels[:, 1:] != -100).sum())
-            if n:
-                total += float(model(input_ids=ids, labels=labels).loss) * n  # transformers' mean over n tokens
-                count += n
-    stock = math.exp(total / count)
+    stock = labels_loss_perplexity(model, validation, device)
     rel = abs(ours / stock - 1)
     if rel > CHECK_TOLERANCE:
         raise ConvergenceError(f"evaluator check failed: eval/perplexity.py gives {ours:.4f}, transformers' own "
                                f"loss gives {stock:.4f} (relative difference {rel:.2e} > {CHECK_TOLERANCE}).")
     return {"ours_fp32_reload": ours, "transformers_labels_loss": stock, "relative_difference": rel,
             "tolerance": CHECK_TOLERANCE}
+
+
+def labels_loss_perplexity(model: Any, conversations: Sequence[dict], device: str) -> float:
+    """exp(mean NLL over every labelled token) from transformers' own `labels=` loss, one unpadded
+    conversation at a time: no mask, no padding to get wrong, nothing of eval/perplexity.py."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in conversations:
+            labels = torch.tensor([ex["labels"]], device=device)
+            n = int((labels[:, 1:] != -100).sum())
+            if n:  # transformers' loss is the mean over these n tokens
+                total += float(model(input_ids=torch.tensor([ex["input_ids"]], device=device), labels=labels).loss) * n
+                count += n
+    return math.exp(total / count)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
