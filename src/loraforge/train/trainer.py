@@ -253,6 +253,7 @@ class LLAMATrainer:
         from loraforge.model.load import load_base, load_tokenizer, pick_placement, resolve_model_path
         from loraforge.model.lora import attach_lora
         from loraforge.model.memory import check_fits, parameter_counts
+        from loraforge.model.quant import published_low_bit
 
         cfg = self.config
         bind_process_gpu(cfg.model)
@@ -271,6 +272,11 @@ class LLAMATrainer:
             for err in stats.first_errors:
                 self.log(f"      skipped: {err}")
         check_fits(cfg, placement, self.log)
+        if kind := published_low_bit(cfg.model):
+            self.log(f"warning: {cfg.model.model_name} was published as {kind} GGUF, already 4-bit or less; "
+                     "model.use_4bit rounds it again to NF4's grid, which costs quality a bf16 checkpoint would "
+                     "not (the embedded model: +21% held-out perplexity before training, +5-6% after). If it fits "
+                     "without, set model.use_4bit=false.")
         if cfg.training.long_context or placement.device.type == "cuda":
             from loraforge.model.memory import report_max_length
 
