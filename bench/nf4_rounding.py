@@ -23,21 +23,29 @@ from pathlib import Path
 import torch
 
 
-def grid(model: torch.nn.Module, rows: int = 2000) -> dict[str, dict[str, int]]:
-    """Per linear weight: max and median number of distinct values in its first `rows` blocks of 32."""
+def grid(weights: dict[str, torch.Tensor], rows: int = 2000) -> dict[str, dict[str, int]]:
+    """Per weight: max and median number of distinct values in its first `rows` blocks of 32."""
     out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings():
-            blocks = m.weight.detach().reshape(-1, 32)[:rows]
-            distinct = torch.tensor([len(torch.unique(b)) for b in blocks])
-            out[name] = {"max": int(distinct.max()), "median": int(distinct.median())}
+    for name, w in weights.items():
+        distinct = torch.tensor([len(torch.unique(b)) for b in w.reshape(-1, 32)[:rows]])
+        out[name] = {"max": int(distinct.max()), "median": int(distinct.median())}
     return out
+
+
+def layer_range(arg: str, n_layers: int) -> range:
+    """--layers: all, none, or A-B (inclusive)."""
+    if arg == "all":
+        return range(n_layers)
+    if arg == "none":
+        return range(0)
+    lo, hi = map(int, arg.split("-"))
+    return range(lo, hi + 1)
 
 
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from loraforge.bench.convergence import labels_loss_perplexity, round_to_nf4
+    from loraforge.bench.convergence import labels_loss_perplexity, quantizable_linears, round_to_nf4
     from loraforge.config import DataConfig, ModelConfig
     from loraforge.data.pipeline import build_datasets
     from loraforge.model.load import load_tokenizer, resolve_model_path
@@ -55,34 +63,30 @@ def main() -> None:
     data = DataConfig(dataset="chitchat", max_length=256, max_samples=600, validation_split=0.02)
     val = list(build_datasets(data, load_tokenizer(path, cfg)).validation)[:a.conversations]
 
-    dense = {n: m.weight.detach().clone() for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()}
+    linears = quantizable_linears(model)
+    dense = {n: m.weight.detach().clone() for n, m in linears.items()}
     round_to_nf4(model, nested=cfg.use_nested_quant)
-    rounded = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in dense}
+    rounded = {n: m.weight.detach().clone() for n, m in linears.items()}
 
     def ppl_with(keep_dense) -> float:
-        for n, m in model.named_modules():
-            if n in dense:
-                m.weight.data.copy_(dense[n] if keep_dense(n) else rounded[n])
+        for n, m in linears.items():
+            m.weight.data.copy_(dense[n] if keep_dense(n) else rounded[n])
         return labels_loss_perplexity(model, val, "cpu")
 
     base = ppl_with(lambda n: True)
     rows = [{"rounded": "none", "ppl": base}, {"rounded": "all", "ppl": ppl_with(lambda n: False)}]
     print(f"fp32 {base:.4f}; every weight NF4-rounded {rows[1]['ppl']:.4f} ({rows[1]['ppl'] / base - 1:+.2%})")
     kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    n_layers = model.config.num_hidden_layers
-    lo, hi = (0, n_layers - 1) if a.layers == "all" else (1, 0) if a.layers == "none" else map(int, a.layers.split("-"))
-    probes = [(f"all but {k}", f".{k}") for k in kinds] + [(f"all but layer {i}", f"layers.{i}.")
-                                                         for i in range(lo, hi + 1)]
+    probes = [(f"all but {k}", f".{k}") for k in kinds] + [
+        (f"all but layer {i}", f"layers.{i}.") for i in layer_range(a.layers, model.config.num_hidden_layers)]
     for label, part in probes:
         ppl = ppl_with(lambda n, part=part: part in n)
         rows.append({"rounded": label, "ppl": ppl})
         print(f"{label:20s} {ppl:.4f} ({ppl / base - 1:+.2%})", flush=True)
     for r in rows:
         r["vs_fp32"] = r["ppl"] / base - 1
-    model.load_state_dict({f"{n}.weight": w for n, w in dense.items()}, strict=False)
     record = {"model": cfg.model_name, "conversations": len(val), "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "grid": grid(model), "sensitivity": rows}
+              "torch": torch.__version__, "grid": grid(dense), "sensitivity": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     out = a.out / f"nf4-rounding-cpu-{record['date']}.json"
     out.write_text(json.dumps(record, indent=1))

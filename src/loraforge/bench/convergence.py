@@ -209,24 +209,29 @@ def _nf4_rounded_loads(model_cfg: Any) -> Iterator[None]:
         load.load_base = original
 
 
-def round_to_nf4(model: Any, *, nested: bool, blocksize: int = 64) -> int:
-    """Replace, in place, each weight a 4-bit load would quantize (every nn.Linear but the output embedding,
-    as transformers' bitsandbytes loader skips it) by bitsandbytes' NF4 quantize-dequantize of it, in the
-    weight's own dtype. 64 is bitsandbytes' Linear4bit block size. Returns how many weights were rounded."""
-    import bitsandbytes.functional as bnbf
+def quantizable_linears(model: Any) -> dict[str, Any]:
+    """name -> module of each layer a 4-bit load quantizes: every nn.Linear but the output embedding, which
+    transformers' bitsandbytes loader leaves unquantized."""
     import torch
 
     skip = model.get_output_embeddings()
-    count = 0
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not skip}
+
+
+def round_to_nf4(model: Any, *, nested: bool, blocksize: int = 64) -> int:
+    """Replace, in place, each weight a 4-bit load would quantize (`quantizable_linears`) by bitsandbytes' NF4
+    quantize-dequantize of it, in the weight's own dtype. 64 is bitsandbytes' Linear4bit block size. Returns
+    how many weights were rounded."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    linears = quantizable_linears(model)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module is not skip:
-                w = module.weight
-                q, state = bnbf.quantize_4bit(w.data, blocksize=blocksize, quant_type="nf4",
-                                              compress_statistics=nested)
-                w.copy_(bnbf.dequantize_4bit(q, state).to(w.dtype))
-                count += 1
-    return count
+        for module in linears.values():
+            w = module.weight
+            q, state = bnbf.quantize_4bit(w.data, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+            w.copy_(bnbf.dequantize_4bit(q, state).to(w.dtype))
+    return len(linears)
 
 
 def _held_out(trainer: Any) -> float:
