@@ -178,6 +178,9 @@ def test_the_nf4_rounded_base_computes_what_the_4bit_load_computes(tiny_model_di
 
         rounded, _ = load.load_base(dense_cfg)
     assert load.load_base is load_base  # put back
+    with pytest.raises(conv.ConvergenceError, match="nothing was rounded"):
+        with conv._nf4_rounded_loads(nf4_cfg):
+            load_base(dense_cfg)  # imported before the swap: what a set-up importing it at module level would do
     quantized, _ = load_base(nf4_cfg)  # for training: never packed for the bf16 CPU kernel
     want = logits(quantized)
     got = logits(rounded)

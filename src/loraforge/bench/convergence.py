@@ -192,14 +192,16 @@ def train_arm(arm: Arm, steps: int, workdir: Path, log: Callable[[str], None],
 def _nf4_rounded_loads(model_cfg: Any) -> Iterator[None]:
     """While set-up runs, every base model loaded gets its quantizable weights rounded to NF4 and back
     (`round_to_nf4`), before LoRA and the fast path go on. The trainer imports `load_base` when it sets up,
-    so replacing the module attribute reaches it; nothing in the product changes."""
+    so replacing the module attribute reaches it; nothing in the product changes. Should that stop being
+    true, the arm would silently train the unrounded base: a set-up that rounded nothing raises instead."""
     from loraforge.model import load
 
     original = load.load_base
+    rounded_weights: list[int] = []
 
     def rounded(*args: Any, **kwargs: Any) -> Any:
         model, info = original(*args, **kwargs)
-        round_to_nf4(model, nested=model_cfg.use_nested_quant)
+        rounded_weights.append(round_to_nf4(model, nested=model_cfg.use_nested_quant))
         return model, info
 
     load.load_base = rounded
@@ -207,6 +209,9 @@ def _nf4_rounded_loads(model_cfg: Any) -> Iterator[None]:
         yield
     finally:
         load.load_base = original
+    if not sum(rounded_weights):
+        raise ConvergenceError("the NF4-rounded base was not made: set-up loaded no model through "
+                               "loraforge.model.load.load_base, so nothing was rounded; nothing was measured.")
 
 
 def quantizable_linears(model: Any) -> dict[str, Any]:
