@@ -164,3 +164,48 @@ def test_cuda_requested_without_gpu(tiny_model_dir: Path) -> None:
         pytest.skip("has a GPU")
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         load.pick_placement(ModelConfig(model_name=str(tiny_model_dir), device="cuda"))
+
+
+def _gguf_with_file_type(path: Path, file_type: int) -> Path:
+    """A GGUF file holding only metadata: enough for the file-type check, which reads no tensor."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_file_type(file_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
+def test_a_4bit_load_of_a_model_published_at_4_bits_is_named(tmp_path: Path) -> None:
+    import gguf
+
+    from loraforge.model.load import published_low_bit
+
+    assert published_low_bit(ModelConfig()) == "Q4_1"  # the embedded SmolLM2-135M-Instruct, 4-bit by default
+    assert published_low_bit(ModelConfig(use_4bit=False)) is None
+    assert published_low_bit(ModelConfig(model_name="meta-llama/Llama-2-7b-hf")) is None  # no GGUF: not read
+    types = gguf.LlamaFileType
+    for ftype, want in [(types.MOSTLY_Q4_K_M, "Q4_K_M"), (types.MOSTLY_IQ3_S, "IQ3_S"), (types.MOSTLY_Q8_0, None),
+                        (types.MOSTLY_BF16, None), (types.MOSTLY_Q6_K, None)]:
+        path = _gguf_with_file_type(tmp_path / f"{ftype.name}.gguf", int(ftype))
+        assert published_low_bit(ModelConfig(model_name=str(path))) == want, ftype.name
+
+
+def test_a_run_warns_before_it_rounds_a_4bit_model_again(tmp_path: Path) -> None:
+    """The warning is a line of the run's own log, before the model loads (what a user reads first)."""
+    from tinymodels import chat_records, write_jsonl
+
+    from loraforge.config import DataConfig, LoRAConfig
+    from loraforge.train.trainer import LLAMATrainer
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(8))
+    logged: list[str] = []
+    trainer = LLAMATrainer(ModelConfig(device="cpu"), LoRAConfig(r=4, target_modules="qv"),
+                           DataConfig(dataset=str(data), max_length=64), log=logged.append)
+    trainer.setup()
+    [warning] = [line for line in logged if "NF4" in line]
+    assert warning.startswith("warning: smollm2-135m-instruct was published as Q4_1 GGUF")
+    assert "model.use_4bit=false" in warning
+    assert logged.index(warning) < next(i for i, line in enumerate(logged) if line.startswith("model "))

@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 
 from loraforge.config import ModelConfig
 from loraforge.errors import ModelLoadError
-from loraforge.model.embedded import EMBEDDED_MODELS, materialize_gguf, resolve_embedded
+from loraforge.model.embedded import EMBEDDED_MODELS, embedded_gguf_path, materialize_gguf, resolve_embedded
+from loraforge.model.gguf_tokenizer import read_metadata
 from loraforge.model.quant import quantization_config, set_cpu_packing
 from loraforge.model.tokenizer import _explain_hub_error, hub_token, load_tokenizer
 
@@ -48,6 +49,13 @@ def pick_placement(cfg: ModelConfig) -> Placement:
     return Placement(device, dtype)
 
 
+def _gguf_file(name: str) -> Path | None:
+    """The GGUF file `model_name` points at (an embedded model's, or a path ending in .gguf), else None."""
+    if name.lower() in EMBEDDED_MODELS:
+        return embedded_gguf_path(name.lower())
+    return Path(os.path.expanduser(name)) if name.endswith(".gguf") else None
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
     """Turn `model_name` into something `from_pretrained` accepts: a local folder or a hub id."""
     name = cfg.model_name
@@ -72,6 +80,29 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model.model_name: {name!r} is neither an existing path nor a hub id (owner/name).")
     return name
+
+
+# GGUF file types (llama.cpp's LLAMA_FTYPE, without "MOSTLY_") whose weights hold 4 bits or fewer.
+_LOW_BIT_PREFIXES = ("Q4_", "Q3_", "Q2_", "Q1_", "IQ", "TQ", "MXFP4", "NVFP4")
+
+
+def published_low_bit(cfg: ModelConfig) -> str | None:
+    """The GGUF file type (e.g. "Q4_1") when a run asks for 4-bit loading of a model published as a GGUF of
+    4 bits or fewer a weight, else None. NF4 then rounds weights that already sit on another 4-bit grid: on
+    the embedded SmolLM2-135M (Q4_1) that is +21% held-out perplexity before training, +5-6% after it, while
+    QLoRA on bf16-origin weights is the QLoRA paper's near-lossless case (bench/NOTES.md, session 14)."""
+    if not cfg.use_4bit:
+        return None
+    path = _gguf_file(cfg.model_name)
+    if path is None or not path.is_file():
+        return None
+    import gguf  # the reader's enum of file types; imported only for GGUF sources
+
+    try:
+        kind = gguf.LlamaFileType(read_metadata(path).get("general.file_type")).name.removeprefix("MOSTLY_")
+    except (ModelLoadError, ValueError):  # unreadable here (the load reports it) or a type this gguf lacks
+        return None
+    return kind if kind.startswith(_LOW_BIT_PREFIXES) else None
 
 
 def load_base(cfg: ModelConfig, *, for_training: bool = True, gradient_checkpointing: bool = True,

@@ -19,16 +19,12 @@ shapes the kernel takes. `set_cpu_packing` is the one switch; tests force it bot
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from loraforge.config import ModelConfig
 from loraforge.errors import ModelLoadError
-from loraforge.model.embedded import EMBEDDED_MODELS, embedded_gguf_path
-from loraforge.model.gguf_tokenizer import read_metadata
 
 # The packed layout groups 32 output rows (bitsandbytes' block_n) and pairs input columns.
 _PACK_ROWS = 32
@@ -60,33 +56,6 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, *, sharded
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
     )
-
-
-# GGUF file types (llama.cpp's LLAMA_FTYPE, without "MOSTLY_") whose weights hold 4 bits or fewer.
-_LOW_BIT_PREFIXES = ("Q4_", "Q3_", "Q2_", "Q1_", "IQ", "TQ", "MXFP4", "NVFP4")
-
-
-def published_low_bit(cfg: ModelConfig) -> str | None:
-    """The GGUF file type (e.g. "Q4_1") when a run asks for 4-bit loading of a model published as a GGUF of
-    4 bits or fewer a weight, else None. NF4 then rounds weights that already sit on another 4-bit grid: on
-    the embedded SmolLM2-135M (Q4_1) that is +21% held-out perplexity before training, +5-6% after it, while
-    QLoRA on bf16-origin weights is the QLoRA paper's near-lossless case (bench/NOTES.md, session 14)."""
-    if not cfg.use_4bit:
-        return None
-    name = cfg.model_name
-    if name.lower() in EMBEDDED_MODELS:
-        path = embedded_gguf_path(name.lower())
-    elif name.endswith(".gguf") and os.path.isfile(os.path.expanduser(name)):
-        path = Path(os.path.expanduser(name))
-    else:
-        return None
-    import gguf  # the reader's enum of file types; imported only for GGUF sources
-
-    try:
-        kind = gguf.LlamaFileType(read_metadata(path).get("general.file_type")).name.removeprefix("MOSTLY_")
-    except (ModelLoadError, ValueError):  # unreadable here (the load reports it) or a type this gguf lacks
-        return None
-    return kind if kind.startswith(_LOW_BIT_PREFIXES) else None
 
 
 def cpu_packing_available() -> bool:

@@ -250,10 +250,15 @@ class LLAMATrainer:
             return
         # transformers, peft and the data pipeline take seconds to import; loaded when a run starts
         from loraforge.data.pipeline import build_datasets
-        from loraforge.model.load import load_base, load_tokenizer, pick_placement, resolve_model_path
+        from loraforge.model.load import (
+            load_base,
+            load_tokenizer,
+            pick_placement,
+            published_low_bit,
+            resolve_model_path,
+        )
         from loraforge.model.lora import attach_lora
         from loraforge.model.memory import check_fits, parameter_counts
-        from loraforge.model.quant import published_low_bit
 
         cfg = self.config
         bind_process_gpu(cfg.model)
